@@ -1,0 +1,150 @@
+"""The ``lejepa`` command.
+
+Sub-commands are plug-ins: each is a ``register(subparsers)`` function published under the
+``lejepa.commands`` entry-point group (see pyproject.toml), so ``sweeps`` and ``analysis`` add
+``sweep`` and ``select`` without the core importing them. Every user error is a
+:class:`~lejepa.errors.LejepaError`, printed as one line with a non-zero exit and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from lejepa.errors import ConfigError, LejepaError
+
+
+def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """Positional arguments → (config file or None, ``key=value`` overrides)."""
+    paths = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    if len(paths) > 1:
+        raise ConfigError(f"expected one config file and key=value overrides, got several files: {paths}")
+    return (paths[0] if paths else None), overrides
+
+
+# --------------------------------------------------------------------------- train
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lejepa.callbacks import ConsoleProgress
+    from lejepa.config import load_config
+    from lejepa.trainer import CONFIG_FILE, Trainer
+
+    config_path, overrides = split_config_args(args.items)
+    run_dir = None
+    if args.resume:
+        run_dir = Path(args.resume).expanduser().resolve()
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume {args.resume}: no such run folder")
+        if config_path is None and (run_dir / CONFIG_FILE).is_file():
+            config_path = str(run_dir / CONFIG_FILE)
+    cfg = load_config(config_path, overrides)
+    if args.no_tracking:
+        cfg.tracking.enabled = False
+    callbacks = [] if args.quiet else [ConsoleProgress()]
+    trainer = Trainer(cfg, callbacks=callbacks, run_dir=run_dir, resume=run_dir)
+    if cfg.tracking.enabled and trainer.rt.is_main:
+        from lejepa.tracking import MLflowCallback, default_tracking_uri
+        uri = args.tracking_uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
+        trainer.callbacks.callbacks.append(MLflowCallback(uri, experiment=args.experiment or cfg.tracking.experiment))
+    metrics = trainer.fit()
+    if trainer.rt.is_main and args.quiet:
+        print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one LeJEPA model",
+                       description="Train one LeJEPA model. CONFIG is a YAML file; key=value pairs override "
+                                   "fields by dotted path (e.g. loss.lam=0.02 model.arch=vit_tiny_patch16_224).")
+    p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or <out_dir>/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: tracking.experiment)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--quiet", action="store_true", help="no progress lines; print the final metrics only")
+    p.set_defaults(func=_cmd_train)
+
+
+# --------------------------------------------------------------------------- archs
+def _cmd_archs(args: argparse.Namespace) -> int:
+    from lejepa.catalog import format_table, query
+
+    entries = query(family=args.family, max_params=args.max_params, min_params=args.min_params,
+                    pattern=args.pattern, include_gpu_scale=args.all, runnable_only=not args.all)
+    print(format_table(entries))
+    return 0
+
+
+def _register_archs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("archs", help="list the architecture catalog",
+                       description="List catalog architectures, filtered by family, parameter budget and name.")
+    p.add_argument("--family", action="append", help="family name (repeatable), e.g. vit, resnet, convnext")
+    p.add_argument("--max-params", help="parameter budget, e.g. 20M")
+    p.add_argument("--min-params", help="lower parameter bound, e.g. 1M")
+    p.add_argument("--pattern", help="glob on the name, e.g. 'resnet*'")
+    p.add_argument("--all", action="store_true", help="include GPU-scale and not-runnable-small entries")
+    p.set_defaults(func=_cmd_archs)
+
+
+# --------------------------------------------------------------------------- ui
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from lejepa.tracking import artifact_root, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(args.out_dir)
+    if not uri.startswith("sqlite:///"):
+        raise ConfigError(f"lejepa ui serves a local SQLite store; {uri!r} is already a server: open it in a browser")
+    db = Path(uri[len("sqlite:///"):])
+    if not db.is_file():
+        raise ConfigError(f"no MLflow store at {db}: train something first, or pass --out-dir/--tracking-uri")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving MLflow on {args.host}: anyone who can reach this address can read and "
+              f"change your runs", file=sys.stderr)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--default-artifact-root", artifact_root(uri), "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {db}); Ctrl-C to stop", file=sys.stderr)
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover - execv does not return
+
+
+def _register_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="serve the MLflow UI for the local store on 127.0.0.1")
+    p.add_argument("--out-dir", default="runs", help="runs folder holding mlflow.db (default: runs)")
+    p.add_argument("--tracking-uri", help="an explicit sqlite:/// store")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_ui)
+
+
+# --------------------------------------------------------------------------- main
+CORE_COMMANDS = (_register_train, _register_archs, _register_ui)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lejepa", description="LeJEPA training, sweeps and label-free selection.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in CORE_COMMANDS:
+        register(sub)
+    for ep in sorted(entry_points(group="lejepa.commands"), key=lambda e: e.name):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a sub-command; user errors → one line on stderr and their exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LejepaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

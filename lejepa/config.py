@@ -1,0 +1,247 @@
+"""The typed, validated training configuration.
+
+One :class:`Config` holds everything a LeJEPA run needs. It is built from a YAML file plus
+``key=value`` overrides with dotted paths (``loss.lam=0.02``), validated by pydantic, and
+every problem is reported as a one-line :class:`~lejepa.errors.ConfigError` that names the
+field, the value and what is allowed (unknown keys get the closest valid name).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lejepa.errors import ConfigError, did_you_mean
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which dataset, where it lives and at which resolution the encoder sees it."""
+
+    name: str = Field("digits-shifted", description="digits | digits-shifted | cifar10 | cifar100 | stl10 | imagefolder | imagenet | imagenette | galaxy10")
+    root: str | None = Field(None, description="folder holding the dataset files (file-backed datasets)")
+    resolution: int = Field(32, ge=8, le=1024, description="side of the global views, in pixels")
+    download: bool = Field(False, description="allow torchvision to download CIFAR/STL-10 into root")
+    placements: int = Field(4, ge=1, le=64, description="digits-shifted: random placements per digit")
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="digits*: fraction held out for testing")
+    seed: int = Field(0, description="seed for synthetic splits and placements")
+
+
+class ModelConfig(_Section):
+    """Backbone (any timm model) and projector."""
+
+    arch: str = Field("resnet18", description="timm architecture name (see `lejepa archs`)")
+    small_stem: bool | None = Field(None, description="CIFAR-style 3x3 stride-1 stem, no max-pool; None = on below 64 px")
+    proj_layers: int = Field(3, ge=1, le=8, description="projector MLP depth")
+    proj_hidden: int = Field(512, ge=8, description="projector hidden width")
+    proj_dim: int = Field(64, ge=2, description="projector output dimension (SIGReg acts here)")
+
+
+class ViewsConfig(_Section):
+    """Multi-crop views and the paper's augmentations (REFERENCE §2)."""
+
+    global_views: int = Field(2, ge=1, le=16)
+    local_views: int = Field(6, ge=0, le=64)
+    global_scale: tuple[float, float] = (0.3, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.3)
+    local_size: int | None = Field(None, ge=4, description="side of local views; None = resolution * 96/224")
+    flip_p: float = Field(0.5, ge=0.0, le=1.0)
+    jitter_p: float = Field(0.8, ge=0.0, le=1.0)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
+    blur_p: float = Field(0.5, ge=0.0, le=1.0)
+    solarize_p: float = Field(0.2, ge=0.0, le=1.0)
+
+    @field_validator("global_scale", "local_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError("must be (low, high) with 0 < low <= high <= 1")
+        return v
+
+
+class LossConfig(_Section):
+    """LeJEPA objective: (1 - lam) * invariance + lam * SIGReg."""
+
+    lam: float = Field(0.05, ge=0.0, le=1.0, description="SIGReg weight λ in [0, 1]")
+    num_slices: int = Field(1024, ge=1, description="number M of random 1-D projections")
+    knots: int = Field(17, ge=3, description="quadrature knots on [0, t_max] (odd)")
+    t_max: float = Field(3.0, gt=0.0, description="upper end of the integration range")
+
+    @field_validator("knots")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("must be odd (trapezoid grid symmetric around the centre)")
+        return v
+
+
+class OptimConfig(_Section):
+    """AdamW with linear warm-up then cosine decay to lr * final_lr_ratio, per step."""
+
+    lr: float = Field(2e-3, gt=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    final_lr_ratio: float = Field(1e-3, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm; None = no clipping")
+    batch_size: int = Field(256, ge=2, description="images per step (global batch under DDP)")
+    probe_lr: float = Field(1e-3, gt=0.0, description="online linear probe learning rate")
+
+
+class TrainConfig(_Section):
+    """Loop, devices, checkpoints, evaluation and output."""
+
+    epochs: int = Field(10, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = leave as is")
+    keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")
+    log_every: int = Field(10, ge=1, description="steps between per-step metric events")
+    eval_knn_k: int = Field(20, ge=1)
+    eval_probe_epochs: int = Field(100, ge=1, description="epochs of the final frozen linear probe")
+    out_dir: str = Field("runs", description="folder for checkpoints and the embedded MLflow store")
+    run_name: str | None = None
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (for smoke tests)")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking; the core loop never imports MLflow, the CLI plugs it in."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///<out_dir>/mlflow.db")
+    experiment: str = "lejepa"
+
+
+class Config(_Section):
+    """A complete LeJEPA training configuration."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    views: ViewsConfig = ViewsConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.views.local_size is not None and self.views.local_size > self.data.resolution:
+            raise ValueError(
+                f"views.local_size={self.views.local_size} exceeds data.resolution={self.data.resolution}"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{"section.key": value}`` (for MLflow params and sweep tables)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys; lists and tuples stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a config accepts."""
+    return sorted(flatten(Config().model_dump(mode="json")))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` to ``("a.b", parsed value)``; the value is parsed as YAML (safe)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. loss.lam=0.02)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b] = value`` for ``key == "a.b"``; a path that runs through a leaf is unknown."""
+    parts = key.split(".")
+    known = valid_keys()
+    if any(".".join(parts[:i]) in known for i in range(1, len(parts))):
+        raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, known)}")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, known)}")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping, with one-line errors for missing or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict into a :class:`Config`, raising one-line :class:`ConfigError`."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc, tree)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+    tree: dict[str, Any] = load_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+    return build_config(tree, source=str(path) if path is not None else "config")
+
+
+def _describe(exc: ValidationError, tree: dict[str, Any]) -> str:
+    """The first validation error as 'field: problem' with the closest valid key if unknown."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    field = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key {field!r}{did_you_mean(field, valid_keys())}"
+    value = err.get("input")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] == "literal_error":
+        return f"{field}={value!r} is not allowed: {msg[0].lower() + msg[1:]}"
+    if isinstance(value, dict):
+        return f"{field}: {msg}"
+    return f"{field}={value!r} is invalid: {msg[0].lower() + msg[1:]}"

@@ -1,0 +1,348 @@
+"""The LeJEPA training loop.
+
+One objective, (1 − λ)·invariance + λ·SIGReg on projector outputs of V_g global and V_l local
+views; AdamW with per-step warm-up + cosine; an online linear probe on detached backbone
+features; atomic, checksummed checkpoints every epoch with exact resume; a frozen-backbone
+linear probe and kNN at the end. Runs on CPU, CUDA (bf16 autocast) or MPS, and under torchrun
+(DDP). Tracking and Tune reporting plug in through :mod:`lejepa.callbacks`; this module
+imports neither MLflow nor Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lejepa.backbones import build_backbone
+from lejepa.callbacks import Callback, CallbackList, RunInfo
+from lejepa.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from lejepa.config import Config
+from lejepa.data import DatasetSplits, batch_collate, build_datasets
+from lejepa.errors import CheckpointError, ConfigError, LejepaError
+from lejepa.model import LeJEPAModel
+from lejepa.objective import lejepa_loss
+from lejepa.probes import OnlineProbe, knn_accuracy, linear_probe
+from lejepa.runtime import Runtime, seed_everything, setup_runtime
+from lejepa.schedule import warmup_cosine
+from lejepa.sigreg import SIGReg
+from lejepa.views import ViewSampler, eval_images
+
+CONFIG_FILE = "config.yaml"
+
+
+class TrainingDiverged(LejepaError):
+    """The loss became NaN or infinite."""
+
+    exit_code = 3
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"training diverged at step {step}: loss is {value}")
+        self.step = step
+        self.value = value
+
+
+def default_run_dir(cfg: Config) -> Path:
+    """``<out_dir>/<run_name>``, absolute; run_name defaults to ``<arch>-<timestamp>``."""
+    name = cfg.train.run_name or f"{cfg.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(cfg.train.out_dir).expanduser().resolve() / name
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and kernels only; biases and norm parameters are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+class Trainer:
+    """Trains one LeJEPA model from a :class:`Config`.
+
+    ``resume`` may be a run folder (its newest valid checkpoint is used) or a checkpoint
+    folder. Metrics reach the outside world only through ``callbacks`` (rank 0 only).
+    """
+
+    def __init__(self, cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
+                 run_dir: Path | str | None = None, resume: Path | str | None = None,
+                 runtime: Runtime | None = None, data: DatasetSplits | None = None) -> None:
+        self.cfg = cfg
+        self.rt = runtime or setup_runtime(cfg.train.device, cfg.train.precision)
+        self.callbacks = CallbackList(list(callbacks) if self.rt.is_main else [])
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run_dir = self._agree_run_dir(Path(run_dir).resolve() if run_dir else None)
+        self.resume_path = self._find_resume(Path(resume)) if resume else None
+
+        seed_everything(cfg.train.seed)
+        self.data = data or build_datasets(cfg.data)
+        self.num_global = cfg.views.global_views
+        self.views = ViewSampler(cfg.views, self.data.resolution, self.data.mean, self.data.std)
+        self.view_gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + self.rt.rank)
+
+        backbone = build_backbone(cfg.model.arch, self.data.resolution, cfg.model.small_stem)
+        model = LeJEPAModel(backbone, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.proj_layers)
+        probe = OnlineProbe(model.embed_dim, self.data.num_classes)
+        self.model = model.to(self.rt.device)
+        self.probe = probe.to(self.rt.device)
+        self.sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max).to(self.rt.device)
+        if self.rt.distributed:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+            self.probe = DistributedDataParallel(self.probe, device_ids=ids)
+
+        self.loader, self.sampler = self._train_loader()
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.optim.weight_decay),
+                                           lr=cfg.optim.lr, betas=cfg.optim.betas)
+        self.probe_optimizer = torch.optim.AdamW(self.probe.parameters(), lr=cfg.optim.probe_lr, weight_decay=0.0)
+        warmup = min(self.total_steps, round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps, cfg.optim.final_lr_ratio)
+        self.epoch = 0
+        self.step = 0
+        if self.resume_path is not None:
+            self._load(self.resume_path)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _agree_run_dir(self, run_dir: Path | None) -> Path:
+        run_dir = run_dir or default_run_dir(self.cfg)
+        if self.rt.distributed:
+            box = [str(run_dir)]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = Path(box[0])
+        return run_dir
+
+    def _find_resume(self, path: Path) -> Path:
+        path = path.expanduser().resolve()
+        if (path / "checkpoints").is_dir() or (path / CONFIG_FILE).is_file():
+            found = latest_valid_checkpoint(path / "checkpoints")
+            if found is None:
+                raise CheckpointError(f"no valid checkpoint to resume from under {path / 'checkpoints'}")
+            return found
+        return path
+
+    def _train_loader(self) -> tuple[DataLoader, DistributedSampler]:
+        per_rank = self.cfg.optim.batch_size // self.rt.world_size
+        if per_rank * self.rt.world_size != self.cfg.optim.batch_size:
+            raise ConfigError(f"optim.batch_size={self.cfg.optim.batch_size} is not divisible by the "
+                              f"{self.rt.world_size} processes")
+        train = self.data.train
+        if len(train) < self.cfg.optim.batch_size:
+            raise ConfigError(f"optim.batch_size={self.cfg.optim.batch_size} exceeds the {len(train)} "
+                              f"training images of {self.data.name}")
+        sampler = DistributedSampler(train, num_replicas=self.rt.world_size, rank=self.rt.rank,
+                                     shuffle=True, seed=self.cfg.train.seed, drop_last=True)
+        workers = self.cfg.train.num_workers
+        loader = DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=workers,
+                            collate_fn=batch_collate, pin_memory=self.rt.device.type == "cuda",
+                            persistent_workers=workers > 0)
+        return loader, sampler
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        views_rng = [self.view_gen.get_state()]
+        if self.rt.distributed:
+            gathered: list[Any] = [None] * self.rt.world_size
+            dist.all_gather_object(gathered, views_rng[0])
+            views_rng = gathered
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "probe": _unwrap(self.probe).state_dict(),
+            "sigreg": self.sigreg.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "probe_optimizer": self.probe_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "views": views_rng},
+            "epoch": self.epoch,
+            "step": self.step,
+        }
+
+    def _load(self, path: Path) -> None:
+        state, meta = load_checkpoint(path, map_location=self.rt.device)
+        arch = meta.get("arch")
+        if arch is not None and arch != self.cfg.model.arch:
+            raise CheckpointError(f"checkpoint {path} is for architecture {arch!r}, the config asks for "
+                                  f"{self.cfg.model.arch!r}")
+        try:
+            _unwrap(self.model).load_state_dict(state["model"])
+            _unwrap(self.probe).load_state_dict(state["probe"])
+            self.sigreg.load_state_dict(state["sigreg"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.probe_optimizer.load_state_dict(state["probe_optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint {path} does not match this model/config: {first}") from None
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        views_rng = state["rng"]["views"]
+        if len(views_rng) != self.rt.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by {len(views_rng)} processes, "
+                                  f"resuming with {self.rt.world_size}")
+        self.view_gen.set_state(views_rng[self.rt.rank].cpu())
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+
+    def _checkpoint(self, metrics: dict[str, float]) -> Path | None:
+        state = self._state()  # collective under DDP: every rank takes part
+        if not self.rt.is_main:
+            return None
+        meta = {"step": self.step, "arch": self.cfg.model.arch, "metrics": metrics,
+                "config": self.cfg.model_dump(mode="json")}
+        return save_checkpoint(self.run_dir / "checkpoints", self.epoch, state, meta, self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ training
+    def _train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+        images = images.to(self.rt.device, non_blocking=True)
+        labels = labels.to(self.rt.device, non_blocking=True)
+        views = self.views(images, self.view_gen)
+        view_list = list(views.global_views)
+        if views.local_views is not None:
+            view_list += list(views.local_views)
+        with self.rt.autocast():
+            feats, proj = self.model(view_list)
+        terms = lejepa_loss(proj.float(), self.num_global, self.sigreg, self.cfg.loss.lam)
+        global_feats = feats[: self.num_global].detach().flatten(0, 1).float()
+        logits = self.probe(global_feats)
+        probe_targets = labels.repeat(self.num_global)
+        probe_loss = nn.functional.cross_entropy(logits, probe_targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.probe_optimizer.zero_grad(set_to_none=True)
+        (terms.loss + probe_loss).backward()
+        if self.cfg.optim.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.probe_optimizer.step()
+        self.scheduler.step()
+        correct = (logits.argmax(dim=1) == probe_targets).sum()
+        return terms.loss.detach(), terms.invariance.detach(), terms.sigreg.detach(), probe_loss.detach(), correct
+
+    def _check_finite(self, loss: Tensor) -> None:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingDiverged(self.step, value)
+
+    def _run_epoch(self) -> dict[str, float]:
+        self.sampler.set_epoch(self.epoch)
+        self.model.train()
+        self.probe.train()
+        sums = torch.zeros(5, device=self.rt.device, dtype=torch.float64)
+        seen = steps = 0
+        start = time.perf_counter()
+        for images, labels in self.loader:
+            if self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps:
+                break
+            loss, inv, reg, probe_loss, correct = self._train_step(images, labels)
+            self.step += 1
+            steps += 1
+            seen += images.shape[0]
+            sums += torch.stack([loss, inv, reg, probe_loss, correct.to(loss.dtype)]).double()
+            if self.step % self.cfg.train.log_every == 0:
+                self._check_finite(loss)
+                self.callbacks.on_step_end(self.step, {
+                    "train/loss": float(loss), "train/invariance": float(inv), "train/sigreg": float(reg),
+                    "train/probe_loss": float(probe_loss), "train/lr": self.scheduler.get_last_lr()[0],
+                })
+        elapsed = time.perf_counter() - start
+        steps = max(1, steps)
+        if self.rt.distributed:
+            dist.all_reduce(sums)
+            sums /= self.rt.world_size
+        loss, inv, reg, probe_loss, correct = (float(v) for v in sums)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self.step, loss)
+        images_per_sec = seen * self.rt.world_size / max(elapsed, 1e-9)
+        return {
+            "epoch/loss": loss / steps, "epoch/invariance": inv / steps, "epoch/sigreg": reg / steps,
+            "epoch/probe_loss": probe_loss / steps,
+            "probe/online_train_acc": correct / max(1, seen * self.num_global),
+            "epoch/images_per_sec": images_per_sec, "epoch/time_s": elapsed,
+            "epoch/lr": self.scheduler.get_last_lr()[0],
+        }
+
+    @torch.no_grad()
+    def features(self, dataset: torch.utils.data.Dataset, batch_size: int = 512) -> tuple[Tensor, Tensor]:
+        """Backbone features [N, E] (eval mode, no augmentation) and labels [N] of ``dataset``."""
+        backbone = _unwrap(self.model).backbone
+        was_training = backbone.training
+        backbone.eval()
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=batch_collate,
+                            num_workers=self.cfg.train.num_workers)
+        feats, labels = [], []
+        for images, y in loader:
+            x = eval_images(images.to(self.rt.device), self.data.resolution, self.data.mean, self.data.std)
+            with self.rt.autocast():
+                feats.append(backbone(x).float().cpu())
+            labels.append(torch.as_tensor(y))
+        backbone.train(was_training)
+        return torch.cat(feats), torch.cat(labels)
+
+    @torch.no_grad()
+    def _online_test_acc(self, test_feats: Tensor, test_labels: Tensor) -> float:
+        probe = _unwrap(self.probe)
+        probe.eval()
+        pred = probe(test_feats.to(self.rt.device)).argmax(dim=1).cpu()
+        probe.train()
+        return float((pred == test_labels).float().mean())
+
+    def _final_eval(self) -> dict[str, float]:
+        train_x, train_y = self.features(self.data.train)
+        test_x, test_y = self.features(self.data.test)
+        return {
+            "eval/linear_probe_acc": linear_probe(train_x, train_y, test_x, test_y, self.data.num_classes,
+                                                  epochs=self.cfg.train.eval_probe_epochs, seed=self.cfg.train.seed),
+            "eval/knn_acc": knn_accuracy(train_x, train_y, test_x, test_y, k=self.cfg.train.eval_knn_k),
+            "eval/online_probe_acc": self._online_test_acc(test_x, test_y),
+        }
+
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / CONFIG_FILE
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        tmp.replace(path)
+
+    def fit(self) -> dict[str, float]:
+        """Train the remaining epochs, checkpoint each, evaluate; returns the final metrics."""
+        if self.rt.is_main:
+            self._write_config()
+        info = RunInfo(self.cfg, self.run_dir, self.epoch, self.step, self.steps_per_epoch, self.total_steps,
+                       str(self.rt.device), self.rt.world_size,
+                       sum(p.numel() for p in _unwrap(self.model).backbone.parameters()))
+        checkpoint: Path | None = self.resume_path
+        try:
+            self.callbacks.on_train_start(info)
+            while self.epoch < self.cfg.train.epochs:
+                if self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps:
+                    break
+                metrics = self._run_epoch()
+                self.epoch += 1
+                if self.rt.is_main:
+                    test_x, test_y = self.features(self.data.test)
+                    metrics["probe/online_test_acc"] = self._online_test_acc(test_x, test_y)
+                    self.callbacks.on_epoch_end(self.epoch, self.step, metrics)
+                checkpoint = self._checkpoint(metrics)
+                if checkpoint is not None:
+                    self.callbacks.on_checkpoint(self.epoch, self.step, checkpoint, metrics)
+            final = self._final_eval() if self.rt.is_main else {}
+            if self.rt.distributed:
+                dist.barrier()
+            self.callbacks.on_train_end(final, checkpoint)
+            return final
+        except BaseException as exc:
+            self.callbacks.on_failure(exc)
+            raise
