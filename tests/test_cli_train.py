@@ -1,0 +1,66 @@
+"""End-to-end `lejepa train` through the real CLI and a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import run_cli
+
+
+@pytest.mark.slow
+def test_train_logs_a_complete_mlflow_run(tmp_path, tiny_overrides):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    proc = run_cli(["train", *tiny_overrides, "train.epochs=2", "train.run_name=e2e", "--tracking-uri", uri], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 2/2" in proc.stderr and "final:" in proc.stderr
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lejepa")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    assert run.data.params["loss.lam"] == "0.05" and run.data.params["model.arch"] == "test_resnet"
+    assert run.data.tags["arch"] == "test_resnet" and run.data.tags["dataset"] == "digits-shifted"
+    assert "family" in run.data.tags
+    for key in ("eval/linear_probe_acc", "eval/knn_acc", "probe/online_test_acc", "epoch/images_per_sec"):
+        assert 0.0 <= run.data.metrics[key] <= (1.0 if "acc" in key else 1e9)
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[0] == 2 and len(loss_steps) >= 4
+    assert len(client.get_metric_history(run.info.run_id, "probe/online_test_acc")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoint"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {"checkpoint/meta.json", "checkpoint/state.pt"}
+    # artifacts live beside the store, not in the working directory
+    assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_mlflow_run(tmp_path, tiny_overrides):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["train", *tiny_overrides, "train.epochs=1", "train.run_name=r", "--tracking-uri", uri], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "r"
+    proc = run_cli(["train", "train.epochs=2", "--resume", str(run_dir), "--tracking-uri", uri], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed at epoch 1" in proc.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lejepa").experiment_id])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch")] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["loss.lam=2"], "loss.lam=2 is invalid"),
+    (["loss.lamda=0.1"], "did you mean 'loss.lam'"),
+    (["data.name=mnist"], "mnist"),
+    (["model.arch=resnet_18"], "resnet18"),
+    (["a.yaml", "b.yaml"], "several files"),
+    (["missing.yaml"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
+    proc = run_cli(["train", *args, f"train.out_dir={tmp_path / 'runs'}"], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("*.db"))

@@ -1,0 +1,129 @@
+"""Trainer behaviour: exact resume, reproducibility, checkpoints, divergence, DDP under torchrun."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lejepa.callbacks import Callback
+from lejepa.checkpoint import list_checkpoints, load_checkpoint
+from lejepa.config import load_config
+from lejepa.errors import CheckpointError
+from lejepa.trainer import Trainer, TrainingDiverged
+
+from conftest import REPO, TINY
+
+
+class Recorder(Callback):
+    def __init__(self, stop_after_epoch: int | None = None):
+        self.steps: dict[int, dict[str, float]] = {}
+        self.epochs: dict[int, dict[str, float]] = {}
+        self.final: dict[str, float] | None = None
+        self.stop_after_epoch = stop_after_epoch
+
+    def on_step_end(self, step, metrics):
+        self.steps[step] = dict(metrics)
+
+    def on_epoch_end(self, epoch, step, metrics):
+        self.epochs[epoch] = {k: v for k, v in metrics.items() if "time" not in k and "per_sec" not in k}
+
+    def on_checkpoint(self, epoch, step, path, metrics):
+        if epoch == self.stop_after_epoch:
+            raise KeyboardInterrupt  # a kill right after the checkpoint landed
+
+    def on_train_end(self, metrics, checkpoint):
+        self.final = metrics
+
+
+def tiny_cfg(tmp_path: Path, *extra: str):
+    return load_config(None, TINY + [f"train.out_dir={tmp_path}", "train.epochs=4", *extra])
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = Recorder()
+    Trainer(tiny_cfg(tmp_path), [full], run_dir=tmp_path / "full").fit()
+
+    first = Recorder(stop_after_epoch=2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_cfg(tmp_path), [first], run_dir=tmp_path / "split").fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "split" / "checkpoints")] == ["epoch_0001", "epoch_0002"]
+
+    second = Recorder()
+    Trainer(tiny_cfg(tmp_path), [second], run_dir=tmp_path / "split", resume=tmp_path / "split").fit()
+
+    assert set(second.epochs) == {3, 4}
+    for epoch in (1, 2):
+        assert first.epochs[epoch] == pytest.approx(full.epochs[epoch], rel=1e-6, abs=1e-7)
+    for epoch in (3, 4):
+        assert second.epochs[epoch] == pytest.approx(full.epochs[epoch], rel=1e-6, abs=1e-7)
+    assert second.steps.keys() == {s for s in full.steps if s > max(first.steps)}
+    assert second.final == pytest.approx(full.final, rel=1e-6, abs=1e-7)
+    # the run learned something: loss went down and metrics are probabilities
+    assert full.epochs[4]["epoch/loss"] < full.epochs[1]["epoch/loss"]
+    assert all(0.0 <= v <= 1.0 for v in full.final.values())
+
+
+def test_checkpoint_keeps_last_k_and_resume_refuses_other_arch(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.epochs=3", "train.keep_checkpoints=2")
+    Trainer(cfg, run_dir=tmp_path / "run").fit()
+    ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in ckpts] == ["epoch_0002", "epoch_0003"]
+    state, meta = load_checkpoint(ckpts[-1])
+    assert meta["epoch"] == 3 and state["step"] == meta["step"] > 0
+    other = tiny_cfg(tmp_path, "model.arch=test_vit")
+    with pytest.raises(CheckpointError, match="for architecture 'test_resnet'"):
+        Trainer(other, run_dir=tmp_path / "run", resume=tmp_path / "run")
+
+
+def test_divergence_is_reported_with_step(tmp_path):
+    cfg = tiny_cfg(tmp_path, "optim.lr=0.5", "optim.warmup_epochs=0", "train.log_every=1")
+    seen = []
+
+    class Poison(Callback):
+        def on_step_end(self, step, metrics):
+            seen.append(step)
+            if step == 3:  # corrupt the weights the way an exploding update would
+                with torch.no_grad():
+                    for p in trainer.model.parameters():
+                        p.fill_(float("nan"))
+
+    trainer = Trainer(cfg, [Poison()], run_dir=tmp_path / "nan")
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    assert info.value.step == 4 and math.isnan(info.value.value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path):
+    """The real CLI under torchrun with 2 gloo processes: one run folder, one MLflow run, rank-1 state saved."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "lejepa", "train", *TINY, "train.epochs=2",
+           f"train.out_dir={tmp_path}", "train.run_name=ddp", "--tracking-uri", uri]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state, meta = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "epoch_0002")
+    views_rng = state["rng"]["views"]
+    assert len(views_rng) == 2 and not torch.equal(views_rng[0], views_rng[1])
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lejepa").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # each epoch is logged once (rank 0 only), and the batch is the global batch of 64 = 2 × 32
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "epoch")] == [meta["step"] // 2, meta["step"]]
+    assert runs[0].data.params["optim.batch_size"] == "64"
