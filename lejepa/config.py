@@ -53,7 +53,8 @@ class ViewsConfig(_Section):
     local_size: int | None = Field(None, ge=4, description="side of local views; None = resolution * 96/224")
     flip_p: float = Field(0.5, ge=0.0, le=1.0)
     jitter_p: float = Field(0.8, ge=0.0, le=1.0)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter: tuple[float, float, float, float] = Field(
+        (0.4, 0.4, 0.2, 0.1), description="ColorJitter (brightness, contrast, saturation, hue) strengths")
     grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
     blur_p: float = Field(0.5, ge=0.0, le=1.0)
     solarize_p: float = Field(0.2, ge=0.0, le=1.0)
@@ -64,6 +65,13 @@ class ViewsConfig(_Section):
         lo, hi = v
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError("must be (low, high) with 0 < low <= high <= 1")
+        return v
+
+    @field_validator("jitter")
+    @classmethod
+    def _jitter_range(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if min(v) < 0.0 or v[3] > 0.5:
+            raise ValueError("must be (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5")
         return v
 
 

@@ -1,0 +1,318 @@
+"""Datasets as uint8 image tensors, with the facts the trainer needs about them.
+
+:func:`build_datasets` turns a :class:`~lejepa.config.DataConfig` into train and test splits
+whose items are ``(uint8 tensor [3, S, S], int label)``. Small datasets (the scikit-learn
+digits, CIFAR, STL-10) are decoded once into a :class:`TensorImageDataset` that hands a whole
+batch out with one index operation; image folders (ImageNet, Imagenette, Galaxy10, any
+class-per-folder tree) stay on disk and are decoded per item (PIL, as torchvision's
+ImageFolder does; ``torchvision.io`` decoding is deprecated since torchvision 0.29).
+Augmentation is not done here: :mod:`lejepa.views` makes the views from these batches.
+Every missing or malformed dataset is a one-line :class:`~lejepa.errors.DataError` that
+says how to obtain it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as NF
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+from torchvision import datasets as tvd
+
+from lejepa.config import DataConfig
+from lejepa.errors import DataError, did_you_mean
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FOLDER_CROP = 0.875  # image folders are stored at resolution / 0.875 (256 px for 224), eval centre-crops
+DIGIT_FRACTION = 0.5  # digits-shifted: a digit's side is this fraction of the canvas, times U(0.8, 1.2)
+
+
+@dataclass
+class DatasetSplits:
+    """Train and test splits plus what the views, model and probes need to know."""
+
+    train: Dataset  # items: (uint8 tensor [3, S, S], int label)
+    test: Dataset
+    num_classes: int
+    resolution: int  # side of the global views and of the eval images
+    source_size: int  # side S of the stored images; may be below `resolution` (CIFAR at 64 px): views resample
+    mean: tuple[float, float, float]  # per-channel normalisation, on the [0, 1] scale
+    std: tuple[float, float, float]
+    name: str
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images ``uint8 [N, 3, S, S]`` with ``int64 [N]`` labels.
+
+    ``__getitems__`` returns a whole batch as ``(images[idx], labels[idx])`` (one index
+    operation); use ``collate_fn=batch_collate`` in the DataLoader. ``sources`` optionally
+    records which original image each item was made from (digits-shifted placements).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, sources: Tensor | None = None) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+def batch_collate(batch):
+    """DataLoader ``collate_fn``: a batch already stacked by ``__getitems__`` (a tuple of
+    tensors) passes through; a list of items goes to ``default_collate``."""
+    if isinstance(batch, tuple) and all(isinstance(t, Tensor) for t in batch):
+        return batch
+    return default_collate(batch)
+
+
+def build_datasets(cfg: DataConfig) -> DatasetSplits:
+    """The train / test splits named by ``cfg.name`` (see :data:`BUILDERS`)."""
+    builder = BUILDERS.get(cfg.name)
+    if builder is None:
+        raise DataError(f"unknown dataset {cfg.name!r}{did_you_mean(cfg.name, BUILDERS)}; "
+                        f"choose one of: {', '.join(BUILDERS)}")
+    return builder(cfg)
+
+
+# ---------------------------------------------------------------------------- digits
+
+
+def _digit_arrays() -> tuple[Tensor, Tensor]:
+    """The 1,797 scikit-learn digits as float [N, 1, 8, 8] in [0, 1] and int64 labels."""
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
+    return images, torch.from_numpy(digits.target).long()
+
+
+def _split_indices(labels: Tensor, cfg: DataConfig) -> tuple[Tensor, Tensor]:
+    """Stratified train / test indices (``cfg.test_fraction``, ``cfg.seed``)."""
+    train, test = train_test_split(np.arange(len(labels)), test_size=cfg.test_fraction,
+                                   stratify=labels.numpy(), random_state=cfg.seed)
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
+
+
+def _to_uint8_rgb(gray: Tensor) -> Tensor:
+    """float [N, 1, H, W] in [0, 1] to uint8 [N, 3, H, W]."""
+    return gray.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+
+
+def _splits(name: str, cfg: DataConfig, train: TensorImageDataset, test: TensorImageDataset,
+            num_classes: int) -> DatasetSplits:
+    mean, std = _channel_stats(train.images)
+    return DatasetSplits(train=train, test=test, num_classes=num_classes, resolution=cfg.resolution,
+                         source_size=train.images.shape[-1], mean=mean, std=std, name=name)
+
+
+def _digits(cfg: DataConfig) -> DatasetSplits:
+    """8x8 digits upsampled (bilinear, antialiased) to the resolution, stratified split."""
+    images, labels = _digit_arrays()
+    big = NF.interpolate(images, size=(cfg.resolution, cfg.resolution), mode="bilinear",
+                         align_corners=False, antialias=True)
+    rgb = _to_uint8_rgb(big.clamp(0.0, 1.0))
+    train, test = _split_indices(labels, cfg)
+    return _splits("digits", cfg, TensorImageDataset(rgb[train], labels[train], train),
+                   TensorImageDataset(rgb[test], labels[test], test), 10)
+
+
+def _place(digits: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Each digit [n, 1, 8, 8] drawn once on a black ``size``-px canvas: side
+    ``DIGIT_FRACTION * U(0.8, 1.2)`` of the canvas, centre uniform over the positions that keep
+    it whole. One affine ``grid_sample``: output point u reads the digit at (u - c) / s."""
+    n = digits.shape[0]
+    s = DIGIT_FRACTION * (0.8 + 0.4 * torch.rand(n, generator=generator))
+    c = (2.0 * torch.rand(n, 2, generator=generator) - 1.0) * (1.0 - s)[:, None]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / s
+    theta[:, :, 2] = -c / s[:, None]
+    grid = NF.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    return NF.grid_sample(digits, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _digits_shifted(cfg: DataConfig) -> DatasetSplits:
+    """Real digits rescaled and placed at random on a canvas, ``cfg.placements`` per digit,
+    split by source digit (stratified) so no digit appears in both splits."""
+    images, labels = _digit_arrays()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    parts = []
+    for index in _split_indices(labels, cfg):
+        sources = index.repeat_interleave(cfg.placements)
+        placed = _place(images[sources], cfg.resolution, generator)
+        parts.append(TensorImageDataset(_to_uint8_rgb(placed.clamp(0.0, 1.0)), labels[sources], sources))
+    return _splits("digits-shifted", cfg, parts[0], parts[1], 10)
+
+
+# ---------------------------------------------------------------------------- CIFAR / STL-10
+
+
+def _existence_checked(cls: type, lists: Sequence[str]) -> type:
+    """A torchvision dataset class whose file check is existence only (md5 None): repacked
+    copies and test fixtures load; a download still verifies the archive's md5."""
+    attrs = {key: [[name, None] for name, _ in getattr(cls, key)] for key in lists}
+    if hasattr(cls, "meta"):
+        attrs["meta"] = {**cls.meta, "md5": None}
+    return type(cls.__name__, (cls,), attrs)
+
+
+_CIFAR10 = _existence_checked(tvd.CIFAR10, ("train_list", "test_list"))
+_CIFAR100 = _existence_checked(tvd.CIFAR100, ("train_list", "test_list"))
+# Labelled splits only (train 5k, test 8k), as the probes need labels; the 100k unlabeled
+# images (unlabeled_X.bin, split "unlabeled") could be added to the training set for SSL.
+_STL10 = type("STL10", (tvd.STL10,), {"train_list": [["train_X.bin", None], ["train_y.bin", None]],
+                                      "test_list": [["test_X.bin", None], ["test_y.bin", None]]})
+
+
+def _root(cfg: DataConfig, title: str) -> Path:
+    if cfg.root is None:
+        raise DataError(f"{title} needs data.root=<folder> (the folder holding it, or where "
+                        f"data.download=true should put it)")
+    return Path(cfg.root).expanduser()
+
+
+def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], Dataset], files: Sequence[str],
+                       how: str) -> tuple[Dataset, Dataset]:
+    """Load train and test with a torchvision class; map every failure to one DataError line."""
+    root = _root(cfg, title)
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing and not cfg.download:
+        raise DataError(f"{title} not found under {root} ({missing[0]} is missing): {how}")
+    try:
+        return make(True), make(False)
+    except DataError:
+        raise
+    except Exception as exc:  # download errors, unpickling, reshape: all one line
+        what = "download failed" if missing else "files are malformed"
+        raise DataError(f"{title} under {root}: {what}: {_first_line(exc)}") from None
+
+
+def _cifar(cfg: DataConfig, cls: type, title: str, num_classes: int) -> DatasetSplits:
+    base = cls.base_folder
+    files = [f"{base}/{name}" for name, _ in cls.train_list + cls.test_list] + [f"{base}/{cls.meta['filename']}"]
+    how = (f"pass data.download=true or put {base} there "
+           f"(https://www.cs.toronto.edu/~kriz/cifar.html, {cls.filename})")
+    train, test = _torchvision_split(title, cfg, lambda t: cls(str(_root(cfg, title)), train=t, download=cfg.download),
+                                     files, how)
+    return _splits(cfg.name, cfg, *(_from_hwc(d.data, d.targets) for d in (train, test)), num_classes)
+
+
+def _from_hwc(data: np.ndarray, labels: Sequence[int]) -> TensorImageDataset:
+    images = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).contiguous()
+    return TensorImageDataset(images, torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def _stl10(cfg: DataConfig) -> DatasetSplits:
+    base = _STL10.base_folder
+    files = [f"{base}/{name}" for name, _ in _STL10.train_list + _STL10.test_list]
+    how = (f"pass data.download=true or put {base} there "
+           f"(https://cs.stanford.edu/~acoates/stl10/, stl10_binary.tar.gz)")
+    root = _root(cfg, "STL-10")
+    train, test = _torchvision_split(
+        "STL-10", cfg, lambda t: _STL10(str(root), split="train" if t else "test", download=cfg.download),
+        files, how)
+    parts = [TensorImageDataset(torch.from_numpy(np.ascontiguousarray(d.data)),
+                                torch.from_numpy(d.labels.astype(np.int64))) for d in (train, test)]
+    return _splits("stl10", cfg, parts[0], parts[1], 10)
+
+
+def _channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 [N, 3, H, W] images on the [0, 1] scale."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for part in images.split(chunk):
+        x = part.transpose(0, 1).reshape(3, -1).double()
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    count = images.numel() / 3
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-6).sqrt()
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+
+
+# ---------------------------------------------------------------------------- image folders
+
+_FOLDER_HELP = {
+    "imagefolder": ("image folder", "a class-per-folder tree <root>/train/<class>/*.jpg and <root>/val (or test)/"
+                    "<class>/*.jpg"),
+    "imagenet": ("ImageNet", "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG from https://image-net.org (sort the "
+                 "validation images into class folders, e.g. with the usual valprep.sh)"),
+    "imagenette": ("Imagenette", "the extracted imagenette2-320.tgz (train/ and val/) from "
+                   "https://github.com/fastai/imagenette; point data.root at imagenette2-320"),
+    "galaxy10": ("Galaxy10", "class folders train/<class>/*.png and test/<class>/*.png: Galaxy10 ships as "
+                 "Galaxy10_DECals.h5 (https://github.com/henrysky/Galaxy10); write its 'images' with PIL into the "
+                 "folder of their 'ans' label, split as you like"),
+}
+
+
+def _load_image(path: str, size: int) -> Tensor:
+    """Decode with PIL to uint8 RGB [3, size, size]: shorter side resized to ``size``
+    (antialiased), centre crop. JPEGs much larger than ``size`` are decoded at a reduced scale
+    (PIL draft mode, never below ``size``), which makes ImageNet-sized files cheap."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))
+            rgb = image.convert("RGB")
+    except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise DataError(f"cannot decode image {path}: {_first_line(exc)}") from None
+    tensor = TF.resize(TF.pil_to_tensor(rgb), [size], antialias=True)
+    return TF.center_crop(tensor, [size, size])
+
+
+def _image_folder(cfg: DataConfig) -> DatasetSplits:
+    """Lazy class-per-folder splits root/train and root/val (or root/test) (torchvision
+    ImageFolder: any PIL-readable extension it lists), decoded per item at
+    ``round(resolution / 0.875)`` px so crops see some context and eval centre-crops."""
+    title, how = _FOLDER_HELP[cfg.name]
+    root = _root(cfg, title)
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DataError(f"{title} not found under {root}: expected {how}")
+    size = max(cfg.resolution, round(cfg.resolution / FOLDER_CROP))
+    loader = functools.partial(_load_image, size=size)
+    try:
+        train, test = (tvd.ImageFolder(str(d), loader=loader)
+                       for d in (root / "train", test_dir))
+    except FileNotFoundError as exc:
+        raise DataError(f"{title} under {root}: {_first_line(exc)} (expected {how})") from None
+    if train.classes != test.classes:
+        extra = sorted(set(train.classes) ^ set(test.classes))
+        raise DataError(f"{title} under {root}: train/ and {test_dir.name}/ have different class folders "
+                        f"(e.g. {extra[0]!r})")
+    return DatasetSplits(train=train, test=test, num_classes=len(train.classes), resolution=cfg.resolution,
+                         source_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=cfg.name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+BUILDERS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
+    "digits": _digits,
+    "digits-shifted": _digits_shifted,
+    "cifar10": lambda cfg: _cifar(cfg, _CIFAR10, "CIFAR-10", 10),
+    "cifar100": lambda cfg: _cifar(cfg, _CIFAR100, "CIFAR-100", 100),
+    "stl10": _stl10,
+    **{name: _image_folder for name in _FOLDER_HELP},
+}
