@@ -1,0 +1,120 @@
+"""``lejepa select SWEEP``: choose a checkpoint of a finished sweep without labels.
+
+Prints the summary table and the chosen checkpoint (its folder, or its MLflow artifact URI
+when the folder is not on this disk), writes the Markdown report, logs it on the sweep's parent
+run, and with ``--register NAME`` adds the checkpoint to the MLflow model registry as a new
+version of NAME (source ``runs:/<trial run>/<checkpoint artifact>``; a non-final checkpoint is
+logged to its trial run first). Published through the ``lejepa.commands`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from lejepa.errors import LejepaError, did_you_mean
+
+DEFAULT_SCORE = "loss_lam"
+
+
+def register_checkpoint(tracking_uri: str, row: pd.Series, name: str, score: str) -> ModelVersion:
+    """Register the checkpoint of ``row`` (a candidate) as a new version of model ``name``."""
+    client = MlflowClient(tracking_uri)
+    if isinstance(row.get("checkpoint_uri"), str):
+        artifact = "checkpoint"
+    else:
+        folder = Path(row["checkpoint"])
+        artifact = f"checkpoints/{folder.name}"
+        client.log_artifacts(row["run_id"], str(folder), artifact_path=artifact)
+    try:
+        client.create_registered_model(name, description="LeJEPA checkpoints chosen by `lejepa select`")
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower():
+            raise
+    tags = {"lejepa.score": score, "lejepa.epoch": str(row["epoch"]), "arch": str(row["arch"]),
+            "lejepa.trial_id": str(row["trial"]), "loss.lam": str(row["lam"])}
+    return client.create_model_version(name, f"runs:/{row['run_id']}/{artifact}", run_id=row["run_id"], tags=tags)
+
+
+def _check_store(uri: str) -> None:
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise LejepaError(f"no MLflow store at {uri[len('sqlite:///'):]}: pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from analysis.criteria import evaluate_checkpoints
+    from analysis.loader import load_sweep
+    from analysis.report import LABELS, analyse, log_report, terminal_table, write_report
+    from lejepa.tracking import default_tracking_uri
+
+    if args.score not in LABELS:
+        raise LejepaError(f"unknown score {args.score!r}{did_you_mean(args.score, LABELS)}; "
+                          f"choose one of: {', '.join(LABELS)}")
+    if args.last_k < 1 or args.bootstrap < 0 or args.sample_size < 2 or args.lidar_images < 2:
+        raise LejepaError("--last-k, --sample-size and --lidar-images must be ≥ 1, 2 and 2; --bootstrap ≥ 0")
+    uri = args.tracking_uri or default_tracking_uri("runs")
+    _check_store(uri)
+    sweep = load_sweep(args.sweep, uri)
+    criteria = None
+    if args.criteria:
+        paths = sweep.checkpoints["checkpoint"].dropna().tolist()
+        if not paths:
+            raise LejepaError("--criteria needs the checkpoint folders on this disk; none of the sweep's are")
+        criteria = evaluate_checkpoints(paths, sample_size=args.sample_size, lidar_images=args.lidar_images,
+                                        log=lambda m: print(m, file=sys.stderr))
+    analysis = analyse(sweep, criteria, last_k=args.last_k, n_boot=args.bootstrap)
+    if args.score not in analysis.scores:
+        need = "--criteria" if args.score in ("rankme", "lidar", "alpha_req") else "probe accuracy (labels) to fit α"
+        raise LejepaError(f"score {args.score!r} is not available for this sweep: it needs {need}")
+    if args.score not in set(analysis.selection.get("score", [])):
+        raise LejepaError(f"no checkpoint of sweep {sweep.name!r} has a {analysis.label(args.score)} score "
+                          f"(are its checkpoint folders or artifacts missing?)")
+    out = Path(args.out or f"selection-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep.name)}").resolve()
+    report = write_report(analysis, out)
+    print(terminal_table(analysis))
+    print(f"report: {report}")
+    if not args.no_log:
+        logged = log_report(analysis, out, args.score)
+        print(f"report logged to run {sweep.parent_run_id} under selection/" if logged
+              else "no sweep parent run: the report is not logged to MLflow")
+    pick = analysis.selection.set_index("score").loc[args.score]
+    row = analysis.candidates[(analysis.candidates["run_id"] == pick.run_id)
+                              & (analysis.candidates["epoch"] == pick.epoch)].iloc[0]
+    if args.register:
+        version = register_checkpoint(uri, row, args.register, args.score)
+        print(f"registered: models:/{version.name}/{version.version}")
+    print(f"selected by {analysis.label(args.score)}: {pick.trial} ({pick.arch}, λ={pick.lam:g}) epoch {pick.epoch}")
+    print(f"checkpoint: {pick.checkpoint}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``select`` sub-command to the ``lejepa`` parser."""
+    p = sub.add_parser("select", help="choose a sweep's checkpoint without labels, with the evidence",
+                       description="Rank a sweep's checkpoints by a label-free score, print the chosen one, "
+                                   "write a report (correlations with probe accuracy, regret of each score's "
+                                   "pick) and log it on the sweep's parent run.")
+    p.add_argument("sweep", metavar="SWEEP", help="sweep name, sweep parent run id, or MLflow experiment name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or runs/mlflow.db)")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: ./selection-<sweep>)")
+    p.add_argument("--register", metavar="NAME", help="register the chosen checkpoint as a version of model NAME")
+    p.add_argument("--score", default=DEFAULT_SCORE,
+                   help="label-free score that picks: loss, loss_lastk, loss_lam (default: loss/λ^0.4), "
+                        "loss_lam_fit, rankme, lidar, alpha_req")
+    p.add_argument("--criteria", action="store_true",
+                   help="also compute RankMe, LiDAR, α-ReQ and the frozen linear probe on every checkpoint on disk")
+    p.add_argument("--sample-size", type=int, default=1024,
+                   help="--criteria: unlabeled training images embedded per checkpoint (default 1024)")
+    p.add_argument("--lidar-images", type=int, default=128,
+                   help="--criteria: images × 8 augmentations for LiDAR (default 128)")
+    p.add_argument("--last-k", type=int, default=3, help="epochs averaged by the loss_lastk score (default 3)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+    p.set_defaults(func=_cmd_select)
