@@ -36,7 +36,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Backbone (any timm model) and projector."""
 
-    arch: str = Field("resnet18", description="timm architecture name (see `lejepa archs`)")
+    arch: str = Field("resnet10t", description="timm architecture name (see `lejepa archs`)")
     small_stem: bool | None = Field(None, description="CIFAR-style 3x3 stride-1 stem, no max-pool; None = on below 64 px")
     proj_layers: int = Field(3, ge=1, le=8, description="projector MLP depth")
     proj_hidden: int = Field(512, ge=8, description="projector hidden width")
@@ -100,7 +100,7 @@ class OptimConfig(_Section):
     warmup_epochs: float = Field(1.0, ge=0.0)
     final_lr_ratio: float = Field(1e-3, ge=0.0, le=1.0)
     grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm; None = no clipping")
-    batch_size: int = Field(256, ge=2, description="images per step (global batch under DDP)")
+    batch_size: int = Field(128, ge=2, description="images per step (global batch under DDP)")
     probe_lr: float = Field(1e-3, gt=0.0, description="online linear probe learning rate")
 
 

@@ -1,0 +1,123 @@
+"""Per-architecture cost on the CPU: parameters, embedding width and LeJEPA training throughput.
+
+For every selected catalog entry (default: all runnable, non-GPU-scale ones), builds the
+backbone as training does at the small default resolution (32 px), and times the LeJEPA
+training step of ``lejepa.catalog.build.make_step`` (forward of all views, loss, backward,
+AdamW step) on fixed random views: ``--batch`` images × (2 global views at 32 px + 6 local at
+14 px, the config defaults). Throughput = images (not views) per second, from the median step
+after one warm-up step, timing steps until ``--seconds`` per architecture have passed (at least
+two). The load average is printed: on a shared CPU, multi-threaded timings measure scheduling
+stalls; use ``--threads 1`` there.
+
+Writes ``<out>/architectures.csv`` and ``<out>/architectures.md`` (the table the README links).
+
+    .venv/bin/python benchmarks/architectures.py                      # whole catalog
+    .venv/bin/python benchmarks/architectures.py --family vit --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lejepa.catalog import SMALL_RESOLUTION, ArchInfo, format_params, query  # noqa: E402
+from lejepa.catalog.build import make_step  # noqa: E402
+from lejepa.config import ViewsConfig  # noqa: E402
+from lejepa.errors import LejepaError  # noqa: E402
+
+COLUMNS = ["name", "family", "params", "embed_dim", "input_px", "images_per_s", "step_ms", "steps"]
+
+
+def measure(info: ArchInfo, batch: int, seconds: float) -> dict[str, object]:
+    """One row: the median-step throughput of ``info`` after one warm-up step."""
+    views = ViewsConfig()
+    step = make_step(info.name, SMALL_RESOLUTION, batch, views.global_views, views.local_views)
+    step()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 2 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {
+        "name": info.name, "family": info.family, "params": info.params, "embed_dim": info.embed_dim,
+        "input_px": info.fixed_input or SMALL_RESOLUTION, "images_per_s": round(batch / median, 1),
+        "step_ms": round(1000 * median, 1), "steps": len(times),
+    }
+
+
+def markdown(rows: list[dict[str, object]], header: str) -> str:
+    """The Markdown report: a header paragraph and one table row per architecture."""
+    lines = [header, "", "| architecture | family | params | embed dim | model input px | images/s | ms/step |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['family']} | {format_params(int(r['params']))} | {r['embed_dim']} | "
+                     f"{r['input_px']} | {r['images_per_s']} | {r['step_ms']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", action="append", help="catalog family (repeatable)")
+    parser.add_argument("--max-params", help="parameter budget, e.g. 20M")
+    parser.add_argument("--pattern", help="glob on the name, e.g. 'resnet*'")
+    parser.add_argument("--names", nargs="+", help="exact catalog names")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per architecture (default 3)")
+    parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        entries = query(family=args.family, max_params=args.max_params, pattern=args.pattern, names=args.names)
+    except LejepaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"{len(entries)} architectures, load average {os.getloadavg()[0]:.1f}, "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+    rows, loads = [], []
+    for info in entries:
+        loads.append(os.getloadavg()[0])
+        row = measure(info, args.batch, args.seconds)
+        rows.append(row)
+        print(f"{info.name:40s} {format_params(info.params):>7s} {row['images_per_s']:>9} img/s "
+              f"{row['step_ms']:>9} ms/step", flush=True)
+    views = ViewsConfig()
+    header = (
+        f"# LeJEPA training throughput per architecture (CPU)\n\n"
+        f"Generated by `benchmarks/architectures.py` on {datetime.now(timezone.utc):%Y-%m-%d}: "
+        f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), 1-minute load average "
+        f"{min(loads):.1f} to {max(loads):.1f} during the run (a shared machine: compare rows with care), "
+        f"torch {torch.__version__}. One step = batch {args.batch} × ({views.global_views} global views at "
+        f"{SMALL_RESOLUTION} px + {views.local_views} local at {max(4, round(SMALL_RESOLUTION * 96 / 224))} px): "
+        f"forward, LeJEPA loss, backward, AdamW. images/s counts images, not views; median step after a warm-up, "
+        f"over at least {args.seconds:g} s. *model input px* is the side the backbone runs at (fixed-size archs "
+        f"resize every view to it). Parameters and embedding width as in the catalog (`lejepa archs`)."
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "architectures.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "architectures.md").write_text(markdown(rows, header))
+    print(f"wrote {out / 'architectures.csv'} and {out / 'architectures.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

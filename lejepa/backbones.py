@@ -1,0 +1,282 @@
+"""Backbones: any timm model as a LeJEPA encoder, adapted to small images.
+
+``build_backbone(arch, resolution, small_stem)`` returns a :class:`Backbone`: a timm model
+(``pretrained=False``, ``num_classes=0``) whose forward maps images [B, 3, s, s] to pooled
+features [B, embed_dim], for s = ``resolution`` (global views) and smaller s (local views).
+
+The adaptation is decided from the model's class (read from a meta-device build, no weights):
+
+* ViT-like classes that take ``dynamic_img_size`` (ViT, DeiT, EVA, Swin, …) are built with
+  ``img_size=resolution`` and ``dynamic_img_size=True`` (plus ``dynamic_img_pad`` where
+  offered), so every view size works. Below the arch's native size the patch shrinks so a
+  global view stays ``MIN_PATCHES`` patches wide: ViT-S/16 gets 4-px patches at 32 px and
+  keeps 16 at 224. Without ``dynamic_img_pad``, sides are rounded up to a patch multiple.
+* CNNs whose stem downsamples 4× (ResNet and kin, ConvNeXt, Inception-NeXt) get the CIFAR stem
+  of SSL libraries (3×3 stride-1 conv, no max-pool) if ``small_stem`` is true; ``None`` means
+  on below ``SMALL_STEM_BELOW`` px. Other archs ignore ``small_stem``.
+* Classes that take ``img_size`` but cannot change it at run time (MaxViT, LeViT,
+  EfficientFormer, CaiT, …) are built for the smallest side ≥ ``resolution`` they run at, and
+  the wrapper resizes every input to that fixed side (``fixed_input``).
+* Every model is probed (meta device, else CPU; eval, batch 1) for the smallest side it runs at
+  (``min_input``); smaller inputs are upsampled to it.
+
+Resizing is bilinear ``F.interpolate`` inside :meth:`Backbone.forward`, so callers never need
+to know; the catalog records ``min_input`` and ``fixed_input`` per architecture.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lejepa.errors import ArchitectureError, closest
+
+SMALL_STEM_BELOW = 64
+"""``small_stem=None`` turns the CIFAR stem on below this resolution."""
+
+MIN_PATCHES = 8
+"""After the ViT patch adaptation a global view is at least this many patches wide."""
+
+PROBE_SIDES = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+"""Input sides tried, smallest first, for an arch's minimum or fixed input size."""
+
+
+class Backbone(nn.Module):
+    """A timm feature extractor: images [B, 3, s, s] → pooled features [B, embed_dim].
+
+    Inputs are resized (bilinear) to ``fixed_input`` when set; otherwise sides below
+    ``min_input`` are upsampled to it and sides are rounded up to a multiple of ``multiple``.
+    ``adaptation`` describes in words what was changed for small images.
+    """
+
+    def __init__(
+        self, model: nn.Module, arch: str, embed_dim: int, *, fixed_input: int | None = None, min_input: int = 1,
+        multiple: int = 1, small_stem: bool = False, adaptation: str = "",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.arch = arch
+        self.embed_dim = embed_dim
+        self.fixed_input = fixed_input
+        self.min_input = min_input
+        self.multiple = multiple
+        self.small_stem = small_stem
+        self.adaptation = adaptation
+
+    def input_side(self, side: int) -> int:
+        """The side an input of side ``side`` is resized to before the timm model sees it."""
+        if self.fixed_input is not None:
+            return self.fixed_input
+        return -(-max(side, self.min_input) // self.multiple) * self.multiple
+
+    def forward(self, x: Tensor) -> Tensor:
+        side = self.input_side(x.shape[-1])
+        if x.shape[-2:] != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        return self.model(x)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, embed_dim={self.embed_dim}, adaptation={self.adaptation!r}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an arch is built at one resolution, decided before any weights exist."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    small_stem: bool = False
+    fixed: bool = False
+    multiple: int = 1
+    notes: tuple[str, ...] = ()
+
+
+def build_backbone(
+    arch: str, resolution: int, small_stem: bool | None = None, device: str | torch.device | None = None
+) -> Backbone:
+    """timm ``arch`` (``pretrained=False``, ``num_classes=0``) adapted to ``resolution`` px.
+
+    ``small_stem``: CIFAR stem for 4×-stem CNNs (None = on below 64 px). ``device="meta"``
+    builds shapes only (parameter counts without memory). An unknown name, or an arch that
+    runs at no input size, raises a one-line :class:`ArchitectureError`.
+    """
+    check_arch_name(arch)
+    plan = make_plan(arch, resolution, small_stem)
+    fixed = None
+    if plan.fixed:
+        plan, fixed = _fit_fixed(arch, plan, resolution)
+    for probe_device in ("meta", "cpu"):  # the CPU only for forwards that meta tensors cannot run
+        with torch.device(probe_device):
+            shape_model = _create(arch, plan)
+        min_input, embed_dim = _min_input(shape_model, fixed or resolution, plan.multiple)
+        if min_input is not None:
+            break
+    else:
+        raise ArchitectureError(f"architecture {arch!r} runs at no input side from {PROBE_SIDES[0]} to {PROBE_SIDES[-1]} px")
+    notes = list(plan.notes)
+    if fixed is not None and min_input == PROBE_SIDES[0]:
+        fixed = None  # takes img_size, yet runs from the smallest side up (a plain CNN): not fixed
+    if fixed is not None:
+        min_input = fixed
+        notes.append(f"fixed {fixed} px input (views resized)")
+    elif min_input > PROBE_SIDES[0]:
+        notes.append(f"views under {min_input} px upsampled")
+    if plan.multiple > 1:
+        notes.append(f"sides rounded up to a multiple of {plan.multiple}")
+    with torch.device(device or "cpu"):
+        model = _create(arch, plan)
+    return Backbone(model, arch, embed_dim, fixed_input=fixed, min_input=min_input, multiple=plan.multiple,
+                    small_stem=plan.small_stem, adaptation=", ".join(notes))
+
+
+def check_arch_name(arch: str) -> None:
+    """Raise a one-line :class:`ArchitectureError` with the closest catalog and timm names
+    if timm has no architecture ``arch``."""
+    if timm.is_model(arch):
+        return
+    from lejepa.catalog import load_catalog
+
+    catalog = [a.name for a in load_catalog()]
+    hints = closest(arch, catalog) + [n for n in closest(arch, timm.list_models()) if n not in catalog]
+    hint = f"; closest: {', '.join(hints[:5])}" if hints else ""
+    raise ArchitectureError(f"unknown architecture {arch!r}{hint} (see `lejepa archs`)")
+
+
+def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Plan:
+    """Decide the timm kwargs and the stem of ``arch`` at ``resolution`` from its class."""
+    with torch.device("meta"):
+        default = timm.create_model(arch, pretrained=False, num_classes=0)
+    params = init_params(type(default))
+    if "dynamic_img_size" in params:
+        kwargs: dict[str, Any] = {"img_size": resolution, "dynamic_img_size": True}
+        notes = ["dynamic input size"]
+        patch = _patch_size(default)
+        if patch is not None and "patch_size" in params:
+            kwargs["patch_size"] = small_patch(patch, resolution, _native_side(default))
+            if kwargs["patch_size"] != patch:
+                notes.insert(0, f"patch {patch}->{kwargs['patch_size']}")
+            patch = kwargs["patch_size"]
+        if "dynamic_img_pad" in params:
+            kwargs["dynamic_img_pad"] = True
+            patch = 1
+        return Plan(kwargs, multiple=patch or 1, notes=tuple(notes))
+    if "img_size" in params:
+        return Plan(fixed=True)
+    wants_stem = resolution < SMALL_STEM_BELOW if small_stem is None else small_stem
+    if wants_stem and has_small_stem(default):
+        return Plan(small_stem=True, notes=("small stem (3x3 stride-1 conv, no max-pool)",))
+    return Plan()
+
+
+def small_patch(patch: int, resolution: int, native: int) -> int:
+    """``patch`` at or above the arch's ``native`` side; below it, the largest power of two
+    not above ``patch`` that keeps a side of ``resolution`` ``MIN_PATCHES`` patches wide."""
+    if resolution >= native:
+        return patch
+    p = 1
+    while p * 2 <= resolution // MIN_PATCHES:
+        p *= 2
+    return min(patch, p)
+
+
+def has_small_stem(model: nn.Module) -> bool:
+    """Whether ``model`` has a 4× stem :func:`apply_small_stem` can replace."""
+    if isinstance(model, timm.models.resnet.ResNet):
+        return True
+    stem = getattr(model, "stem", None)
+    return (
+        isinstance(model, (timm.models.convnext.ConvNeXt, timm.models.inception_next.MetaNeXt))
+        and isinstance(stem, nn.Sequential)
+        and not isinstance(stem[-1], nn.Conv2d)
+    )
+
+
+def apply_small_stem(model: nn.Module) -> None:
+    """Replace the 4× stem by one 3×3 stride-1 conv (keeping the stem norm) and drop the
+    stem max-pool, in place."""
+    if isinstance(model, timm.models.resnet.ResNet):
+        model.conv1 = nn.Conv2d(3, model.bn1.num_features, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+        return
+    convs = [m for m in model.stem if isinstance(m, nn.Conv2d)]
+    conv = nn.Conv2d(3, convs[-1].out_channels, 3, 1, 1, bias=convs[0].bias is not None)
+    model.stem = nn.Sequential(conv, model.stem[-1])
+
+
+def init_params(cls: type) -> set[str]:
+    """Constructor parameter names of ``cls``, following ``**kwargs`` up the MRO."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is nn.Module:
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names.update(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def _patch_size(model: nn.Module) -> int | None:
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return None
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def _native_side(model: nn.Module) -> int:
+    return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def _create(arch: str, plan: Plan) -> nn.Module:
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **plan.kwargs)
+    if plan.small_stem:
+        apply_small_stem(model)
+    return model
+
+
+def _probe(model: nn.Module, side: int) -> int | None:
+    """The feature width ``model`` maps a [1, 3, side, side] input to (eval, no grad), or
+    None if it fails at that side or does not return pooled features [1, C]."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, side, side, device=device))
+    except Exception:  # any failure means "not at this side"
+        return None
+    finally:
+        model.train(was_training)
+    return int(out.shape[1]) if out.ndim == 2 else None
+
+
+def _min_input(model: nn.Module, resolution: int, multiple: int) -> tuple[int | None, int]:
+    """(smallest probe side the model runs at, feature width), provided it also runs at
+    ``resolution``; (None, 0) if not."""
+    for side in PROBE_SIDES:
+        if side % multiple or (dim := _probe(model, side)) is None:
+            continue
+        if side < resolution and _probe(model, -(-resolution // multiple) * multiple) is None:
+            break
+        return side, dim
+    return None, 0
+
+
+def _fit_fixed(arch: str, plan: Plan, resolution: int) -> tuple[Plan, int]:
+    """(plan with ``img_size``, side) for the smallest side ≥ ``resolution`` an ``img_size``
+    arch builds and runs at."""
+    for side in [resolution] + [s for s in PROBE_SIDES if s > resolution]:
+        sized = replace(plan, kwargs={**plan.kwargs, "img_size": side})
+        try:
+            with torch.device("meta"):
+                model = _create(arch, sized)
+        except Exception:  # the arch rejects this img_size at construction
+            continue
+        if _probe(model, side) is not None:
+            return sized, side
+    raise ArchitectureError(f"architecture {arch!r} runs at no input side from {resolution} to {PROBE_SIDES[-1]} px")

@@ -1,0 +1,107 @@
+"""build_backbone: small-image adaptation, view sizes, embedding width, name errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lejepa.backbones import build_backbone, small_patch
+from lejepa.errors import ArchitectureError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _features(backbone: nn.Module, side: int, batch: int = 2) -> torch.Tensor:
+    backbone.train()
+    return backbone(torch.rand(batch, 3, side, side))
+
+
+def test_small_stem_on_below_64_px():
+    backbone = build_backbone("resnet18", 32)
+    assert backbone.small_stem
+    conv1 = backbone.model.conv1
+    assert (conv1.kernel_size, conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(backbone.model.maxpool, nn.Identity)
+    assert _features(backbone, 32).shape == (2, 512)
+
+
+def test_small_stem_off_at_224_px_and_overridable():
+    backbone = build_backbone("resnet18", 224, device="meta")
+    assert not backbone.small_stem
+    assert (backbone.model.conv1.kernel_size, backbone.model.conv1.stride) == ((7, 7), (2, 2))
+    assert isinstance(backbone.model.maxpool, nn.MaxPool2d)
+    assert not build_backbone("resnet18", 32, small_stem=False, device="meta").small_stem
+    assert build_backbone("resnet18", 224, small_stem=True, device="meta").small_stem
+
+
+def test_small_stem_for_deep_stem_resnet_and_convnext():
+    deep = build_backbone("resnet18d", 32, device="meta").model
+    assert isinstance(deep.conv1, nn.Conv2d) and deep.conv1.stride == (1, 1)
+    assert deep.conv1.out_channels == deep.bn1.num_features
+    convnext = build_backbone("convnext_atto", 32)
+    assert convnext.small_stem and convnext.model.stem[0].stride == (1, 1)
+    assert _features(convnext, 14).shape == (2, convnext.embed_dim)
+
+
+def test_small_stem_ignored_where_there_is_no_4x_stem():
+    assert not build_backbone("efficientnet_b0", 32, small_stem=True, device="meta").small_stem
+
+
+def test_vit_patch_and_img_size_adapted_and_local_views_accepted():
+    backbone = build_backbone("vit_tiny_patch16_224", 32)
+    embed = backbone.model.patch_embed
+    assert embed.patch_size == (4, 4) and embed.img_size == (32, 32)
+    assert backbone.model.dynamic_img_size
+    for side in (32, 14, 4):  # global, local (32·96/224), the smallest local view
+        assert _features(backbone, side).shape == (2, 192)
+
+
+def test_vit_keeps_its_patch_at_224_px():
+    backbone = build_backbone("vit_tiny_patch16_224", 224, device="meta")
+    assert backbone.model.patch_embed.patch_size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("patch", "resolution", "expected"),
+    [(16, 32, 4), (14, 32, 4), (16, 64, 8), (16, 128, 16), (32, 128, 16), (16, 224, 16), (32, 224, 32), (16, 16, 2)],
+)
+def test_small_patch(patch, resolution, expected):
+    assert small_patch(patch, resolution, native=224) == expected
+
+
+def test_strict_patch_embed_rounds_sides_up():
+    backbone = build_backbone("swin_tiny_patch4_window7_224", 32, device="meta")
+    assert backbone.multiple == 4 and backbone.input_side(14) == 16 and backbone.input_side(32) == 32
+
+
+def test_fixed_size_arch_resizes_every_view():
+    backbone = build_backbone("maxvit_pico_rw_256", 32)
+    assert backbone.fixed_input == 32 and backbone.input_side(14) == 32
+    assert _features(backbone, 14).shape == (2, backbone.embed_dim)
+
+
+def test_minimum_input_upsamples_small_views():
+    backbone = build_backbone("convnext_atto", 64)  # no small stem at 64 px: its 32x reduction needs 32 px
+    assert not backbone.small_stem and backbone.fixed_input is None and backbone.min_input == 32
+    assert backbone.input_side(27) == 32 and backbone.input_side(64) == 64
+    assert _features(backbone, 27).shape == (2, backbone.embed_dim)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "inception_next_atto", "efficientformerv2_s0", "mobilenetv3_small_100"])
+def test_embed_dim_matches_output(arch):
+    backbone = build_backbone(arch, 32)
+    assert _features(backbone, 32).shape == (2, backbone.embed_dim)
+
+
+def test_unknown_arch_names_closest_in_one_line():
+    with pytest.raises(ArchitectureError) as err:
+        build_backbone("resnet181", 32)
+    message = str(err.value)
+    assert "'resnet181'" in message and "resnet18" in message and "\n" not in message

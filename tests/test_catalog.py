@@ -1,0 +1,182 @@
+"""The architecture catalog: contents, no drift from timm, queries, and the whole-catalog walk.
+
+The walk builds every entry with ``pretrained=False`` at 32 px (or its minimum) and runs one
+LeJEPA training step on the CPU (B=4, 2 global + 2 local views); GPU-scale entries run it on
+the meta device. An entry marked ``runs_small=false`` must still fail (strict xfail), so the
+marks cannot go stale.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lejepa.catalog import (
+    SMALL_RESOLUTION, ArchInfo, families, format_table, get_arch, load_catalog, parse_param_budget, query,
+)
+from lejepa.catalog.build import HEADLINE, describe, make_step, select
+from lejepa.errors import ArchitectureError, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CATALOG = load_catalog()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: multi-threaded ops stall badly when other jobs share a small CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_catalog_size_and_families():
+    assert len(CATALOG) >= 60
+    assert len(families()) >= 10
+    assert len({a.name for a in CATALOG}) == len(CATALOG)
+    runnable = [a for a in CATALOG if a.runs_small and not a.gpu_scale]
+    assert len(runnable) >= 60 and len({a.family for a in runnable}) >= 10
+    for name in HEADLINE:
+        assert get_arch(name).gpu_scale
+
+
+def test_entries_are_consistent():
+    for a in CATALOG:
+        assert a.params > 0 and a.embed_dim > 0 and a.min_input >= 4
+        if a.fixed_input is not None:
+            assert a.min_input == a.fixed_input
+        if not a.runs_small:
+            assert "does not run small" in a.notes
+
+
+# Families whose timm candidates are few enough to re-select quickly (~100 meta-device builds);
+# the whole selection (~350 builds) is what `python -m lejepa.catalog.build` does.
+RESELECTED = ["convnext", "convnextv2", "efficientnet", "levit", "inception_next", "deit", "efficientformer",
+              "ghostnet", "tiny_vit"]
+
+
+def test_names_match_a_fresh_selection_from_timm():
+    fresh = select(RESELECTED)
+    assert len({f for _, f in fresh}) == len(RESELECTED)
+    assert sorted(fresh) == sorted((a.name, a.family) for a in CATALOG if a.family in RESELECTED)
+
+
+def _one_per_family() -> list[ArchInfo]:
+    return list({a.family: a for a in reversed(CATALOG)}.values())
+
+
+@pytest.mark.parametrize("entry", _one_per_family(), ids=lambda a: a.name)
+def test_measurements_match_a_fresh_build(entry: ArchInfo):
+    fresh = describe(entry.name, entry.family)
+    for field in ("params", "embed_dim", "min_input", "fixed_input", "small_stem", "gpu_scale"):
+        assert getattr(fresh, field) == getattr(entry, field), field
+
+
+def _walk_params() -> list:
+    return [
+        pytest.param(a, marks=[] if a.runs_small else [pytest.mark.xfail(strict=True, reason=a.notes)], id=a.name)
+        for a in CATALOG
+    ]
+
+
+@pytest.mark.parametrize("entry", _walk_params())
+def test_every_entry_runs_a_lejepa_step(entry: ArchInfo):
+    device = "meta" if entry.gpu_scale else "cpu"
+    step = make_step(entry.name, SMALL_RESOLUTION, batch=4, global_views=2, local_views=2, device=device)
+    loss = step()
+    assert loss.shape == ()
+    if device == "cpu":
+        assert math.isfinite(loss.item())
+
+
+def test_an_arch_that_cannot_run_small_is_marked_not_dropped(monkeypatch):
+    from lejepa.catalog import build
+
+    monkeypatch.setattr(build, "select", lambda: [("crossvit_tiny_240", "deit")])  # needs 240-px multiples
+    [entry] = build.build(log=lambda line: None)
+    assert entry.name == "crossvit_tiny_240" and not entry.runs_small
+    assert entry.notes.startswith("does not run small: ") and entry.params > 0
+
+
+def test_query_by_family_budget_and_pattern():
+    vits = query(family="vit")
+    assert vits and all(a.family == "vit" and not a.gpu_scale for a in vits)
+    assert {a.name for a in query(family="vit", include_gpu_scale=True)} >= {"vit_large_patch14_224", "vit_huge_patch14_224"}
+    both = query(family=["ResNet", "resnext"])
+    assert {a.family for a in both} == {"resnet", "resnext"}
+    small = query(max_params="5M")
+    assert small and all(a.params <= 5_000_000 for a in small)
+    mid = query(min_params="10M", max_params=20_000_000)
+    assert mid and all(10_000_000 <= a.params <= 20_000_000 for a in mid)
+    resnets = query(pattern="resnet*")
+    assert resnets and all(a.name.startswith("resnet") for a in resnets)
+    assert [a.name for a in query(names=["resnet18", "convnext_atto"])] == ["resnet18", "convnext_atto"]
+    assert query(family="vit", max_params="20M", pattern="*tiny*")
+
+
+def test_query_keeps_catalog_order():
+    names = [a.name for a in CATALOG]
+    picked = [a.name for a in query(max_params="20M")]
+    assert picked == sorted(picked, key=names.index)
+
+
+def test_query_errors_are_one_line():
+    for kwargs, needle in [
+        ({"family": "vitt"}, "'vit'"),
+        ({"pattern": "nothing*"}, "pattern='nothing*'"),
+        ({"family": "vit", "max_params": "1k"}, "max_params=1k"),
+        ({"names": ["resnet181"]}, "'resnet18'"),
+    ]:
+        with pytest.raises(ArchitectureError) as err:
+            query(**kwargs)
+        assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("20M", 20_000_000), ("1.5M", 1_500_000), ("300k", 300_000), ("300K", 300_000), ("1G", 10**9),
+     ("2B", 2 * 10**9), ("2e7", 20_000_000), (" 20 M ", 20_000_000), ("12345", 12345), (5_000_000, 5_000_000)],
+)
+def test_parse_param_budget(text, expected):
+    assert parse_param_budget(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["20X", "M", "", "-1M", True, None, [20]])
+def test_parse_param_budget_rejects(bad):
+    with pytest.raises(ConfigError):
+        parse_param_budget(bad)
+
+
+def test_unknown_name_gives_closest():
+    with pytest.raises(ArchitectureError) as err:
+        get_arch("convnext_ato")
+    assert "'convnext_atto'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_format_table():
+    table = format_table(query(family="levit"))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["name", "family", "params"]
+    assert "levit_128s" in table and lines[-1] == f"{len(lines) - 2} architectures, 1 family"
+
+
+def test_cli_archs(capsys):
+    from lejepa.cli import main
+
+    assert main(["archs", "--family", "vit", "--max-params", "20M"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_tiny_patch16_224" in out and "vit_large" not in out
+    assert main(["archs", "--family", "nope"]) == 2
+    assert "unknown architecture family 'nope'" in capsys.readouterr().err
+
+
+def test_architectures_sweep_expands_to_the_catalog():
+    from sweeps.spec import load_spec
+
+    spec = load_spec(REPO / "sweeps" / "architectures.yaml")
+    archs = next(p.values for p in spec.space if p.key == "model.arch")
+    assert list(archs) == [a.name for a in query(max_params="20M")]
+    assert spec.num_trials() == 2 * len(archs)
