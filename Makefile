@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/lejepa train train.epochs=2
+	$(BIN)/lejepa sweep sweeps/quickstart.yaml
+	$(BIN)/lejepa select quickstart --out runs/selection-quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
