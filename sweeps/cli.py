@@ -1,0 +1,101 @@
+"""``lejepa sweep``: run, dry-run or resume a sweep spec (a plug-in of the ``lejepa`` command).
+
+Exit status: 0 when every trial finished (or was pruned), 1 when some failed, 130 when the
+sweep was interrupted (the summary says how to ``--resume`` it), 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lejepa.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``sweep`` sub-command to the ``lejepa`` parser."""
+    p = sub.add_parser(
+        "sweep", help="run a Ray Tune sweep of LeJEPA trials, tracked in MLflow",
+        description="Run the sweep SPEC (YAML, see sweeps/quickstart.yaml): every trial is a LeJEPA run and a "
+                    "child of the sweep's MLflow run. --dry-run prints the trials without running anything; "
+                    "--resume NAME continues an interrupted sweep.")
+    p.add_argument("spec", nargs="?", metavar="SPEC", help="sweep spec file (optional with --resume)")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded trial table and exit")
+    p.add_argument("--resume", metavar="NAME", help="continue the sweep NAME (its folder under the storage)")
+    p.add_argument("--address", help="join a running Ray cluster ('auto', or host:port; default RAY_ADDRESS, "
+                                     "else a local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, MLFLOW_TRACKING_URI, "
+                                          "or <out_dir>/mlflow.db)")
+    p.add_argument("--storage", help="folder holding sweeps (default <train.out_dir>/sweeps); shared by all "
+                                     "nodes on a cluster")
+    p.add_argument("--name", help="sweep name (default: the spec's name plus a timestamp)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from sweeps.spec import load_spec
+
+    if args.spec is None and args.resume is None:
+        raise ConfigError("lejepa sweep needs a SPEC file (or --resume NAME)")
+    spec = load_spec(args.spec) if args.spec is not None else None
+    if args.dry_run:
+        if spec is None:
+            raise ConfigError("--dry-run needs a SPEC file")
+        print(dry_run(spec))
+        return 0
+    from sweeps.runner import resume_sweep, run_sweep
+
+    if args.resume is not None:
+        if args.tracking_uri or args.name:
+            raise ConfigError("--resume continues the sweep where it was tracked and named: drop --tracking-uri/--name")
+        from sweeps.runner import default_storage
+
+        storage = args.storage if args.storage is not None or spec is None else default_storage(spec)
+        outcome = resume_sweep(args.resume, storage=storage, address=args.address)
+    else:
+        outcome = run_sweep(spec, storage=args.storage, name=args.name, address=args.address,
+                            tracking_uri=args.tracking_uri)
+    print(outcome.render())
+    if outcome.interrupted:
+        return 130
+    return 1 if outcome.count("failed") else 0
+
+
+def dry_run(spec) -> str:
+    """The expanded trial table: count, per-trial overrides, resources, expected concurrency on this machine."""
+    from sweeps.spec import format_table
+
+    keys = spec.keys()
+    uniform = len(set(spec.arch_resources.values())) == 1
+    rows = []
+    for i, row in enumerate(spec.trials(), 1):
+        arch = row.get("model.arch", spec.base_config.model.arch)
+        res = next(iter(spec.arch_resources.values())) if uniform else spec.arch_resources.get(arch)
+        rows.append([i, *(row[k] for k in keys), *((res.cpus, res.gpus, res.workers) if res else ("by arch",) * 3)])
+    cpus, gpus = _local_resources()
+    search = "optuna (TPE)" if spec.search.algo == "optuna" else "grid/random"
+    lines = [
+        f"sweep {spec.name} ({spec.path}): {spec.num_trials()} trials × {spec.epochs} epochs"
+        + (f" — {spec.description}" if spec.description else ""),
+        f"search: {search} on {spec.search.metric} ({spec.search.mode}); scheduler: {spec.scheduler.type}"
+        + (f" on {spec.scheduler.metric} ({spec.scheduler.mode}), grace {spec.scheduler.grace_period}, "
+           f"reduction {spec.scheduler.reduction_factor:g}" if spec.scheduler.type != "none" else ""),
+        format_table(["#", *keys, "cpus", "gpus", "workers"], rows),
+        f"expected concurrency on this machine ({cpus} CPUs, {gpus} GPUs): {spec.expected_concurrency(cpus, gpus)} "
+        f"trial(s) at a time (max_concurrent_trials={spec.max_concurrent_trials or 'unlimited'})",
+        *(f"  {arch}: {res.cpus:g} CPUs, {res.gpus:g} GPUs × {res.workers} worker(s)"
+          for arch, res in spec.arch_resources.items() if not uniform),
+        f"max failures per trial: {spec.max_failures}; MLflow experiment {spec.tracking.experiment!r}",
+    ]
+    return "\n".join(lines)
+
+
+def _local_resources() -> tuple[int, int]:
+    """(CPUs, GPUs) of this machine; no Ray is started for a dry run."""
+    gpus = 0
+    if os.environ.get("CUDA_VISIBLE_DEVICES") != "":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return os.cpu_count() or 1, gpus
+

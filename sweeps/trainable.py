@@ -1,0 +1,216 @@
+"""The Tune function trainable: one sweep trial is one LeJEPA :class:`~lejepa.trainer.Trainer` run.
+
+:func:`run_trial` builds the trial's config (the spec's base plus the sampled dotted params),
+trains in the absolute run folder ``<trials_dir>/<trial_id>`` with torch threads equal to the
+trial's CPUs and no console output, and plugs two callbacks into the trainer:
+
+- :class:`TrialTracking`: the trial's child MLflow run (nested under the sweep's parent run,
+  tagged ``lejepa.kind=trial``, ``lejepa.sweep``, ``lejepa.trial_id``), with the label-free
+  ``train/score`` added to every epoch. A retried or restored trial continues its run, found by
+  its trial-id tag (else through the run folder's ``mlflow_run.json``): never a duplicate.
+- :class:`TuneReport`: per epoch ``tune.report(metrics, checkpoint=<the epoch's checkpoint>)``,
+  with ``epoch`` and ``train/score``; after the final evaluation one more report with the probe
+  and kNN accuracies.
+
+A retried or restored trial resumes from ``tune.get_checkpoint()``. With ``workers_per_trial > 1``
+the trial function is only a driver: it runs a Ray Train ``TorchTrainer`` (DDP, gloo on CPU, nccl
+on GPU) whose rank 0 sends every report through a Ray queue, and reports it to Tune itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lejepa.callbacks import Callback, RunInfo
+from lejepa.config import Config, build_config
+from lejepa.tracking import MLflowCallback, get_or_create_experiment
+from sweeps.spec import SCORE_METRIC, TrialResources, trial_tree
+
+Send = Callable[[dict[str, float], "str | None"], None]
+"""Delivers one report: metrics and the checkpoint folder to attach (or None)."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares (sent once through ``tune.with_parameters``)."""
+
+    sweep: str
+    base: dict[str, Any]
+    trials_dir: str            # absolute: <storage>/<sweep>/trials
+    train_storage: str         # absolute: Ray Train's run state for multi-worker trials
+    tracking_uri: str          # absolute
+    experiment: str
+    parent_run_id: str
+    score_alpha: float
+    arch_resources: dict[str, TrialResources]
+
+
+def label_free_score(loss: float, lam: float, alpha: float) -> float:
+    """``loss / λ^α`` (REFERENCE §3): ranks runs across λ without labels (lower is better)."""
+    return loss / lam ** alpha
+
+
+class TrialTracking(MLflowCallback):
+    """The trial's child run: :class:`~lejepa.tracking.MLflowCallback` plus ``train/score`` per epoch
+    and the Ray node of the current attempt (tag ``lejepa.ray_node``).
+
+    A trial stopped by Tune (scheduler, interrupted sweep) exits with ``SystemExit``: its run is
+    closed as KILLED without an error tag; the sweep driver settles its final status.
+    """
+
+    def __init__(self, *args: Any, lam: float, alpha: float, node_id: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lam = lam
+        self.alpha = alpha
+        self.node_id = node_id
+
+    def on_train_start(self, info: RunInfo) -> None:
+        super().on_train_start(info)
+        self.client.set_tag(self.run_id, "lejepa.ray_node", self.node_id)
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        score = label_free_score(metrics["epoch/loss"], self.lam, self.alpha)
+        super().on_epoch_end(epoch, step, {**metrics, SCORE_METRIC: score})
+
+    def on_failure(self, error: BaseException) -> None:
+        if not isinstance(error, SystemExit):
+            super().on_failure(error)
+            return
+        with contextlib.suppress(Exception):
+            self.flush(retry_for=10.0)
+            self.client.set_terminated(self.run_id, "KILLED")
+
+
+class TuneReport(Callback):
+    """Sends each epoch's metrics (plus ``epoch``, ``train/score``) with its checkpoint, then the final ones."""
+
+    def __init__(self, send: Send, lam: float, alpha: float) -> None:
+        self.send = send
+        self.lam = lam
+        self.alpha = alpha
+        self.last: dict[str, float] = {}
+
+    def on_checkpoint(self, epoch: int, step: int, path: Path, metrics: dict[str, float]) -> None:
+        self.last = {**metrics, "epoch": epoch, SCORE_METRIC: label_free_score(metrics["epoch/loss"], self.lam, self.alpha)}
+        self.send(self.last, str(path))
+
+    def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        self.send({**self.last, **metrics}, None)
+
+
+def find_child_run(client: Any, experiment_id: str, sweep: str, trial_id: str) -> str | None:
+    """The id of the MLflow run of ``trial_id`` in ``sweep``, if one was created (oldest first)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`lejepa.sweep` = '{sweep}' and tags.`lejepa.trial_id` = '{trial_id}'",
+        order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def trial_callbacks(ctx: TrialContext, cfg: Config, trial_id: str, node_id: str, send: Send) -> list[Callback]:
+    """MLflow child-run tracking (continuing the trial's run if it exists) and Tune reporting."""
+    tracking = TrialTracking(
+        ctx.tracking_uri, experiment=ctx.experiment, run_name=f"{ctx.sweep}/{trial_id}",
+        parent_run_id=ctx.parent_run_id, lam=cfg.loss.lam, alpha=ctx.score_alpha, node_id=node_id,
+        tags={"lejepa.kind": "trial", "lejepa.sweep": ctx.sweep, "lejepa.trial_id": trial_id})
+    experiment_id = get_or_create_experiment(tracking.client, ctx.experiment, ctx.tracking_uri)
+    tracking.run_id = find_child_run(tracking.client, experiment_id, ctx.sweep, trial_id)
+    return [tracking, TuneReport(send, cfg.loss.lam, ctx.score_alpha)]
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune function trainable (see the module docstring); ``config`` maps dotted keys to sampled values."""
+    import ray
+    from ray import tune
+
+    tune_ctx = tune.get_context()
+    trial_id = tune_ctx.get_trial_id()
+    tree = trial_tree(ctx.base, config)
+    cfg = build_config(tree, source=f"trial {trial_id}")
+    res = ctx.arch_resources[cfg.model.arch]
+    cfg.train.threads = max(1, int(res.cpus))
+    run_dir = Path(ctx.trials_dir) / trial_id
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume:
+        if res.workers > 1:
+            _run_distributed(ctx, cfg, res, trial_id, run_dir, resume)
+            return
+        from lejepa.trainer import Trainer
+
+        node_id = ray.get_runtime_context().get_node_id()
+        callbacks = trial_callbacks(ctx, cfg, trial_id, node_id, _report_to_tune)
+        trainer = Trainer(cfg, callbacks, run_dir=run_dir, resume=resume)
+    trainer.fit()
+
+
+def _report_to_tune(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+    from ray import tune
+
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+# --------------------------------------------------------------------------- multi-worker (DDP) trials
+def _run_distributed(ctx: TrialContext, cfg: Config, res: TrialResources, trial_id: str, run_dir: Path,
+                     resume: str | None) -> None:
+    """Run the trial on ``res.workers`` Ray Train workers; relay rank 0's reports to Tune from here."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"ctx": ctx, "tree": cfg.model_dump(mode="json"), "trial_id": trial_id,
+                           "run_dir": str(run_dir), "resume": resume, "queue": queue},
+        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
+                                               resources_per_worker={"CPU": res.cpus, "GPU": res.gpus}),
+        # Tune retries the whole trial from its own checkpoint: Ray Train neither retries nor restores
+        # (a fresh run name per attempt).
+        run_config=ray.train.RunConfig(name=f"trial-{trial_id}-{uuid.uuid4().hex[:8]}", storage_path=ctx.train_storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+    )
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread below
+            errors.append(exc)
+
+    worker = threading.Thread(target=fit, name=f"ddp-{trial_id}", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive() or not queue.empty():
+            try:
+                metrics, checkpoint_dir = queue.get(timeout=1.0)
+            except Empty:
+                continue
+            _report_to_tune(metrics, checkpoint_dir)
+        worker.join()
+    finally:
+        queue.shutdown()
+    if errors:
+        raise errors[0]
+
+
+def _ddp_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: the Trainer joins Ray Train's process group; rank 0 tracks and reports."""
+    import ray
+    import ray.train
+
+    from lejepa.trainer import Trainer
+
+    ctx: TrialContext = loop["ctx"]
+    cfg = build_config(loop["tree"])
+    callbacks: list[Callback] = []
+    if ray.train.get_context().get_world_rank() == 0:
+        node_id = ray.get_runtime_context().get_node_id()
+        callbacks = trial_callbacks(ctx, cfg, loop["trial_id"], node_id,
+                                    lambda metrics, path: loop["queue"].put((metrics, path)))
+    Trainer(cfg, callbacks, run_dir=loop["run_dir"], resume=loop["resume"]).fit()
+

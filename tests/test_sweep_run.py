@@ -1,0 +1,238 @@
+"""Sweeps end to end on a real local Ray (2 CPUs) and a real MLflow SQLite store.
+
+One Ray instance serves the module; the interrupt/resume test drives the real CLI in a
+subprocess that joins it with ``--address``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from lejepa.checkpoint import list_checkpoints, load_checkpoint
+from sweeps.runner import SWEEP_FILE, run_sweep
+from sweeps.spec import load_spec
+
+from conftest import LEJEPA, REPO
+from test_sweep_spec import tiny_base, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def spec_body(epochs: int = 1, **fields) -> dict:
+    base = tiny_base()
+    base["train"]["epochs"] = epochs
+    return {"name": "t", "base": base, **fields}
+
+
+def sweep_spec(tmp_path: Path, epochs: int = 1, **fields):
+    return load_spec(write_spec(tmp_path, spec_body(epochs, **fields)))
+
+
+def child_runs(uri: str, parent_id: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lejepa-sweeps")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def trial_states(path: Path) -> dict:
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t for t in ExperimentAnalysis(str(path)).trials}
+
+
+def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
+    spec = sweep_spec(tmp_path, space={"loss.lam": [0.02, 0.2], "model.arch": ["test_resnet", "test_vit"]},
+                      max_concurrent_trials=2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_sweep(spec, storage=tmp_path / "sweeps", name="four", tracking_uri=uri)
+
+    path = tmp_path / "sweeps" / "four"
+    assert outcome.sweep.path == path and (path / SWEEP_FILE).is_file()
+    assert [t.status for t in outcome.trials] == ["finished"] * 4 and not outcome.interrupted
+    trials = trial_states(path)
+    assert len(trials) == 4 and {t.status for t in trials.values()} == {"TERMINATED"}
+    assert {(t.config["loss.lam"], t.config["model.arch"]) for t in trials.values()} == {
+        (lam, arch) for lam in (0.02, 0.2) for arch in ("test_resnet", "test_vit")}
+    for t in trials.values():
+        r = t.last_result
+        assert r["epoch"] == 1 and r["train/score"] == pytest.approx(r["epoch/loss"] / t.config["loss.lam"] ** 0.4)
+        assert 0.0 <= r["eval/linear_probe_acc"] <= 1.0 and 0.0 <= r["probe/online_test_acc"] <= 1.0
+        assert t.run_metadata.checkpoint_manager.latest_checkpoint_result is not None
+        assert [p.name for p in list_checkpoints(path / "trials" / t.trial_id / "checkpoints")] == ["epoch_0001"]
+
+    client = MlflowClient(uri)
+    parent = client.get_run(outcome.sweep.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "four"
+    assert parent.data.tags["lejepa.kind"] == "sweep" and parent.data.tags["lejepa.sweep"] == "four"
+    assert parent.data.metrics["trials/finished"] == 4
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "spec")} == {"spec/spec.yaml", "spec/resolved_spec.yaml"}
+    children = child_runs(uri, parent.info.run_id)
+    assert sorted(c.data.tags["lejepa.trial_id"] for c in children) == sorted(trials)
+    for child in children:
+        t = trials[child.data.tags["lejepa.trial_id"]]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["lejepa.kind"] == "trial" and child.data.tags["lejepa.sweep"] == "four"
+        assert child.data.params["loss.lam"] == str(t.config["loss.lam"])
+        assert child.data.params["model.arch"] == t.config["model.arch"]
+        assert child.data.params["train.threads"] == "1"   # the trial's CPUs
+        assert child.data.tags["lejepa.run_dir"] == str(path / "trials" / t.trial_id)
+        assert child.data.metrics["train/score"] == pytest.approx(t.last_result["train/score"])
+        assert child.data.metrics["eval/linear_probe_acc"] == pytest.approx(t.last_result["eval/linear_probe_acc"])
+    best = outcome.best("score", "min")
+    assert best.score == min(t.last_result["train/score"] for t in trials.values())
+    assert parent.data.tags["lejepa.best_train_score_run"] == best.run_id
+    assert "lejepa ui --tracking-uri" in outcome.render()
+
+
+def _trial_pids() -> list[int]:
+    """Pids of Tune trial actors among this process's descendants (the local Ray started here)."""
+    parents: dict[int, int] = {}
+    titles: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                titles[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+    ours, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - ours
+        ours |= frontier
+    return [pid for pid in ours if titles.get(pid, "").startswith("ray::ImplicitFunc")]
+
+
+def test_killed_trial_retries_from_its_checkpoint_into_the_same_mlflow_run(tmp_path, ray_address):
+    spec = sweep_spec(tmp_path, epochs=3, max_failures=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "sweeps"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not killed:
+            # Tune has persisted epoch 1's checkpoint into the trial's result folder
+            if list((storage / "killed").glob("run_trial_*/checkpoint_000000/state.pt")):
+                for pid in _trial_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    outcome = run_sweep(spec, storage=storage, name="killed", tracking_uri=uri)
+    killer.join()
+
+    assert len(killed) == 1
+    (trial,) = outcome.trials
+    assert trial.status == "finished" and trial.epoch == 3
+    (state,) = trial_states(storage / "killed").values()
+    assert state.num_failures == 1 and state.status == "TERMINATED"
+    (run,) = child_runs(uri, outcome.sweep.parent_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_id == trial.run_id
+    client = MlflowClient(uri)
+    epoch_end = {m.value: m.step for m in client.get_metric_history(run.info.run_id, "epoch")}
+    assert set(epoch_end) == {1.0, 2.0, 3.0}
+    first_epoch = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss") if m.step <= epoch_end[1.0]]
+    # epoch 1 was trained once: the retry resumed from its checkpoint instead of starting over
+    assert first_epoch and first_epoch == sorted(set(first_epoch))
+
+
+def test_two_worker_ddp_trial(tmp_path, ray_address):
+    spec = sweep_spec(tmp_path, resources={"cpus_per_trial": 0.5, "workers_per_trial": 2})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_sweep(spec, storage=tmp_path / "sweeps", name="ddp", tracking_uri=uri)
+
+    (trial,) = outcome.trials
+    assert trial.status == "finished" and trial.linear_acc is not None
+    (state,) = trial_states(tmp_path / "sweeps" / "ddp").values()
+    assert state.run_metadata.checkpoint_manager.latest_checkpoint_result is not None
+    ckpt = tmp_path / "sweeps" / "ddp" / "trials" / state.trial_id / "checkpoints" / "epoch_0001"
+    saved, meta = load_checkpoint(ckpt)
+    views_rng = saved["rng"]["views"]
+    assert len(views_rng) == 2 and not torch.equal(views_rng[0], views_rng[1])  # two ranks trained
+    (run,) = child_runs(uri, outcome.sweep.parent_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["optim.batch_size"] == "64"
+    # logged once per epoch (rank 0 only), at the global step: 64 images per step over both ranks
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "epoch")] == [meta["step"]]
+
+
+def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):
+    spec_path = write_spec(tmp_path, spec_body(space={"loss.lam": [0.02, 0.1, 0.3]}, max_concurrent_trials=2))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "sweeps"
+    common = ["--storage", str(storage), "--address", ray_address]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = subprocess.Popen(LEJEPA + ["sweep", str(spec_path), "--name", "r1", "--tracking-uri", uri, *common],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and first.poll() is None:
+            # the store exists once the driver wrote sweep.json (polling earlier races its schema creation)
+            parent = _parent(uri) if (storage / "r1" / SWEEP_FILE).is_file() else None
+            if parent and any(r.info.status == "FINISHED" for r in child_runs(uri, parent.info.run_id)):
+                break
+            time.sleep(1.0)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err[-3000:]
+    assert "interrupted: continue with  lejepa sweep --resume r1" in out
+    parent = _parent(uri)
+    assert parent.info.status == "KILLED"
+    done_before = {r.data.tags["lejepa.trial_id"]: r.info.run_id
+                   for r in child_runs(uri, parent.info.run_id) if r.info.status == "FINISHED"}
+    assert 1 <= len(done_before) < 3
+    results_before = {t: _result_lines(storage / "r1", t) for t in done_before}
+
+    second = subprocess.run(LEJEPA + ["sweep", "--resume", "r1", *common], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "3 trials (3 finished)" in second.stdout
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and "lejepa.resumed_at" in parent.data.tags
+    assert len(client.search_runs([parent.info.experiment_id], "tags.`lejepa.kind` = 'sweep'")) == 1
+    children = child_runs(uri, parent.info.run_id)
+    assert len(children) == 3 and len({c.data.tags["lejepa.trial_id"] for c in children}) == 3
+    assert {c.info.status for c in children} == {"FINISHED"}
+    for trial_id, run_id in done_before.items():
+        # finished trials were not rerun: same run, one epoch logged, no new Tune results
+        assert [m.value for m in client.get_metric_history(run_id, "epoch")] == [1.0]
+        assert _result_lines(storage / "r1", trial_id) == results_before[trial_id]
+
+
+def _parent(uri: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lejepa-sweeps")
+    runs = client.search_runs([exp.experiment_id], "tags.`lejepa.kind` = 'sweep'") if exp else []
+    return runs[0] if runs else None
+
+
+def _result_lines(experiment: Path, trial_id: str) -> int:
+    (folder,) = [p for p in experiment.iterdir() if p.name.startswith(f"run_trial_{trial_id}_")]
+    return len((folder / "result.json").read_text().splitlines())
+

@@ -1,0 +1,154 @@
+"""Sweep specs: parsing, validation messages, expansion to a Tune space, dry run. No Ray is started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lejepa.config import parse_override, set_dotted
+from lejepa.errors import ConfigError
+from sweeps.cli import dry_run
+from sweeps.spec import load_spec
+
+from conftest import REPO, TINY, run_cli
+
+SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def tiny_base() -> dict:
+    tree: dict = {}
+    for text in TINY:
+        set_dotted(tree, *parse_override(text))
+    return tree
+
+
+def write_spec(tmp_path: Path, body: dict | str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_specs_load_and_dry_run(path):
+    spec = load_spec(path)
+    text = dry_run(spec)
+    assert f"{spec.num_trials()} trials" in text
+    assert len(text.splitlines()) >= spec.num_trials() + 4  # header lines + one row per trial
+
+
+def test_grid_expansion_count_and_tune_space(tmp_path):
+    from ray import tune
+    from ray.tune.search.sample import Float, Integer
+
+    spec = load_spec(write_spec(tmp_path, {
+        "base": tiny_base(),
+        "space": {"loss.lam": [0.02, 0.1, 0.3], "train.seed": {"grid": [0, 1]},
+                  "optim.lr": {"loguniform": ["1e-4", "1e-2"]}, "loss.num_slices": {"randint": [16, 64]}},
+        "num_samples": 2,
+    }))
+    assert spec.num_trials() == 3 * 2 * 2
+    rows = spec.trials()
+    assert len(rows) == 12 and {(r["loss.lam"], r["train.seed"]) for r in rows} == {
+        (lam, seed) for lam in (0.02, 0.1, 0.3) for seed in (0, 1)}
+    assert rows[0]["optim.lr"] == "~loguniform(0.0001, 0.01)"
+    space = spec.param_space()
+    assert space["loss.lam"] == tune.grid_search([0.02, 0.1, 0.3])
+    assert isinstance(space["optim.lr"], Float) and space["optim.lr"].lower == pytest.approx(1e-4)
+    assert isinstance(space["loss.num_slices"], Integer)
+    assert spec.name == "spec" and spec.epochs == 10  # name from the file, epochs from the config defaults
+
+
+def test_base_file_relative_to_spec_and_resolved_round_trip(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "base.yaml").write_text(yaml.safe_dump({**tiny_base(), "train": {"epochs": 3}}))
+    spec = load_spec(write_spec(tmp_path, {
+        "name": "my sweep/../x", "base": "configs/base.yaml",
+        "space": {"loss.lam": [0.05, 0.2], "optim.weight_decay": {"choice": [0.0, 5e-4]}},
+        "scheduler": {"type": "asha", "grace_period": 1}}))
+    assert spec.name == "my-sweep-..-x" and "/" not in spec.name and spec.epochs == 3
+    again = load_spec(write_spec(tmp_path, spec.resolved(), "resolved.yaml"))
+    assert again.base == spec.base and again.trials() == spec.trials()
+    assert again.param_space().keys() == spec.param_space().keys() and again.scheduler == spec.scheduler
+
+
+def test_resources_rules_and_expected_concurrency(tmp_path):
+    spec = load_spec(write_spec(tmp_path, {
+        "base": tiny_base(),
+        "space": {"model.arch": ["test_resnet", "test_vit"]},
+        "resources": {"cpus_per_trial": 1, "rules": [{"pattern": "test_vit", "cpus_per_trial": 2, "gpus_per_trial": 0.5},
+                                                     {"max_params": "1G", "cpus_per_trial": 0.5}]},
+        "max_concurrent_trials": 3}))
+    vit, resnet = spec.resources_for("test_vit"), spec.resources_for("test_resnet")
+    assert (vit.cpus, vit.gpus) == (2, 0.5)         # first matching rule wins
+    assert (resnet.cpus, resnet.gpus) == (0.5, 0)   # counted on the backbone (not in the catalog), under 1G
+    assert spec.trial_resources({"model.arch": "test_vit"}) == {"cpu": 2, "gpu": 0.5}
+    assert spec.expected_concurrency(cpus=4, gpus=1) == 2   # the vit trials need 2 CPUs and half a GPU
+    assert spec.expected_concurrency(cpus=4, gpus=0) == 0   # ... and cannot run without a GPU
+
+
+def test_multi_worker_trials_reserve_only_a_driver_in_tune(tmp_path):
+    spec = load_spec(write_spec(tmp_path, {"base": tiny_base(), "resources": {"cpus_per_trial": 1, "workers_per_trial": 2}}))
+    res = spec.resources_for("test_resnet")
+    assert res.total() == (2, 0) and spec.trial_resources({})["cpu"] < 0.1
+    assert spec.expected_concurrency(cpus=5, gpus=0) == 1  # num_trials == 1
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"space": {"loss.lamda": [0.1]}}, "space.loss.lamda: unknown config key (did you mean 'loss.lam'"),
+    ({"space": {"loss.lam": [0.1, 2]}}, "space.loss.lam: loss.lam=2 is invalid: input should be less than or equal to 1"),
+    ({"space": {"loss.lam": 0.1}}, "space.loss.lam: expected a list (grid) or one of"),
+    ({"space": {"optim.lr": {"logunifrom": [1e-4, 1e-2]}}}, "unknown distribution 'logunifrom' (did you mean 'loguniform'"),
+    ({"space": {"optim.lr": {"uniform": [1e-2, 1e-4]}}}, "space.optim.lr.uniform: low must be below high"),
+    ({"space": {"loss.num_slices": {"randint": [16.5, 64]}}}, "expected integers"),
+    ({"space": {"train.out_dir": ["a", "b"]}}, "space.train.out_dir: is set by the sweep itself"),
+    ({"space": {"tracking.experiment": ["a"]}}, "space.tracking.experiment: is set by the sweep itself"),
+    ({"space": {"data.resolution": [16, 8]}, "base": {"views": {"local_size": 12}}}, "exceeds data.resolution=8"),
+    ({"space": {"loss.lam": {"uniform": [0.0, 0.5]}}}, "space.loss.lam: λ = 0 leaves train/score"),
+    ({"search": {"algo": "optuna"}, "space": {"loss.lam": [0.1, 0.2]}}, "search.algo=optuna cannot take a grid"),
+    ({"search": {"algo": "hyperopt"}}, "search.algo=hyperopt is invalid: input should be 'default' or 'optuna'"),
+    ({"scheduler": {"type": "asha", "metric": "epoch/los"}}, "scheduler.metric: 'epoch/los' is not a reported"),
+    ({"scheduler": {"type": "asha", "grace": 2}}, "scheduler.grace: unknown key (did you mean 'grace_period'"),
+    ({"scheduler": {"type": "asha"}, "space": {"train.epochs": [1, 2]}}, "cannot be swept together with a scheduler"),
+    ({"schedulr": {"type": "asha"}}, "schedulr: unknown key (did you mean 'scheduler'"),
+    ({"resources": {"rules": [{"gpus_per_trial": 0.5}]}}, "resources.rules[0]: a rule needs a condition"),
+    ({"resources": {"gpus_per_trial": 1.5}}, "a fraction of one GPU or whole GPUs"),
+    ({"num_samples": 0}, "num_samples=0 is invalid"),
+    ({"base": "missing.yaml"}, "base: config file"),
+    ({"base": {"optim": {"lr": 5}}}, "base: optim.lr=5 is invalid"),
+    ({"space": {"loss.lam": {"catalog": {"family": "vit"}}}}, "a catalog query can only set model.arch"),
+    ({"tracking": {"uri": "file:./mlruns"}}, "tracking.uri: MLflow 3 refuses file: stores"),
+])
+def test_spec_errors_name_file_key_and_problem(tmp_path, body, fragment):
+    path = write_spec(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and fragment in message and "\n" not in message
+
+
+def test_cli_dry_run_prints_the_table_without_ray(tmp_path):
+    path = write_spec(tmp_path, {"name": "dry", "base": tiny_base(),
+                                 "space": {"loss.lam": [0.02, 0.2], "model.arch": ["test_resnet", "test_vit"]},
+                                 "max_concurrent_trials": 1})
+    code = ("import sys; from lejepa.cli import main; rc = main(['sweep', sys.argv[1], '--dry-run']); "
+            "assert 'ray' not in sys.modules, 'the dry run imported ray'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("sweep dry (") and "4 trials × 10 epochs" in lines[0]
+    assert [line.split()[:3] for line in lines[3:7]] == [["1", "0.02", "test_resnet"], ["2", "0.02", "test_vit"],
+                                                          ["3", "0.2", "test_resnet"], ["4", "0.2", "test_vit"]]
+    assert "expected concurrency on this machine" in proc.stdout and ": 1 trial(s) at a time" in proc.stdout
+    assert not list(tmp_path.rglob("*.db")) and not (tmp_path / "runs").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = run_cli(["sweep", str(write_spec(tmp_path, {"space": {"loss.lamda": [0.1]}})), "--dry-run"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "did you mean 'loss.lam'" in proc.stderr
+    proc = run_cli(["sweep", "--resume", "nope", "--storage", str(tmp_path)], tmp_path)
+    assert proc.returncode == 2 and "no resumable sweep" in proc.stderr and "Traceback" not in proc.stderr
