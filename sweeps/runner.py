@@ -295,7 +295,7 @@ def _new_tuner(spec: SweepSpec, sweep: Sweep) -> tune.Tuner:
     if spec.scheduler.type == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        # time is the trial's epoch; trials that reach the last epoch finish (and evaluate) normally
+        # time is the trial's epoch; a trial reaching max_t is not stopped but finishes and evaluates
         scheduler = ASHAScheduler(time_attr="epoch", metric=spec.scheduler.metric, mode=spec.scheduler.mode,
                                   max_t=spec.epochs, grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False)
@@ -418,8 +418,9 @@ class ProgressTable(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result
+        end = f"linear acc {_fmt(r[FINAL_METRIC])}" if FINAL_METRIC in r else "stopped early by the scheduler"
         self._print(f"trial {trial.trial_id} done: epoch {r.get('epoch')}  loss {_fmt(r.get('epoch/loss'))}  "
-                    f"score {_fmt(r.get(SCORE_METRIC))}  linear acc {_fmt(r.get(FINAL_METRIC))}")
+                    f"score {_fmt(r.get(SCORE_METRIC))}  {end}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._print(f"trial {trial.trial_id} failed (attempt {trial.num_failures}); retrying from its last checkpoint")

@@ -192,7 +192,6 @@ class SweepSpec:
     """A validated sweep spec; ``base`` is the nested base config, ``space`` the parameters in file order."""
 
     path: Path
-    text: str
     name: str
     description: str
     base: dict[str, Any]
@@ -291,16 +290,15 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Read, validate and expand the spec at ``path`` (see the module docstring)."""
     path = Path(path)
     raw = load_yaml(path)
-    text = path.read_text()
     try:
         spec = _SpecFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from None
-    return _build(path, text, spec)
+    return _build(path, spec)
 
 
 # --------------------------------------------------------------------------- internals
-def _build(path: Path, text: str, spec: _SpecFile) -> SweepSpec:
+def _build(path: Path, spec: _SpecFile) -> SweepSpec:
     def fail(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{path}: {key}: {problem}")
 
@@ -328,7 +326,7 @@ def _build(path: Path, text: str, spec: _SpecFile) -> SweepSpec:
     arch_resources = _arch_resources(base, space, spec.resources, fail)
     if spec.tracking.uri is not None and spec.tracking.uri.startswith("file:"):
         raise fail("tracking.uri", "MLflow 3 refuses file: stores; use sqlite:///<absolute path> or http://host:port")
-    return SweepSpec(path=path, text=text, name=name, description=spec.description, base=base, space=space,
+    return SweepSpec(path=path, name=name, description=spec.description, base=base, space=space,
                      num_samples=spec.num_samples, search=spec.search, scheduler=spec.scheduler,
                      resources=spec.resources, max_concurrent_trials=spec.max_concurrent_trials,
                      tracking=spec.tracking, max_failures=spec.max_failures, score_alpha=spec.score_alpha,

@@ -9,8 +9,8 @@ trial's CPUs and no console output, and plugs two callbacks into the trainer:
   ``train/score`` added to every epoch. A retried or restored trial continues its run, found by
   its trial-id tag (else through the run folder's ``mlflow_run.json``): never a duplicate.
 - :class:`TuneReport`: per epoch ``tune.report(metrics, checkpoint=<the epoch's checkpoint>)``,
-  with ``epoch`` and ``train/score``; after the final evaluation one more report with the probe
-  and kNN accuracies.
+  with ``epoch`` and ``train/score``; the last epoch's report is sent after the final evaluation
+  and carries the probe and kNN accuracies too.
 
 A retried or restored trial resumes from ``tune.get_checkpoint()``. With ``workers_per_trial > 1``
 the trial function is only a driver: it runs a Ray Train ``TorchTrainer`` (DDP, gloo on CPU, nccl
@@ -69,6 +69,7 @@ class TrialTracking(MLflowCallback):
         self.lam = lam
         self.alpha = alpha
         self.node_id = node_id
+        self.finished = False
 
     def on_train_start(self, info: RunInfo) -> None:
         super().on_train_start(info)
@@ -78,9 +79,15 @@ class TrialTracking(MLflowCallback):
         score = label_free_score(metrics["epoch/loss"], self.lam, self.alpha)
         super().on_epoch_end(epoch, step, {**metrics, SCORE_METRIC: score})
 
+    def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        super().on_train_end(metrics, checkpoint)
+        self.finished = True
+
     def on_failure(self, error: BaseException) -> None:
         if not isinstance(error, SystemExit):
             super().on_failure(error)
+            return
+        if self.finished:  # stopped by Tune at its last report: the run is complete
             return
         with contextlib.suppress(Exception):
             self.flush(retry_for=10.0)
@@ -88,20 +95,29 @@ class TrialTracking(MLflowCallback):
 
 
 class TuneReport(Callback):
-    """Sends each epoch's metrics (plus ``epoch``, ``train/score``) with its checkpoint, then the final ones."""
+    """Sends each epoch's metrics (plus ``epoch``, ``train/score``) with its checkpoint folder.
 
-    def __init__(self, send: Send, lam: float, alpha: float) -> None:
+    The last epoch's report waits for the final evaluation and carries its metrics too: a
+    scheduler that stops the trial at its last report can no longer skip the evaluation.
+    """
+
+    def __init__(self, send: Send, lam: float, alpha: float, epochs: int) -> None:
         self.send = send
         self.lam = lam
         self.alpha = alpha
+        self.epochs = epochs
         self.last: dict[str, float] = {}
+        self.held: str | None = None
 
     def on_checkpoint(self, epoch: int, step: int, path: Path, metrics: dict[str, float]) -> None:
         self.last = {**metrics, "epoch": epoch, SCORE_METRIC: label_free_score(metrics["epoch/loss"], self.lam, self.alpha)}
-        self.send(self.last, str(path))
+        if epoch < self.epochs:
+            self.send(self.last, str(path))
+        else:
+            self.held = str(path)
 
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        self.send({**self.last, **metrics}, None)
+        self.send({**self.last, **metrics}, self.held)
 
 
 def find_child_run(client: Any, experiment_id: str, sweep: str, trial_id: str) -> str | None:
@@ -120,7 +136,7 @@ def trial_callbacks(ctx: TrialContext, cfg: Config, trial_id: str, node_id: str,
         tags={"lejepa.kind": "trial", "lejepa.sweep": ctx.sweep, "lejepa.trial_id": trial_id})
     experiment_id = get_or_create_experiment(tracking.client, ctx.experiment, ctx.tracking_uri)
     tracking.run_id = find_child_run(tracking.client, experiment_id, ctx.sweep, trial_id)
-    return [tracking, TuneReport(send, cfg.loss.lam, ctx.score_alpha)]
+    return [tracking, TuneReport(send, cfg.loss.lam, ctx.score_alpha, cfg.train.epochs)]
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:

@@ -236,3 +236,25 @@ def _result_lines(experiment: Path, trial_id: str) -> int:
     (folder,) = [p for p in experiment.iterdir() if p.name.startswith(f"run_trial_{trial_id}_")]
     return len((folder / "result.json").read_text().splitlines())
 
+
+
+def test_optuna_search_with_asha_on_the_label_free_score(tmp_path, ray_address):
+    spec = sweep_spec(tmp_path, epochs=2, space={"loss.lam": {"loguniform": [0.01, 0.5]}}, num_samples=4,
+                      search={"algo": "optuna", "seed": 0},
+                      scheduler={"type": "asha", "metric": "train/score", "grace_period": 1, "reduction_factor": 2},
+                      max_concurrent_trials=2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_sweep(spec, storage=tmp_path / "sweeps", name="tpe", tracking_uri=uri)
+
+    assert len(outcome.trials) == 4 and outcome.count("finished") + outcome.count("pruned") == 4
+    lams = [t.params["loss.lam"] for t in outcome.trials]
+    assert len(set(lams)) == 4 and all(0.01 <= lam <= 0.5 for lam in lams)  # sampled by TPE, in range
+    runs = {r.data.tags["lejepa.trial_id"]: r for r in child_runs(uri, outcome.sweep.parent_run_id)}
+    for trial in outcome.trials:
+        run = runs[trial.trial_id]
+        assert run.info.status == "FINISHED" and run.data.metrics["train/score"] == pytest.approx(trial.score)
+        if trial.status == "pruned":  # stopped by ASHA at the grace period: no final evaluation
+            assert trial.epoch == 1 and trial.linear_acc is None
+            assert run.data.tags["lejepa.status"] == "pruned" and run.data.tags["lejepa.pruned_at_epoch"] == "1"
+        else:
+            assert trial.epoch == 2 and "lejepa.status" not in run.data.tags

@@ -120,6 +120,8 @@ def test_multi_worker_trials_reserve_only_a_driver_in_tune(tmp_path):
     ({"base": "missing.yaml"}, "base: config file"),
     ({"base": {"optim": {"lr": 5}}}, "base: optim.lr=5 is invalid"),
     ({"space": {"loss.lam": {"catalog": {"family": "vit"}}}}, "a catalog query can only set model.arch"),
+    ({"space": {"model.arch": {"catalog": {"famly": "vit"}}}}, "space.model.arch.catalog: unknown query field 'famly'"),
+    ({"space": {"model.arch": {"catalog": {"family": "resnte"}}}}, "unknown architecture family 'resnte'"),
     ({"tracking": {"uri": "file:./mlruns"}}, "tracking.uri: MLflow 3 refuses file: stores"),
 ])
 def test_spec_errors_name_file_key_and_problem(tmp_path, body, fragment):
