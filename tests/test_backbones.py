@@ -10,12 +10,7 @@ from lejepa.backbones import build_backbone, small_patch
 from lejepa.errors import ArchitectureError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _features(backbone: nn.Module, side: int, batch: int = 2) -> torch.Tensor:

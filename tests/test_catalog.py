@@ -24,13 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CATALOG = load_catalog()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: multi-threaded ops stall badly when other jobs share a small CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_catalog_size_and_families():

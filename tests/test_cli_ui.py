@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,8 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, run_cli
+from conftest import free_port, REPO, run_cli
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -28,7 +22,7 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
     out.mkdir()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     client.create_experiment("visible-experiment")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "lejepa", "ui", "--out-dir", str(out), "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -5,7 +5,6 @@ trials, one per node, log to the server."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,22 +13,17 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from conftest import LEJEPA, REPO
+from conftest import free_port, LEJEPA, REPO
 from test_sweep_run import spec_body
 from test_sweep_spec import write_spec
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "mlflow-server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

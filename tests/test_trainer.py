@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from lejepa.config import load_config
 from lejepa.errors import CheckpointError
 from lejepa.trainer import Trainer, TrainingDiverged
 
-from conftest import REPO, TINY
+from conftest import free_port, REPO, TINY
 
 
 class Recorder(Callback):
@@ -100,11 +99,6 @@ def test_divergence_is_reported_with_step(tmp_path):
     assert info.value.step == 4 and math.isnan(info.value.value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
@@ -113,7 +107,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "lejepa", "train", *TINY, "train.epochs=2",
+           f"--master_port={free_port()}", "-m", "lejepa", "train", *TINY, "train.epochs=2",
            f"train.out_dir={tmp_path}", "train.run_name=ddp", "--tracking-uri", uri]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
