@@ -89,14 +89,18 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     return state, meta
 
 
+def is_valid_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a ``state.pt`` whose SHA-256 matches its ``meta.json``."""
+    try:
+        return read_meta(path).get("sha256") == _sha256(path / STATE_FILE)
+    except (CheckpointError, OSError):
+        return False
+
+
 def latest_valid_checkpoint(folder: Path, warn=print) -> Path | None:
     """The newest checkpoint under ``folder`` whose checksum verifies; corrupt ones are skipped with a warning."""
     for path in reversed(list_checkpoints(folder)):
-        try:
-            meta = read_meta(path)
-            if meta.get("sha256") == _sha256(path / STATE_FILE):
-                return path
-        except (CheckpointError, OSError):
-            pass
+        if is_valid_checkpoint(path):
+            return path
         warn(f"warning: skipping corrupt checkpoint {path}")
     return None

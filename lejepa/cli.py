@@ -48,7 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg.tracking.enabled and trainer.rt.is_main:
         from lejepa.tracking import MLflowCallback, default_tracking_uri
         uri = args.tracking_uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
-        trainer.callbacks.callbacks.append(MLflowCallback(uri, experiment=args.experiment or cfg.tracking.experiment))
+        experiment = args.experiment or cfg.tracking.experiment
+        trainer.callbacks.callbacks.append(MLflowCallback(uri, experiment=experiment, flush_every=cfg.tracking.flush_every))
     metrics = trainer.fit()
     if trainer.rt.is_main and args.quiet:
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

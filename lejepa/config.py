@@ -128,6 +128,7 @@ class TrackingConfig(_Section):
     enabled: bool = True
     uri: str | None = Field(None, description="tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///<out_dir>/mlflow.db")
     experiment: str = "lejepa"
+    flush_every: int = Field(10, ge=1, description="per-step metric events buffered before each send to MLflow")
 
 
 class Config(_Section):

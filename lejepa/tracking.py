@@ -3,8 +3,10 @@
 Each training run is one MLflow run: the flattened config as params (once), per-step and
 per-epoch metrics sent in batches (``log_batch``), final probe/kNN metrics, the config file and
 the final checkpoint as artifacts, tags for architecture, family and dataset. A resumed run
-continues the same MLflow run (its id is kept in ``<run_dir>/mlflow_run.json``). Metrics that
-cannot be delivered (server down) stay buffered and are retried at the next flush.
+continues the same MLflow run (its id is kept in ``<run_dir>/mlflow_run.json``) and skips every
+metric at a step the run already holds for that key, so a run restarted from an older checkpoint
+(or from scratch) leaves no duplicate step. Metrics that cannot be delivered (server down) stay
+buffered and are retried at the next flush.
 
 Everything goes through :class:`mlflow.MlflowClient` with an explicit, absolute tracking URI:
 no global active run, so nothing leaks between runs or threads.
@@ -94,12 +96,19 @@ class MLflowCallback(Callback):
         self._events = 0
         self._warned = False
         self._last_step = 0
+        self._logged: dict[str, int] = {}  # key -> highest step the continued run already holds
         self.run_dir: Path | None = None
 
     # ---------------------------------------------------------------- helpers
     def _metrics(self, values: dict[str, float], step: int) -> list[Metric]:
         now = int(time.time() * 1000)
-        return [Metric(key, float(v), now, step) for key, v in values.items()]
+        return [Metric(key, float(v), now, step) for key, v in values.items()
+                if step > self._logged.get(key, -1)]
+
+    def _logged_steps(self) -> dict[str, int]:
+        """Per metric key, the highest step the existing run holds (MLflow keeps each key's latest by step)."""
+        run = self.client.get_run(self.run_id)
+        return {m.key: int(m.step) for m in getattr(run.data, "_metric_objs", [])}
 
     def flush(self, retry_for: float = 0.0) -> bool:
         """Send buffered metrics; keep them buffered on failure. Retries for ``retry_for`` seconds."""
@@ -130,6 +139,7 @@ class MLflowCallback(Callback):
                 self.run_id = saved["run_id"]
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
+            self._logged = self._logged_steps()
             return
         exp_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
         tags = {"arch": cfg.model.arch, "family": arch_family(cfg.model.arch), "dataset": cfg.data.name,

@@ -12,7 +12,9 @@ trial's CPUs and no console output, and plugs two callbacks into the trainer:
   with ``epoch`` and ``train/score``; the last epoch's report is sent after the final evaluation
   and carries the probe and kNN accuracies too.
 
-A retried or restored trial resumes from ``tune.get_checkpoint()``. With ``workers_per_trial > 1``
+A retried or restored trial resumes from the newer of ``tune.get_checkpoint()`` and the newest
+valid checkpoint in its own run folder: a worker killed after writing a checkpoint but before
+Tune registered it does not retrain that epoch. With ``workers_per_trial > 1``
 the trial function is only a driver: it runs a Ray Train ``TorchTrainer`` (DDP, gloo on CPU, nccl
 on GPU) whose rank 0 sends every report through a Ray queue, and reports it to Tune itself.
 """
@@ -20,6 +22,7 @@ on GPU) whose rank 0 sends every report through a Ray queue, and reports it to T
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -133,10 +136,36 @@ def trial_callbacks(ctx: TrialContext, cfg: Config, trial_id: str, node_id: str,
     tracking = TrialTracking(
         ctx.tracking_uri, experiment=ctx.experiment, run_name=f"{ctx.sweep}/{trial_id}",
         parent_run_id=ctx.parent_run_id, lam=cfg.loss.lam, alpha=ctx.score_alpha, node_id=node_id,
+        flush_every=cfg.tracking.flush_every,
         tags={"lejepa.kind": "trial", "lejepa.sweep": ctx.sweep, "lejepa.trial_id": trial_id})
     experiment_id = get_or_create_experiment(tracking.client, ctx.experiment, ctx.tracking_uri)
     tracking.run_id = find_child_run(tracking.client, experiment_id, ctx.sweep, trial_id)
     return [tracking, TuneReport(send, cfg.loss.lam, ctx.score_alpha, cfg.train.epochs)]
+
+
+def newest_checkpoint(tune_dir: str | None, run_dir: Path) -> str | None:
+    """The valid checkpoint with the most steps among Tune's (``tune_dir``) and the run folder's newest.
+
+    A corrupt checkpoint (checksum mismatch) is skipped with a warning, so the trial falls back to
+    the previous valid one (the run folder keeps ``train.keep_checkpoints`` of them).
+    """
+    from lejepa.checkpoint import is_valid_checkpoint, latest_valid_checkpoint, read_meta
+
+    def warn(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    candidates = []
+    if tune_dir:
+        if is_valid_checkpoint(Path(tune_dir)):
+            candidates.append(Path(tune_dir))
+        else:
+            warn(f"warning: skipping corrupt checkpoint {tune_dir} restored by Tune")
+    own = latest_valid_checkpoint(run_dir / "checkpoints", warn=warn)
+    if own is not None:
+        candidates.append(own)
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda path: read_meta(path).get("step", -1)))
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -152,7 +181,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     cfg.train.threads = max(1, int(res.cpus))
     run_dir = Path(ctx.trials_dir) / trial_id
     checkpoint = tune.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume:
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as tune_resume:
+        resume = newest_checkpoint(tune_resume, run_dir)
         if res.workers > 1:
             _run_distributed(ctx, cfg, res, trial_id, run_dir, resume)
             return

@@ -122,23 +122,26 @@ def _trial_pids() -> list[int]:
     return [pid for pid in ours if titles.get(pid, "").startswith("ray::ImplicitFunc")]
 
 
-def test_killed_trial_retries_from_its_checkpoint_into_the_same_mlflow_run(tmp_path, ray_address):
-    spec = sweep_spec(tmp_path, epochs=3, max_failures=1)
+def test_worker_killed_mid_epoch_retries_into_the_same_run_without_gap_or_duplicate(tmp_path, ray_address):
+    body = spec_body(3, max_failures=1)
+    body["base"]["tracking"] = {"flush_every": 1}  # epoch 2's first steps reach MLflow before the kill
+    spec = load_spec(write_spec(tmp_path, body))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "sweeps"
     killed: list[int] = []
 
-    def kill_after_first_checkpoint() -> None:
+    def kill_during_second_epoch() -> None:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and not killed:
-            # Tune has persisted epoch 1's checkpoint into the trial's result folder
-            if list((storage / "killed").glob("run_trial_*/checkpoint_000000/state.pt")):
+            # epoch 1's checkpoint is written; the worker is now training epoch 2 (about 3 s long)
+            if list((storage / "killed" / "trials").glob("*/checkpoints/epoch_0001/meta.json")):
+                time.sleep(1.0)
                 for pid in _trial_pids():
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
-            time.sleep(0.1)
+            time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_during_second_epoch, daemon=True)
     killer.start()
     outcome = run_sweep(spec, storage=storage, name="killed", tracking_uri=uri)
     killer.join()
@@ -151,11 +154,14 @@ def test_killed_trial_retries_from_its_checkpoint_into_the_same_mlflow_run(tmp_p
     (run,) = child_runs(uri, outcome.sweep.parent_run_id)
     assert run.info.status == "FINISHED" and run.info.run_id == trial.run_id
     client = MlflowClient(uri)
-    epoch_end = {m.value: m.step for m in client.get_metric_history(run.info.run_id, "epoch")}
-    assert set(epoch_end) == {1.0, 2.0, 3.0}
-    first_epoch = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss") if m.step <= epoch_end[1.0]]
-    # epoch 1 was trained once: the retry resumed from its checkpoint instead of starting over
-    assert first_epoch and first_epoch == sorted(set(first_epoch))
+    _, meta = load_checkpoint(storage / "killed" / "trials" / state.trial_id / "checkpoints" / "epoch_0003")
+    steps_trained = meta["step"]
+    # per-step metrics every train.log_every=2 steps: each logged step exactly once, none missing
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(logged) == list(range(2, steps_trained + 1, 2))
+    epoch_end = sorted((m.value, m.step) for m in client.get_metric_history(run.info.run_id, "epoch"))
+    per_epoch = steps_trained // 3
+    assert epoch_end == [(1.0, per_epoch), (2.0, 2 * per_epoch), (3.0, steps_trained)]
 
 
 def test_two_worker_ddp_trial(tmp_path, ray_address):
