@@ -13,19 +13,23 @@ import argparse
 import re
 import sys
 from pathlib import Path
-
-import pandas as pd
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING
 
 from lejepa.errors import LejepaError, did_you_mean
+from lejepa.preflight import check_tracking_uri
+
+if TYPE_CHECKING:  # pandas and MLflow load when the command runs, not with every `lejepa` command
+    import pandas as pd
+    from mlflow.entities.model_registry import ModelVersion
 
 DEFAULT_SCORE = "loss_lam"
 
 
 def register_checkpoint(tracking_uri: str, row: pd.Series, name: str, score: str) -> ModelVersion:
     """Register the checkpoint of ``row`` (a candidate) as a new version of model ``name``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient(tracking_uri)
     if isinstance(row.get("checkpoint_uri"), str):
         artifact = "checkpoint"
@@ -44,8 +48,12 @@ def register_checkpoint(tracking_uri: str, row: pd.Series, name: str, score: str
 
 
 def _check_store(uri: str) -> None:
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise LejepaError(f"no MLflow store at {uri[len('sqlite:///'):]}: pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    """A SQLite store must exist (reading must not create an empty one); a server must answer."""
+    if uri.startswith("sqlite:///"):
+        if not Path(uri[len("sqlite:///"):]).is_file():
+            raise LejepaError(f"no MLflow store at {uri[len('sqlite:///'):]}: pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    else:
+        check_tracking_uri(uri)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import NoReturn
 
 from lejepa.errors import ConfigError, LejepaError
 
@@ -21,6 +22,10 @@ def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
     """Positional arguments → (config file or None, ``key=value`` overrides)."""
     paths = [i for i in items if "=" not in i]
     overrides = [i for i in items if "=" in i]
+    for item in paths:
+        if Path(item).suffix.lower() not in (".yaml", ".yml") and not Path(item).exists():
+            raise ConfigError(f"{item!r} is neither a config file (.yaml) nor a key=value override "
+                              f"(e.g. loss.lam=0.02)")
     if len(paths) > 1:
         raise ConfigError(f"expected one config file and key=value overrides, got several files: {paths}")
     return (paths[0] if paths else None), overrides
@@ -28,9 +33,7 @@ def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 # --------------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lejepa.callbacks import ConsoleProgress
-    from lejepa.config import load_config
-    from lejepa.trainer import CONFIG_FILE, Trainer
+    from lejepa.config import CONFIG_FILE, load_config  # torch loads after the config is known to be valid
 
     config_path, overrides = split_config_args(args.items)
     run_dir = None
@@ -41,19 +44,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if config_path is None and (run_dir / CONFIG_FILE).is_file():
             config_path = str(run_dir / CONFIG_FILE)
     cfg = load_config(config_path, overrides)
+    from lejepa.callbacks import ConsoleProgress
+    from lejepa.trainer import Trainer
+
     if args.no_tracking:
         cfg.tracking.enabled = False
+    uri = _train_preflight(cfg, run_dir, args.tracking_uri)
     callbacks = [] if args.quiet else [ConsoleProgress()]
     trainer = Trainer(cfg, callbacks=callbacks, run_dir=run_dir, resume=run_dir)
-    if cfg.tracking.enabled and trainer.rt.is_main:
-        from lejepa.tracking import MLflowCallback, default_tracking_uri
-        uri = args.tracking_uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
+    if uri is not None and trainer.rt.is_main:
+        from lejepa.tracking import MLflowCallback
         experiment = args.experiment or cfg.tracking.experiment
         trainer.callbacks.callbacks.append(MLflowCallback(uri, experiment=experiment, flush_every=cfg.tracking.flush_every))
     metrics = trainer.fit()
     if trainer.rt.is_main and args.quiet:
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _train_preflight(cfg, run_dir: Path | None, tracking_uri: str | None) -> str | None:
+    """Before any data is loaded or anything written: the architecture exists, the run folder can
+    be written, the tracking store answers. Returns the tracking URI (None without tracking)."""
+    from lejepa.backbones import check_arch_name
+    from lejepa.preflight import check_tracking_uri, check_writable
+
+    check_arch_name(cfg.model.arch)
+    check_writable(run_dir or Path(cfg.train.out_dir), "run folder" if run_dir else "train.out_dir")
+    if not cfg.tracking.enabled:
+        return None
+    from lejepa.tracking import default_tracking_uri
+
+    uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
+    check_tracking_uri(uri)
+    return uri
 
 
 def _register_train(sub: argparse._SubParsersAction) -> None:
@@ -123,8 +146,16 @@ def _register_ui(sub: argparse._SubParsersAction) -> None:
 CORE_COMMANDS = (_register_train, _register_archs, _register_ui)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (``error: ...``, exit 2) like every other user error;
+    sub-command parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lejepa", description="LeJEPA training, sweeps and label-free selection.")
+    parser = _Parser(prog="lejepa", description="LeJEPA training, sweeps and label-free selection.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in CORE_COMMANDS:
         register(sub)

@@ -8,17 +8,41 @@ field, the value and what is allowed (unknown keys get the closest valid name).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lejepa.errors import ConfigError, did_you_mean
 
+CONFIG_FILE = "config.yaml"
+"""The resolved config a run folder keeps (``lejepa train --resume`` reads it back)."""
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+"""A name safe as one folder: never ``..``, a hidden name, an option-like ``-x`` or a path."""
+PLAIN_NAME_RULE = "letters, digits, '_', '-', '.'; not starting with '.' or '-'; at most 128 characters"
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``true``/``false`` is not a number (pydantic's lax mode would read it as 1/0)."""
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """``int``, ``float`` or one of them ``| None``."""
+    if annotation in (int, float):
+        return True
+    args = set(get_args(annotation)) - {type(None)}
+    return bool(args) and args <= {int, float}
 
 
 class DataConfig(_Section):
@@ -118,8 +142,15 @@ class TrainConfig(_Section):
     eval_knn_k: int = Field(20, ge=1)
     eval_probe_epochs: int = Field(100, ge=1, description="epochs of the final frozen linear probe")
     out_dir: str = Field("runs", description="folder for checkpoints and the embedded MLflow store")
-    run_name: str | None = None
+    run_name: str | None = Field(None, description="run folder name under out_dir; None = <arch>-<timestamp>")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (for smoke tests)")
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and not is_plain_name(v):
+            raise ValueError(f"must be a plain folder name ({PLAIN_NAME_RULE})")
+        return v
 
 
 class TrackingConfig(_Section):
@@ -153,6 +184,12 @@ class Config(_Section):
     def flat(self) -> dict[str, Any]:
         """The config as ``{"section.key": value}`` (for MLflow params and sweep tables)."""
         return flatten(self.model_dump(mode="json"))
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` is safe as one folder name: letters, digits, ``_ - .``, not starting with
+    ``.`` or ``-`` (so never ``..``, a hidden file or an option), at most 128 characters."""
+    return bool(PLAIN_NAME.fullmatch(name))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -202,13 +239,17 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Safe-load a YAML mapping, with one-line errors for missing or malformed files."""
+def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Safe-load a YAML mapping, with one-line errors for missing, unreadable or malformed files."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

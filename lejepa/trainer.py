@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lejepa.backbones import build_backbone
 from lejepa.callbacks import Callback, CallbackList, RunInfo
 from lejepa.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
-from lejepa.config import Config
+from lejepa.config import CONFIG_FILE, Config
 from lejepa.data import DatasetSplits, batch_collate, build_datasets
 from lejepa.errors import CheckpointError, ConfigError, LejepaError
 from lejepa.model import LeJEPAModel
@@ -36,8 +36,6 @@ from lejepa.runtime import Runtime, seed_everything, setup_runtime
 from lejepa.schedule import warmup_cosine
 from lejepa.sigreg import SIGReg
 from lejepa.views import ViewSampler, eval_images
-
-CONFIG_FILE = "config.yaml"
 
 
 class TrainingDiverged(LejepaError):

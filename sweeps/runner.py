@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -35,8 +36,9 @@ from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
 from lejepa.errors import ConfigError, LejepaError
+from lejepa.preflight import check_ray_address, check_tracking_uri, check_writable
 from lejepa.tracking import PARENT_TAG, default_tracking_uri, get_or_create_experiment
-from sweeps.spec import SCORE_METRIC, SweepSpec, format_table, load_spec, sanitize_name
+from sweeps.spec import SCORE_METRIC, SweepSpec, check_name, format_table, load_spec
 from sweeps.trainable import TrialContext, run_trial
 
 SWEEP_FILE = "sweep.json"
@@ -147,28 +149,40 @@ def tracking_uri_for(spec: SweepSpec, override: str | None) -> str:
     uri = override or spec.tracking.uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
     if uri.startswith("sqlite:///"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
-    if "://" not in uri:
-        raise ConfigError(f"tracking URI {uri!r} is not a URI: use sqlite:///<path> or http://host:port")
-    return uri
+    return uri  # anything else is checked by preflight()
+
+
+def preflight(storage: Path, tracking_uri: str, address: str | None) -> None:
+    """What a sweep needs, checked before any folder, MLflow run or Ray trial is created: the storage
+    folder can be written, the tracking store answers, an explicit Ray address accepts connections."""
+    import ray
+
+    check_writable(storage, "sweep storage (--storage)")
+    check_tracking_uri(tracking_uri)
+    if not ray.is_initialized():
+        check_ray_address(address or os.environ.get("RAY_ADDRESS"))
 
 
 def run_sweep(spec: SweepSpec, *, storage: str | Path | None = None, name: str | None = None,
               address: str | None = None, tracking_uri: str | None = None) -> SweepOutcome:
     """Run ``spec`` as a new sweep ``<spec name>-<timestamp>`` (or ``name``) under ``storage``."""
     root = _storage(storage, spec)
-    sweep_name = sanitize_name(name) if name else f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if not sweep_name:
-        raise ConfigError(f"--name {name!r} has no usable characters (letters, digits, '_', '-', '.')")
+    sweep_name = check_name(name, "--name") if name else f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
     path = root / sweep_name
     if path.exists():
         raise ConfigError(f"sweep {sweep_name!r} already exists in {root}: continue it with --resume {sweep_name}, "
                           f"or choose another --name")
     uri = tracking_uri_for(spec, tracking_uri)
+    preflight(root, uri, address)
     with _ray(address):
         path.mkdir(parents=True)
-        (path / RESOLVED_SPEC).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False))
-        sweep = Sweep(sweep_name, path, uri, spec.tracking.experiment, _create_parent(spec, sweep_name, path, uri))
-        sweep.save()
+        try:
+            (path / RESOLVED_SPEC).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False))
+            sweep = Sweep(sweep_name, path, uri, spec.tracking.experiment, _create_parent(spec, sweep_name, path, uri))
+            sweep.save()
+        except BaseException:  # no half-created sweep folder: nothing has run in it yet
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         _check_shared(sweep)
         return _execute(spec, sweep, _new_tuner(spec, sweep))
 
@@ -176,13 +190,14 @@ def run_sweep(spec: SweepSpec, *, storage: str | Path | None = None, name: str |
 def resume_sweep(name: str, *, storage: str | Path | None = None, address: str | None = None) -> SweepOutcome:
     """Continue the interrupted sweep ``name``: finished trials stay, the others resume from their checkpoints."""
     root = _storage(storage, None)
-    path = root / sanitize_name(name)
+    path = root / check_name(name, "--resume")
     if not (path / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(path):
         known = sorted(p.name for p in root.iterdir() if (p / SWEEP_FILE).is_file()) if root.is_dir() else []
         hint = f"; sweeps there: {', '.join(known[-10:])}" if known else "; pass --storage where it lives"
         raise ConfigError(f"--resume {name}: no resumable sweep at {path}{hint}")
     sweep = Sweep.load(path)
     spec = load_spec(path / RESOLVED_SPEC)
+    preflight(path, sweep.tracking_uri, address)
     with _ray(address):
         client = MlflowClient(sweep.tracking_uri)
         client.update_run(sweep.parent_run_id, status="RUNNING")
@@ -272,9 +287,14 @@ def _create_parent(spec: SweepSpec, name: str, path: Path, uri: str) -> str:
               "search": spec.search.algo, "search.metric": spec.search.metric, "scheduler": spec.scheduler.type,
               "max_concurrent_trials": spec.max_concurrent_trials, "max_failures": spec.max_failures,
               "score_alpha": spec.score_alpha, "epochs": spec.epochs}
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    client.log_artifact(run.info.run_id, str(spec.path), artifact_path="spec")
-    client.log_artifact(run.info.run_id, str(path / RESOLVED_SPEC), artifact_path="spec")
+    try:
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        client.log_artifact(run.info.run_id, str(spec.path), artifact_path="spec")
+        client.log_artifact(run.info.run_id, str(path / RESOLVED_SPEC), artifact_path="spec")
+    except BaseException:  # no half-created parent run either
+        with contextlib.suppress(Exception):
+            client.delete_run(run.info.run_id)
+        raise
     return run.info.run_id
 
 

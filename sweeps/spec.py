@@ -39,7 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lejepa.config import Config, build_config, load_yaml, set_dotted, valid_keys
+from lejepa.config import PLAIN_NAME_RULE, Config, build_config, is_plain_name, load_yaml, set_dotted, valid_keys
 from lejepa.errors import ConfigError, LejepaError, did_you_mean
 
 SCORE_METRIC = "train/score"
@@ -282,14 +282,26 @@ def trial_tree(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 
 
 def sanitize_name(name: str) -> str:
-    """A sweep name safe as one folder name: runs of other characters become ``-``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
+    """``name`` made safe as one folder name: runs of characters other than letters, digits, ``_ - .``
+    (path separators included) become ``-``, leading and trailing ``-`` and ``.`` go (so no ``..``
+    or hidden name is left), at most 128 characters; ``""`` when nothing usable remains."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:128].rstrip("-.")
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it already is a plain folder name (:func:`~lejepa.config.is_plain_name`); else a
+    :class:`ConfigError`: a name the user typed is refused, never silently changed into another."""
+    if is_plain_name(name):
+        return name
+    safe = sanitize_name(name)
+    raise ConfigError(f"{what} {name!r} is not a plain folder name ({PLAIN_NAME_RULE})"
+                      + (f"; e.g. {safe!r}" if safe else ""))
 
 
 def load_spec(path: str | Path) -> SweepSpec:
     """Read, validate and expand the spec at ``path`` (see the module docstring)."""
     path = Path(path)
-    raw = load_yaml(path)
+    raw = load_yaml(path, "sweep spec")
     try:
         spec = _SpecFile.model_validate(raw)
     except ValidationError as exc:
