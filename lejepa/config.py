@@ -61,7 +61,8 @@ class ModelConfig(_Section):
     """Backbone (any timm model) and projector."""
 
     arch: str = Field("resnet10t", description="timm architecture name (see `lejepa archs`)")
-    small_stem: bool | None = Field(None, description="CIFAR-style 3x3 stride-1 stem, no max-pool; None = on below 64 px")
+    small_stem: bool | None = Field(False, description="CIFAR-style 3x3 stride-1 stem, no max-pool (about 16x the "
+                                                       "compute of the standard stem); None = on below 64 px")
     proj_layers: int = Field(3, ge=1, le=8, description="projector MLP depth")
     proj_hidden: int = Field(512, ge=8, description="projector hidden width")
     proj_dim: int = Field(64, ge=2, description="projector output dimension (SIGReg acts here)")

@@ -5,8 +5,8 @@ per-epoch metrics sent in batches (``log_batch``), final probe/kNN metrics, the 
 the final checkpoint as artifacts, tags for architecture, family and dataset. A resumed run
 continues the same MLflow run (its id is kept in ``<run_dir>/mlflow_run.json``) and skips every
 metric at a step the run already holds for that key, so a run restarted from an older checkpoint
-(or from scratch) leaves no duplicate step. Metrics that cannot be delivered (server down) stay
-buffered and are retried at the next flush.
+(or from scratch) leaves no duplicate step. Metrics are delivered by a background thread: a
+server that is down or slow never stalls training; its metrics stay queued and are retried.
 
 Everything goes through :class:`mlflow.MlflowClient` with an explicit, absolute tracking URI:
 no global active run, so nothing leaks between runs or threads.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,104 @@ def arch_family(arch: str) -> str:
         return "".join(ch for ch in head if ch.isalpha()) or arch
 
 
+class MetricSender:
+    """Delivers metrics to one MLflow run from a background thread, in order, never blocking training.
+
+    :meth:`add` queues metrics; :meth:`wake` asks for a send now (else every ``interval`` s). A
+    failed ``log_batch`` (server down, store locked) keeps the metrics queued and is retried with
+    backoff (1 s doubling to 10 s); one warning is printed per outage. :meth:`drain` waits, up to a
+    deadline, until the queue is empty.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, interval: float = 5.0) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.interval = interval
+        self.pending: list[Metric] = []
+        self.cond = threading.Condition()
+        self.urgent = False
+        self.closed = False
+        self.sent = 0
+        self.thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def add(self, metrics: list[Metric], wake: bool = False) -> None:
+        with self.cond:
+            self.pending += metrics
+            if wake:
+                self.urgent = True
+                self.cond.notify_all()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.urgent = True
+            self.cond.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued is delivered (True) or ``timeout`` s pass (False)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.urgent = True
+            self.cond.notify_all()
+            while self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.2))
+        return True
+
+    def close(self, timeout: float) -> bool:
+        """:meth:`drain`, then stop the thread; False if metrics were left undelivered (a warning says how many)."""
+        done = self.drain(timeout)
+        with self.cond:
+            self.closed = True
+            left = len(self.pending)
+            self.cond.notify_all()
+        if not done:
+            print(f"warning: MLflow unreachable; {left} metrics of run {self.run_id} could not be delivered",
+                  file=sys.stderr)
+        return done
+
+    def _loop(self) -> None:
+        backoff, warned = 1.0, False
+        while True:
+            with self.cond:
+                if not self.urgent and not self.closed:
+                    self.cond.wait(self.interval)
+                self.urgent = False
+                if self.closed:
+                    return
+                batch = self.pending[:1000]
+            if not batch:
+                continue
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 - tracking must never kill training
+                if not warned:
+                    print(f"warning: MLflow unreachable ({str(exc).splitlines()[0][:120]}); metrics are kept "
+                          f"and retried", file=sys.stderr)
+                    warned = True
+                with self.cond:
+                    self.cond.wait_for(lambda: self.closed, timeout=backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if warned:
+                print("MLflow reachable again: buffered metrics delivered", file=sys.stderr)
+            backoff, warned = 1.0, False
+            with self.cond:
+                del self.pending[:len(batch)]
+                self.sent += len(batch)
+                self.urgent = self.urgent or bool(self.pending)
+                self.cond.notify_all()
+
+
 class MLflowCallback(Callback):
     """Logs a training run to MLflow.
 
     ``parent_run_id`` nests the run under a sweep run; ``run_id`` continues an existing run;
-    ``tags`` are added at creation (e.g. a sweep's trial id). Step metrics are buffered and sent
-    every ``flush_every`` step events and at every epoch end.
+    ``tags`` are added at creation (e.g. a sweep's trial id). Metrics go through a
+    :class:`MetricSender`, woken every ``flush_every`` step events and at every epoch end; the
+    end of training waits up to 60 s for them to be delivered.
     """
 
     def __init__(self, tracking_uri: str, experiment: str = "lejepa", run_name: str | None = None,
@@ -92,9 +185,8 @@ class MLflowCallback(Callback):
         self.tags = dict(tags or {})
         self.flush_every = flush_every
         self.log_checkpoint = log_checkpoint
-        self._buffer: list[Metric] = []
+        self.sender: MetricSender | None = None
         self._events = 0
-        self._warned = False
         self._last_step = 0
         self._logged: dict[str, int] = {}  # key -> highest step the continued run already holds
         self.run_dir: Path | None = None
@@ -105,30 +197,28 @@ class MLflowCallback(Callback):
         return [Metric(key, float(v), now, step) for key, v in values.items()
                 if step > self._logged.get(key, -1)]
 
-    def _logged_steps(self) -> dict[str, int]:
-        """Per metric key, the highest step the existing run holds (MLflow keeps each key's latest by step)."""
-        run = self.client.get_run(self.run_id)
-        return {m.key: int(m.step) for m in getattr(run.data, "_metric_objs", [])}
-
     def flush(self, retry_for: float = 0.0) -> bool:
-        """Send buffered metrics; keep them buffered on failure. Retries for ``retry_for`` seconds."""
-        deadline = time.monotonic() + retry_for
-        while self._buffer:
-            try:
-                for start in range(0, len(self._buffer), 1000):
-                    self.client.log_batch(self.run_id, metrics=self._buffer[start:start + 1000])
-                self._buffer.clear()
-                return True
-            except Exception as exc:  # noqa: BLE001 - tracking must never kill training
-                if time.monotonic() >= deadline:
-                    if not self._warned:
-                        print(f"warning: MLflow unreachable ({str(exc).splitlines()[0][:120]}); "
-                              f"{len(self._buffer)} metrics buffered, will retry", file=sys.stderr)
-                        self._warned = True
-                    return False
-                time.sleep(1.0)
-        self._warned = False
-        return True
+        """Wait up to ``retry_for`` s for every queued metric to reach MLflow; True when none is left."""
+        return self.sender is None or self.sender.drain(retry_for)
+
+    def _close(self, timeout: float) -> None:
+        if self.sender is not None:
+            self.sender.close(timeout)
+            self.sender = None
+
+    def _continue(self, info: RunInfo) -> None:
+        """Reopen the run: RUNNING again, the outcome tags of the failed attempt cleared (its error kept
+        as ``lejepa.previous_error``), the resume epoch tagged, and the steps it holds remembered."""
+        run = self.client.get_run(self.run_id)
+        self.client.update_run(self.run_id, status="RUNNING")
+        tags = run.data.tags
+        if "lejepa.error" in tags:
+            self.client.set_tag(self.run_id, "lejepa.previous_error", tags["lejepa.error"])
+        for key in ("lejepa.error", "lejepa.status", "lejepa.diverged_step"):
+            if key in tags:
+                self.client.delete_tag(self.run_id, key)
+        self.client.set_tag(self.run_id, "lejepa.resumed_from_epoch", str(info.start_epoch))
+        self._logged = {m.key: int(m.step) for m in getattr(run.data, "_metric_objs", [])}
 
     def _start(self, info: RunInfo) -> None:
         cfg = info.config
@@ -138,8 +228,7 @@ class MLflowCallback(Callback):
             if saved.get("tracking_uri") == self.tracking_uri:
                 self.run_id = saved["run_id"]
         if self.run_id is not None:
-            self.client.update_run(self.run_id, status="RUNNING")
-            self._logged = self._logged_steps()
+            self._continue(info)
             return
         exp_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
         tags = {"arch": cfg.model.arch, "family": arch_family(cfg.model.arch), "dataset": cfg.data.name,
@@ -162,22 +251,20 @@ class MLflowCallback(Callback):
     def on_train_start(self, info: RunInfo) -> None:
         self.run_dir = info.run_dir
         self._start(info)
+        self.sender = MetricSender(self.client, self.run_id)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self._last_step = step
-        self._buffer += self._metrics(metrics, step)
         self._events += 1
-        if self._events % self.flush_every == 0:
-            self.flush()
+        self.sender.add(self._metrics(metrics, step), wake=self._events % self.flush_every == 0)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self._last_step = step
-        self._buffer += self._metrics({**metrics, "epoch": epoch}, step)
-        self.flush()
+        self.sender.add(self._metrics({**metrics, "epoch": epoch}, step), wake=True)
 
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        self._buffer += self._metrics(metrics, self._last_step)
-        self.flush(retry_for=60.0)
+        self.sender.add(self._metrics(metrics, self._last_step))
+        self._close(timeout=60.0)
         if self.run_dir is not None and (self.run_dir / "config.yaml").is_file():
             self.client.log_artifact(self.run_id, str(self.run_dir / "config.yaml"))
         if self.log_checkpoint and checkpoint is not None:
@@ -189,7 +276,7 @@ class MLflowCallback(Callback):
         if self.run_id is None:
             return
         try:
-            self.flush(retry_for=10.0)
+            self._close(timeout=10.0)
             from lejepa.trainer import TrainingDiverged
             tags: dict[str, Any] = {"lejepa.error": f"{type(error).__name__}: {error}"[:5000]}
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"

@@ -1,7 +1,8 @@
 """``lejepa sweep``: run, dry-run or resume a sweep spec (a plug-in of the ``lejepa`` command).
 
-Exit status: 0 when every trial finished (or was pruned), 1 when some failed, 130 when the
-sweep was interrupted (the summary says how to ``--resume`` it), 2 for bad input.
+Exit status: 0 when every trial finished, was pruned, or diverged (a result, not an error); 1 when
+some failed; 130 when the sweep was interrupted (the summary says how to ``--resume`` it); 2 for
+bad input.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the same path):
 
 The driver opens the sweep's MLflow parent run (tags ``lejepa.kind=sweep``, ``lejepa.sweep``; the
 spec files as artifacts) and keeps it RUNNING while trials run. At the end it settles each child
-run's status from Tune's results (finished, pruned by the scheduler, failed, interrupted), logs
+run's status from Tune's results (finished, pruned by the scheduler, diverged, failed, interrupted), logs
 the best trials on the parent and closes it: FINISHED, or KILLED when interrupted (``--resume``
 reopens it).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -74,7 +75,7 @@ class Sweep:
 
 @dataclass
 class TrialSummary:
-    """One trial at the end of a run: status is finished, pruned, failed, interrupted or pending."""
+    """One trial at the end of a run: status is finished, pruned, diverged, failed, interrupted or pending."""
 
     trial_id: str
     status: str
@@ -115,7 +116,7 @@ class SweepOutcome:
         header = ["trial", "status", *keys, "epoch", "loss", "score", "online acc", "linear acc"]
         rows = [[t.trial_id, t.status, *(t.params.get(k) for k in keys), t.epoch, t.loss, t.score,
                  t.online_acc, t.linear_acc] for t in sorted(self.trials, key=_score_order)]
-        counts = ", ".join(f"{self.count(s)} {s}" for s in ("finished", "pruned", "failed", "interrupted", "pending")
+        counts = ", ".join(f"{self.count(s)} {s}" for s in ("finished", "pruned", "diverged", "failed", "interrupted", "pending")
                            if self.count(s))
         lines = [f"sweep {self.sweep.name}: {len(self.trials)} trials ({counts or 'none ran'})", format_table(header, rows)]
         for label, attr, mode in (("label-free score (epoch/loss / λ^α)", "score", "min"),
@@ -302,7 +303,9 @@ def _trainable(spec: SweepSpec, sweep: Sweep) -> Any:
     ctx = TrialContext(sweep=sweep.name, base=spec.base, trials_dir=str(sweep.trials_dir),
                        train_storage=str(sweep.path / "ray_train"), tracking_uri=sweep.tracking_uri,
                        experiment=sweep.experiment, parent_run_id=sweep.parent_run_id,
-                       score_alpha=spec.score_alpha, arch_resources=spec.arch_resources)
+                       score_alpha=spec.score_alpha, arch_resources=spec.arch_resources,
+                       worst={m: math.inf if mode == "min" else -math.inf for m, mode in
+                              ((spec.scheduler.metric, spec.scheduler.mode), (spec.search.metric, spec.search.mode))})
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.trial_resources)
 
 
@@ -373,16 +376,21 @@ def _status(result: Any) -> str:
     metrics = result.metrics or {}
     if result.error is not None:
         return "failed"
+    if metrics.get("diverged"):
+        return "diverged"
     if metrics.get("done"):
         return "finished" if FINAL_METRIC in metrics else "pruned"
     return "interrupted" if metrics else "pending"
 
 
 def _close_child(client: MlflowClient, run: Any, status: str, epoch: int | None) -> None:
-    """FINISHED for finished and pruned trials (tagged ``lejepa.status=pruned``), FAILED, or KILLED."""
-    target = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
+    """FINISHED for finished and pruned trials (tagged ``lejepa.status=pruned``), FAILED for failed and
+    diverged ones (``lejepa.status=diverged``), else KILLED."""
+    target = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "diverged": "FAILED"}.get(status, "KILLED")
     tags = {}
-    if status == "pruned":
+    if status == "diverged":
+        tags = {"lejepa.status": "diverged"}
+    elif status == "pruned":
         tags = {"lejepa.status": "pruned", "lejepa.pruned_at_epoch": str(epoch)}
     elif target == "KILLED":
         tags = {"lejepa.status": "interrupted"}
@@ -394,7 +402,7 @@ def _close_child(client: MlflowClient, run: Any, status: str, epoch: int | None)
 
 def _log_best(client: MlflowClient, outcome: SweepOutcome) -> None:
     now = int(time.time() * 1000)
-    metrics = [Metric(f"trials/{s}", float(outcome.count(s)), now, 0) for s in ("finished", "pruned", "failed")]
+    metrics = [Metric(f"trials/{s}", float(outcome.count(s)), now, 0) for s in ("finished", "pruned", "diverged", "failed")]
     tags = []
     for attr, mode, key in (("score", "min", "best/train_score"), ("linear_acc", "max", "best/linear_probe_acc")):
         best = outcome.best(attr, mode)
@@ -438,6 +446,10 @@ class ProgressTable(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result
+        if r.get("diverged"):
+            self._print(f"trial {trial.trial_id} diverged at step {int(r['diverged_step'])} (loss not finite); "
+                        f"the sweep goes on")
+            return
         end = f"linear acc {_fmt(r[FINAL_METRIC])}" if FINAL_METRIC in r else "stopped early by the scheduler"
         self._print(f"trial {trial.trial_id} done: epoch {r.get('epoch')}  loss {_fmt(r.get('epoch/loss'))}  "
                     f"score {_fmt(r.get(SCORE_METRIC))}  {end}")

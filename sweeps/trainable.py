@@ -12,6 +12,10 @@ trial's CPUs and no console output, and plugs two callbacks into the trainer:
   with ``epoch`` and ``train/score``; the last epoch's report is sent after the final evaluation
   and carries the probe and kNN accuracies too.
 
+A trial whose loss becomes NaN or infinite (:class:`~lejepa.trainer.TrainingDiverged`) is not an
+error to retry: its MLflow run is tagged ``lejepa.status=diverged`` with the step, and it ends with
+a report holding ``diverged=1`` and the search/scheduler metrics at their worst value.
+
 A retried or restored trial resumes from the newer of ``tune.get_checkpoint()`` and the newest
 valid checkpoint in its own run folder: a worker killed after writing a checkpoint but before
 Tune registered it does not retrain that epoch. With ``workers_per_trial > 1``
@@ -33,6 +37,7 @@ from typing import Any
 from lejepa.callbacks import Callback, RunInfo
 from lejepa.config import Config, build_config
 from lejepa.tracking import MLflowCallback, get_or_create_experiment
+from lejepa.trainer import TrainingDiverged
 from sweeps.spec import SCORE_METRIC, TrialResources, trial_tree
 
 Send = Callable[[dict[str, float], "str | None"], None]
@@ -52,6 +57,7 @@ class TrialContext:
     parent_run_id: str
     score_alpha: float
     arch_resources: dict[str, TrialResources]
+    worst: dict[str, float]    # search/scheduler metrics at their worst value (reported by a diverged trial)
 
 
 def label_free_score(loss: float, lam: float, alpha: float) -> float:
@@ -93,7 +99,7 @@ class TrialTracking(MLflowCallback):
         if self.finished:  # stopped by Tune at its last report: the run is complete
             return
         with contextlib.suppress(Exception):
-            self.flush(retry_for=10.0)
+            self._close(timeout=10.0)
             self.client.set_terminated(self.run_id, "KILLED")
 
 
@@ -191,7 +197,15 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         node_id = ray.get_runtime_context().get_node_id()
         callbacks = trial_callbacks(ctx, cfg, trial_id, node_id, _report_to_tune)
         trainer = Trainer(cfg, callbacks, run_dir=run_dir, resume=resume)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingDiverged as exc:  # a result of the hyper-parameters: report it, never retry it
+        _report_to_tune(diverged_report(ctx, exc, trainer.epoch), None)
+
+
+def diverged_report(ctx: TrialContext, exc: TrainingDiverged, epoch: int) -> dict[str, float]:
+    """The last report of a diverged trial: ``diverged=1``, the step, and the optimised metrics at their worst."""
+    return {**ctx.worst, "epoch": epoch, "diverged": 1.0, "diverged_step": float(exc.step)}
 
 
 def _report_to_tune(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
@@ -258,5 +272,10 @@ def _ddp_worker(loop: dict[str, Any]) -> None:
         node_id = ray.get_runtime_context().get_node_id()
         callbacks = trial_callbacks(ctx, cfg, loop["trial_id"], node_id,
                                     lambda metrics, path: loop["queue"].put((metrics, path)))
-    Trainer(cfg, callbacks, run_dir=loop["run_dir"], resume=loop["resume"]).fit()
+    trainer = Trainer(cfg, callbacks, run_dir=loop["run_dir"], resume=loop["resume"])
+    try:
+        trainer.fit()
+    except TrainingDiverged as exc:  # every rank sees the same all-reduced loss
+        if callbacks:
+            loop["queue"].put((diverged_report(ctx, exc, trainer.epoch), None))
 

@@ -37,6 +37,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class MlflowServer:
+    """A real ``mlflow server`` process on 127.0.0.1 (SQLite backend, proxied artifacts) in ``folder``.
+
+    :meth:`stop` and :meth:`start` may be called again: the port and the store stay the same.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        import time
+        import urllib.request
+
+        log = (self.folder / "mlflow-server.log").open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, (self.folder / "mlflow-server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, 15)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A running :class:`MlflowServer`, stopped after the test."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A real local Ray with 2 CPUs for the module; yields its GCS address (for ``--address``)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: multi-threaded ops stall badly when other jobs share a small CPU."""

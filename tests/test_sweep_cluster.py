@@ -6,52 +6,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import free_port, LEJEPA, REPO
+from conftest import LEJEPA, REPO
 from test_sweep_run import spec_body
 from test_sweep_spec import write_spec
 
 pytestmark = pytest.mark.slow
 
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    log = (tmp_path / "mlflow-server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture
@@ -77,14 +41,14 @@ def test_trials_on_both_nodes_log_to_the_mlflow_server(tmp_path, mlflow_server, 
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
         LEJEPA + ["sweep", str(spec), "--name", "c", "--address", two_node_cluster.address,
-                  "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "sweeps")],
+                  "--tracking-uri", mlflow_server.url, "--storage", str(tmp_path / "sweeps")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 trials (2 finished)" in proc.stdout and f"browse: {mlflow_server}" in proc.stdout
+    assert "2 trials (2 finished)" in proc.stdout and f"browse: {mlflow_server.url}" in proc.stdout
     assert "cannot see the sweep storage" not in proc.stderr  # every node sees it: same machine
     assert not list(tmp_path.rglob("mlflow.db"))              # nothing fell back to a local store
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     (parent,) = client.search_runs([client.get_experiment_by_name("lejepa-sweeps").experiment_id],
                                    "tags.`lejepa.kind` = 'sweep'")
     assert parent.info.status == "FINISHED"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -25,17 +24,6 @@ from conftest import LEJEPA, REPO
 from test_sweep_spec import tiny_base, write_spec
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 def spec_body(epochs: int = 1, **fields) -> dict:
@@ -104,66 +92,6 @@ def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
     assert "lejepa ui --tracking-uri" in outcome.render()
 
 
-def _trial_pids() -> list[int]:
-    """Pids of Tune trial actors among this process's descendants (the local Ray started here)."""
-    parents: dict[int, int] = {}
-    titles: dict[int, str] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                titles[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue
-    ours, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - ours
-        ours |= frontier
-    return [pid for pid in ours if titles.get(pid, "").startswith("ray::ImplicitFunc")]
-
-
-def test_worker_killed_mid_epoch_retries_into_the_same_run_without_gap_or_duplicate(tmp_path, ray_address):
-    body = spec_body(3, max_failures=1)
-    body["base"]["tracking"] = {"flush_every": 1}  # epoch 2's first steps reach MLflow before the kill
-    spec = load_spec(write_spec(tmp_path, body))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    storage = tmp_path / "sweeps"
-    killed: list[int] = []
-
-    def kill_during_second_epoch() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and not killed:
-            # epoch 1's checkpoint is written; the worker is now training epoch 2 (about 3 s long)
-            if list((storage / "killed" / "trials").glob("*/checkpoints/epoch_0001/meta.json")):
-                time.sleep(1.0)
-                for pid in _trial_pids():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_during_second_epoch, daemon=True)
-    killer.start()
-    outcome = run_sweep(spec, storage=storage, name="killed", tracking_uri=uri)
-    killer.join()
-
-    assert len(killed) == 1
-    (trial,) = outcome.trials
-    assert trial.status == "finished" and trial.epoch == 3
-    (state,) = trial_states(storage / "killed").values()
-    assert state.num_failures == 1 and state.status == "TERMINATED"
-    (run,) = child_runs(uri, outcome.sweep.parent_run_id)
-    assert run.info.status == "FINISHED" and run.info.run_id == trial.run_id
-    client = MlflowClient(uri)
-    _, meta = load_checkpoint(storage / "killed" / "trials" / state.trial_id / "checkpoints" / "epoch_0003")
-    steps_trained = meta["step"]
-    # per-step metrics every train.log_every=2 steps: each logged step exactly once, none missing
-    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert sorted(logged) == list(range(2, steps_trained + 1, 2))
-    epoch_end = sorted((m.value, m.step) for m in client.get_metric_history(run.info.run_id, "epoch"))
-    per_epoch = steps_trained // 3
-    assert epoch_end == [(1.0, per_epoch), (2.0, 2 * per_epoch), (3.0, steps_trained)]
-
-
 def test_two_worker_ddp_trial(tmp_path, ray_address):
     spec = sweep_spec(tmp_path, resources={"cpus_per_trial": 0.5, "workers_per_trial": 2})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -183,15 +111,31 @@ def test_two_worker_ddp_trial(tmp_path, ray_address):
     assert [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "epoch")] == [meta["step"]]
 
 
+class SweepCLI:
+    """``lejepa sweep`` in a subprocess joining the test's Ray, with a SQLite store and storage in ``tmp_path``."""
+
+    def __init__(self, tmp_path: Path, ray_address: str) -> None:
+        self.cwd = tmp_path
+        self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        self.storage = tmp_path / "sweeps"
+        self.common = ["--storage", str(self.storage), "--address", ray_address]
+        self.env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    def start(self, spec_path: Path, name: str, **popen) -> subprocess.Popen:
+        return subprocess.Popen(LEJEPA + ["sweep", str(spec_path), "--name", name, "--tracking-uri", self.uri, *self.common],
+                                cwd=self.cwd, env=self.env, **popen)
+
+    def resume(self, name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(LEJEPA + ["sweep", "--resume", name, *self.common], cwd=self.cwd, env=self.env,
+                              capture_output=True, text=True, timeout=600)
+
+
 def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):
     spec_path = write_spec(tmp_path, spec_body(space={"loss.lam": [0.02, 0.1, 0.3]}, max_concurrent_trials=2))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    storage = tmp_path / "sweeps"
-    common = ["--storage", str(storage), "--address", ray_address]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    first = subprocess.Popen(LEJEPA + ["sweep", str(spec_path), "--name", "r1", "--tracking-uri", uri, *common],
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = SweepCLI(tmp_path, ray_address)
+    uri, storage = cli.uri, cli.storage
+    first = cli.start(spec_path, "r1", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and first.poll() is None:
@@ -213,8 +157,7 @@ def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):
     assert 1 <= len(done_before) < 3
     results_before = {t: _result_lines(storage / "r1", t) for t in done_before}
 
-    second = subprocess.run(LEJEPA + ["sweep", "--resume", "r1", *common], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    second = cli.resume("r1")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "3 trials (3 finished)" in second.stdout
 

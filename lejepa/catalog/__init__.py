@@ -31,10 +31,12 @@ SMALL_RESOLUTION = 32
 class ArchInfo:
     """One catalog row.
 
-    ``params``/``embed_dim``: of the backbone at ``SMALL_RESOLUTION`` px (after adaptation).
+    ``params``/``embed_dim``: of the backbone at ``SMALL_RESOLUTION`` px (after adaptation, with the
+    CIFAR stem where it applies: ``model.small_stem=null``).
     ``min_input``: smallest input side it runs at (smaller views are upsampled to it).
     ``fixed_input``: the one side it runs at (every view is resized to it), or None.
-    ``small_stem``: it gets the CIFAR stem (3×3 stride-1 conv, no max-pool) below 64 px.
+    ``small_stem``: the CIFAR stem (3×3 stride-1 conv, no max-pool) applies: with
+    ``model.small_stem=true``, or ``null`` below 64 px (the config default ``false`` keeps timm's stem).
     ``gpu_scale``: too large to train on a CPU; checked on the meta device only.
     ``runs_small``: builds and runs a LeJEPA training step at ``SMALL_RESOLUTION`` px (or its
     minimum); False marks an entry that does not (``notes`` says why).

@@ -1,0 +1,63 @@
+"""MLflowCallback against a real SQLite store: continuing a run never duplicates a step; the
+background sender keeps metrics across a store that cannot be written and delivers them later."""
+
+from __future__ import annotations
+
+import time
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from lejepa.callbacks import RunInfo
+from lejepa.config import build_config
+from lejepa.tracking import MetricSender, MLflowCallback
+
+
+def _info(run_dir, start_epoch: int = 0, start_step: int = 0) -> RunInfo:
+    return RunInfo(build_config({}), run_dir, start_epoch, start_step, 10, 30, "cpu", 1, 123)
+
+
+def _train(callback: MLflowCallback, info: RunInfo, first_step: int, last_step: int, steps_per_epoch: int = 10) -> None:
+    callback.on_train_start(info)
+    for step in range(first_step, last_step + 1):
+        callback.on_step_end(step, {"train/loss": 1.0 / step})
+        if step % steps_per_epoch == 0:
+            callback.on_epoch_end(step // steps_per_epoch, step, {"epoch/loss": 1.0 / step})
+
+
+def test_continued_run_skips_the_steps_it_already_holds(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowCallback(uri, flush_every=1)
+    _train(first, _info(tmp_path / "run"), 1, 14)     # killed in epoch 2, after step 14 was sent
+    assert first.flush(retry_for=30)
+    first.on_failure(RuntimeError("worker died"))
+
+    # the retry resumes from epoch 1's checkpoint (step 10), finds the run through mlflow_run.json
+    second = MLflowCallback(uri, flush_every=1)
+    _train(second, _info(tmp_path / "run", start_epoch=1, start_step=10), 11, 30)
+    second.on_train_end({"eval/linear_probe_acc": 0.5}, None)
+
+    assert second.run_id == first.run_id
+    client = MlflowClient(uri)
+    steps = [m.step for m in client.get_metric_history(first.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 31))
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "epoch")) == [10, 20, 30]
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["lejepa.resumed_from_epoch"] == "1"
+    assert "lejepa.error" not in run.data.tags and run.data.tags["lejepa.previous_error"] == "RuntimeError: worker died"
+    assert run.data.metrics["eval/linear_probe_acc"] == 0.5
+
+
+def test_sender_keeps_metrics_while_the_store_fails_and_delivers_them_in_order(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    broken = MlflowClient(f"sqlite:///{tmp_path / 'missing-folder' / 'mlflow.db'}")  # cannot be opened
+    sender = MetricSender(broken, run_id, interval=0.1)
+    now = int(time.time() * 1000)
+    sender.add([Metric("m", float(i), now, i) for i in range(50)], wake=True)
+    assert not sender.drain(timeout=1.5)          # nothing delivered, nothing dropped
+    assert len(sender.pending) == 50 and sender.sent == 0
+    sender.client = client                         # the store is back
+    assert sender.close(timeout=30)
+    assert [m.step for m in client.get_metric_history(run_id, "m")] == list(range(50))
