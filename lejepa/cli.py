@@ -160,8 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     for register in CORE_COMMANDS:
         register(sub)
     for ep in sorted(entry_points(group="lejepa.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # noqa: BLE001 - one broken plug-in must not take the other commands down
+            _unavailable(sub, ep.name, exc)
     return parser
+
+
+def _unavailable(sub: argparse._SubParsersAction, name: str, exc: Exception) -> None:
+    """Register ``name`` as a command that reports, in one line, why its plug-in could not be loaded."""
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+
+    def fail(_args: argparse.Namespace) -> int:
+        raise LejepaError(f"the '{name}' command is unavailable: its plug-in failed to load ({reason}); "
+                          f"reinstall with `pip install -e .`")
+
+    if name in sub.choices:  # it registered itself before failing
+        sub.choices[name].set_defaults(func=fail)
+        return
+    # no option prefix: whatever follows the name is taken as-is, so the reason is always what is shown
+    parser = sub.add_parser(name, help=f"unavailable ({reason})", add_help=False, prefix_chars="\x00")
+    parser.add_argument("rest", nargs="*")
+    parser.set_defaults(func=fail)
 
 
 def main(argv: list[str] | None = None) -> int:

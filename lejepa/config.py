@@ -141,6 +141,8 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between per-step metric events")
     eval_knn_k: int = Field(20, ge=1)
+    online_eval_images: int | None = Field(2048, ge=1, description="test images scored by the online probe after "
+                                           "each epoch (an evenly spaced subset); None = the whole test split")
     eval_probe_epochs: int = Field(100, ge=1, description="epochs of the final frozen linear probe")
     out_dir: str = Field("runs", description="folder for checkpoints and the embedded MLflow store")
     run_name: str | None = Field(None, description="run folder name under out_dir; None = <arch>-<timestamp>")

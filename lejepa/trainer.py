@@ -289,6 +289,15 @@ class Trainer:
         backbone.train(was_training)
         return torch.cat(feats), torch.cat(labels)
 
+    def _online_eval_split(self) -> torch.utils.data.Dataset:
+        """The test images the online probe is scored on each epoch: all of them, or
+        ``train.online_eval_images`` evenly spaced ones (the same every epoch), so the per-epoch
+        cost stays bounded on large test sets."""
+        test, limit = self.data.test, self.cfg.train.online_eval_images
+        if limit is None or len(test) <= limit:
+            return test
+        return torch.utils.data.Subset(test, torch.linspace(0, len(test) - 1, limit).round().long().tolist())
+
     @torch.no_grad()
     def _online_test_acc(self, test_feats: Tensor, test_labels: Tensor) -> float:
         probe = _unwrap(self.probe)
@@ -330,7 +339,7 @@ class Trainer:
                 metrics = self._run_epoch()
                 self.epoch += 1
                 if self.rt.is_main:
-                    test_x, test_y = self.features(self.data.test)
+                    test_x, test_y = self.features(self._online_eval_split())
                     metrics["probe/online_test_acc"] = self._online_test_acc(test_x, test_y)
                     self.callbacks.on_epoch_end(self.epoch, self.step, metrics)
                 checkpoint = self._checkpoint(metrics)

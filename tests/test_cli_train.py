@@ -64,3 +64,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("*.db"))
+
+
+def test_a_broken_plugin_leaves_the_other_commands_working(monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    import lejepa.cli as cli
+
+    installed = list(cli.entry_points(group="lejepa.commands"))
+    broken = EntryPoint("broken", "lejepa_missing_plugin_module:register", "lejepa.commands")
+    monkeypatch.setattr(cli, "entry_points", lambda group: [*installed, broken])
+
+    assert cli.main(["archs", "--family", "vit", "--max-params", "10M"]) == 0  # core command runs
+    assert "vit_" in capsys.readouterr().out
+    assert cli.main(["broken", "--anything"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the 'broken' command is unavailable" in err[0] and "ModuleNotFoundError" in err[0]

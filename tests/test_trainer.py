@@ -121,3 +121,23 @@ def test_torchrun_two_cpu_processes(tmp_path):
     # each epoch is logged once (rank 0 only), and the batch is the global batch of 64 = 2 × 32
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "epoch")] == [meta["step"] // 2, meta["step"]]
     assert runs[0].data.params["optim.batch_size"] == "64"
+
+
+def test_online_probe_is_scored_on_a_bounded_evenly_spaced_test_subset(tmp_path):
+    class Scores(Callback):
+        def on_epoch_end(self, epoch, step, metrics):
+            self.acc = metrics["probe/online_test_acc"]
+
+    scores = Scores()
+    trainer = Trainer(tiny_cfg(tmp_path, "train.epochs=1", "train.online_eval_images=37"), [scores], run_dir=tmp_path / "r")
+    subset = trainer._online_eval_split()
+    n = len(trainer.data.test)
+    assert n > 37 and len(subset) == 37
+    assert subset.indices[0] == 0 and subset.indices[-1] == n - 1 and len(set(subset.indices)) == 37
+    trainer.fit()
+    # the logged accuracy is a fraction of the 37 images, computed from the probe's predictions on them
+    feats, labels = trainer.features(subset)
+    assert scores.acc == pytest.approx(trainer._online_test_acc(feats, labels))
+    assert round(scores.acc * 37) == pytest.approx(scores.acc * 37, abs=1e-6)
+    whole = Trainer(tiny_cfg(tmp_path, "train.online_eval_images=null"), [], run_dir=tmp_path / "w")
+    assert whole._online_eval_split() is whole.data.test
