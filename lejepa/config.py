@@ -135,7 +135,7 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere; bf16 is refused on CPU")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = leave as is")
     keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")

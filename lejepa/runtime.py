@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lejepa.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -47,21 +49,25 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
             requested = "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            from lejepa.errors import ConfigError
             raise ConfigError("train.device='cuda' but no CUDA device is available (use auto or cpu)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if requested == "mps" and not torch.backends.mps.is_available():
-        from lejepa.errors import ConfigError
         raise ConfigError("train.device='mps' but MPS is not available (use auto or cpu)")
     return torch.device(requested)
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); precision
+    ``auto`` is bf16 autocast on CUDA and fp32 elsewhere; bf16 on CPU is refused (ConfigError)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
+    if precision == "bf16" and dev.type == "cpu":
+        # measured with torch 2.14 (tests/test_trainer.py): bf16 convolution backward on CPU returns
+        # NaN weight gradients now and then on small feature maps, and a run diverges within steps
+        raise ConfigError("train.precision=bf16 is for CUDA: on CPU, PyTorch's bf16 convolution backward "
+                          "intermittently gives NaN gradients; use train.precision=fp32 (or auto)")
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

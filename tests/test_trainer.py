@@ -141,3 +141,22 @@ def test_online_probe_is_scored_on_a_bounded_evenly_spaced_test_subset(tmp_path)
     assert round(scores.acc * 37) == pytest.approx(scores.acc * 37, abs=1e-6)
     whole = Trainer(tiny_cfg(tmp_path, "train.online_eval_images=null"), [], run_dir=tmp_path / "w")
     assert whole._online_eval_split() is whole.data.test
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_is_refused_there(tmp_path):
+    from lejepa.errors import ConfigError
+    from lejepa.runtime import setup_runtime
+
+    assert setup_runtime("cpu", "auto").autocast_dtype is None
+    with pytest.raises(ConfigError, match="bf16 is for CUDA"):
+        Trainer(tiny_cfg(tmp_path, "train.precision=bf16", "train.device=cpu"), [], run_dir=tmp_path / "bf16")
+    assert not (tmp_path / "bf16").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_trains_on_cuda(tmp_path):
+    rec = Recorder()
+    trainer = Trainer(tiny_cfg(tmp_path, "train.device=cuda", "train.epochs=1"), [rec], run_dir=tmp_path / "cuda")
+    assert trainer.rt.autocast_dtype == torch.bfloat16  # auto = bf16 on CUDA
+    trainer.fit()
+    assert rec.steps and all(math.isfinite(m["train/loss"]) for m in rec.steps.values())
