@@ -96,9 +96,8 @@ class MetricSender:
     def add(self, metrics: list[Metric], wake: bool = False) -> None:
         with self.cond:
             self.pending += metrics
-            if wake:
-                self.urgent = True
-                self.cond.notify_all()
+        if wake:
+            self.wake()
 
     def wake(self) -> None:
         with self.cond:
@@ -108,9 +107,8 @@ class MetricSender:
     def drain(self, timeout: float) -> bool:
         """Wait until everything queued is delivered (True) or ``timeout`` s pass (False)."""
         deadline = time.monotonic() + timeout
+        self.wake()
         with self.cond:
-            self.urgent = True
-            self.cond.notify_all()
             while self.pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
