@@ -163,7 +163,7 @@ def evaluate_checkpoints(checkpoints: Iterable[Path | str], sample_size: int = 1
     (seeded; labels unused) and the same ``lidar_images`` × ``lidar_views`` global views drawn
     with the run's augmentations. Times in seconds include each criterion's own forward passes:
     RankMe and α-ReQ share the sample's features (``time.features``); LiDAR embeds its views;
-    the probe embeds the labelled train and test splits and fits LayerNorm+Linear
+    the probe embeds the labelled train and test splits and fits softmax regression on standardised features
     (:func:`lejepa.probes.linear_probe`, the run's ``train.eval_probe_epochs``). Data loading and
     view sampling, shared by all checkpoints, are not timed.
     Returns one row per checkpoint (column ``checkpoint``) with the raw criteria, their

@@ -1,7 +1,7 @@
 """Quality of the default config: frozen linear-probe top-1 after training, with baselines.
 
 Trains `lejepa train`'s default config (digits-shifted, CPU) and prints, on the same test
-split and with the same probe (LayerNorm + Linear, AdamW):
+split and with the same probe (softmax regression on standardised features, AdamW):
   - raw pixels (the normalised eval images, flattened),
   - the randomly initialised backbone (before training),
   - the trained backbone (linear probe and kNN), with the training wall time.

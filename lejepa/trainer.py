@@ -11,6 +11,7 @@ imports neither MLflow nor Ray.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -178,14 +179,18 @@ class Trainer:
                                   f"{self.cfg.model.arch!r}")
         try:
             _unwrap(self.model).load_state_dict(state["model"])
-            _unwrap(self.probe).load_state_dict(state["probe"])
             self.sigreg.load_state_dict(state["sigreg"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.probe_optimizer.load_state_dict(state["probe_optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"checkpoint {path} does not match this model/config: {first}") from None
+        try:  # the online probe only measures; one from an older probe layout restarts
+            _unwrap(self.probe).load_state_dict(state["probe"])
+            self.probe_optimizer.load_state_dict(state["probe_optimizer"])
+        except (KeyError, RuntimeError, ValueError):
+            print(f"lejepa: warning: {path} holds an online probe of an older layout; the probe restarts "
+                  "(training state is unaffected)", file=sys.stderr)
         torch.set_rng_state(state["rng"]["torch"].cpu())
         views_rng = state["rng"]["views"]
         if len(views_rng) != self.rt.world_size:

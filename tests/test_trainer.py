@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lejepa.callbacks import Callback
-from lejepa.checkpoint import list_checkpoints, load_checkpoint
+from lejepa.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lejepa.config import load_config
 from lejepa.errors import CheckpointError
 from lejepa.trainer import Trainer, TrainingDiverged
@@ -79,6 +79,27 @@ def test_checkpoint_keeps_last_k_and_resume_refuses_other_arch(tmp_path):
     other = tiny_cfg(tmp_path, "model.arch=test_vit")
     with pytest.raises(CheckpointError, match="for architecture 'test_resnet'"):
         Trainer(other, run_dir=tmp_path / "run", resume=tmp_path / "run")
+
+
+def test_resume_from_an_older_online_probe_layout_restarts_only_the_probe(tmp_path, capsys):
+    """Checkpoints written before the probe became BatchNorm+Linear hold a LayerNorm probe:
+    training resumes exactly, the probe restarts with a warning."""
+    cfg = tiny_cfg(tmp_path, "train.epochs=2")
+    Trainer(cfg, run_dir=tmp_path / "run").fit()
+    path = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    state, meta = load_checkpoint(path)
+    dim = state["probe"]["net.1.weight"].shape[1]
+    old = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 10))
+    state["probe"] = {f"net.{k}": v for k, v in old.state_dict().items()}
+    state["probe_optimizer"] = torch.optim.AdamW(old.parameters()).state_dict()
+    save_checkpoint(path.parent, meta["epoch"], state, {k: v for k, v in meta.items() if k not in ("epoch", "sha256")}, keep=5)
+    capsys.readouterr()
+    resumed = Trainer(tiny_cfg(tmp_path, "train.epochs=3"), run_dir=tmp_path / "run", resume=tmp_path / "run")
+    assert "older layout; the probe restarts" in capsys.readouterr().err
+    assert resumed.epoch == 2 and resumed.step == state["step"]
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, state["model"][key]), key
+    assert all(0.0 <= v <= 1.0 for v in resumed.fit().values())
 
 
 def test_divergence_is_reported_with_step(tmp_path):
