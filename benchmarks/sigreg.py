@@ -10,7 +10,8 @@ process, minimum over repeats (the machine may be shared; both get the same trea
 Peak memory: the high-water mark of bytes held by tensors allocated during forward + backward,
 above what was live before (z, A). On CPU it is replayed from the torch profiler's allocation
 trace (profile_memory=True records every allocation and free of torch's CPU allocator, with its
-size, in order; the running sum's maximum is the peak); on CUDA it is max_memory_allocated.
+size, in order; the running sum's maximum is the peak); on CUDA it is max_memory_allocated
+(lejepa.profiling.peak_allocated_bytes).
 This counts autograd's saved tensors, temporaries and gradients alike, and nothing else (not
 the Python heap, not allocator caching), so the two implementations are compared like for like.
 
@@ -28,8 +29,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from lejepa.profiling import peak_allocated_bytes
 from lejepa.sigreg import SIGReg, epps_pulley_direct, sample_directions
 
 KNOTS = 17
@@ -69,25 +70,6 @@ def seconds(run: Callable, device) -> float:
     return time.perf_counter() - start
 
 
-def peak_bytes(run: Callable, device) -> int:
-    """High-water mark of tensor bytes allocated while ``run`` executes (see module docstring)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        run()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def direct_fits(n: int, m: int, device) -> bool:
     """The direct formula holds ≈ 6·knots copies of x (measured); keep it within half the room."""
     need = 6 * KNOTS * V * n * m * 4
@@ -112,7 +94,7 @@ def compare(n: int, m: int, device, autocast: torch.dtype | None, min_seconds: f
         if reps >= 10 or (reps >= 3 and reps * slowest >= min_seconds):
             break
     row = {f"{name}_ms": 1e3 * min(t) for name, t in times.items()}
-    row.update({f"{name}_mib": peak_bytes(run, device) / MiB for name, run in runs.items()})
+    row.update({f"{name}_mib": peak_allocated_bytes(run, device) / MiB for name, run in runs.items()})
     if "direct" in runs:
         (fast, fast_grad), (direct, direct_grad) = out["fast"], out["direct"]
         row["time_ratio"] = row["fast_ms"] / row["direct_ms"]

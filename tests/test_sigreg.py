@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from scipy.integrate import quad
-from torch.profiler import ProfilerActivity, profile
 
+from lejepa.profiling import peak_allocated_bytes
 from lejepa.sigreg import SIGReg, epps_pulley, epps_pulley_direct, sample_directions
 
 N = 512
@@ -158,25 +158,13 @@ def test_directions_follow_the_step_counter():
     assert int(restored.step) == 2 and int(sigreg.step) == 3
 
 
-def _peak_allocated_bytes(fn) -> int:
-    """Peak of live bytes allocated by torch's CPU allocator while fn runs (profiler trace)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_never_materialises_a_per_knot_tensor():
     """Peak forward + backward memory per byte of x: the direct formula holds x·t_k for all 17
     knots (≥ 17), the fast path little more than x's gradient (≤ 3)."""
 
     def peak_per_input_byte(fn, shape) -> float:
         x = torch.randn(shape, requires_grad=True)
-        return _peak_allocated_bytes(lambda: fn(x).sum().backward()) / (x.numel() * 4)
+        return peak_allocated_bytes(lambda: fn(x).sum().backward()) / (x.numel() * 4)
 
     assert peak_per_input_byte(epps_pulley_direct, (2, 128, 256)) >= 17
     assert peak_per_input_byte(epps_pulley, (8, 256, 1024)) <= 3
