@@ -4,18 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install quickstart test datasets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Debian's dataset-fashion-mnist (the 70,000 real Fashion-MNIST images, offline), when missing.
+datasets:
+	@test -f $(FASHION_MNIST) || bash .ci/install-debian-packages \
+	  "get Fashion-MNIST's four IDX files (github.com/zalandoresearch/fashion-mnist) and pass data.root=<their folder>" \
+	  dataset-fashion-mnist
 
-quickstart: $(STAMP)
+install: $(STAMP) datasets
+
+quickstart: install
 	$(BIN)/lejepa sweep sweeps/quickstart.yaml
 	$(BIN)/lejepa select quickstart --out runs/selection-quickstart
 
-test: $(STAMP)
+test: install
 	$(BIN)/python -m pytest

@@ -48,13 +48,20 @@ def _numeric(annotation: Any) -> bool:
 class DataConfig(_Section):
     """Which dataset, where it lives and at which resolution the encoder sees it."""
 
-    name: str = Field("digits-shifted", description="digits | digits-shifted | cifar10 | cifar100 | stl10 | imagefolder | imagenet | imagenette | galaxy10")
-    root: str | None = Field(None, description="folder holding the dataset files (file-backed datasets)")
+    name: str = Field("digits-shifted", description="digits | digits-shifted | fashion-mnist | fashion-mnist-shifted | "
+                      "mnist | kmnist | emnist | cifar10 | cifar100 | stl10 | imagefolder | imagenet | imagenette | galaxy10")
+    root: str | None = Field(None, description="folder holding the dataset files (file-backed datasets; "
+                             "fashion-mnist defaults to Debian's /usr/share/datasets/fashion-mnist)")
     resolution: int = Field(32, ge=8, le=1024, description="side of the global views, in pixels")
     download: bool = Field(False, description="allow torchvision to download CIFAR/STL-10 into root")
-    placements: int = Field(4, ge=1, le=64, description="digits-shifted: random placements per digit")
+    placements: int = Field(4, ge=1, le=64, description="*-shifted: random placements per source image")
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="digits*: fraction held out for testing")
-    seed: int = Field(0, description="seed for synthetic splits and placements")
+    train_size: int | None = Field(None, ge=1, description="stratified, seeded subset of the training split "
+                                   "(source images for *-shifted); None = all")
+    test_size: int | None = Field(None, ge=1, description="the same for the test split")
+    fit: Literal["auto", "pad", "resize"] = Field("auto", description="MNIST-style 28 px images: pad onto the "
+                                                  "canvas, or resize; auto = pad up to 4 px per side (28 -> 32)")
+    seed: int = Field(0, description="seed for synthetic splits, subsets and placements")
 
 
 class ModelConfig(_Section):

@@ -2,7 +2,8 @@
 
 :func:`build_datasets` turns a :class:`~lejepa.config.DataConfig` into train and test splits
 whose items are ``(uint8 tensor [3, S, S], int label)``. Small datasets (the scikit-learn
-digits, CIFAR, STL-10) are decoded once into a :class:`TensorImageDataset` that hands a whole
+digits, the MNIST family's IDX files — Fashion-MNIST from Debian's ``dataset-fashion-mnist`` by
+default —, CIFAR, STL-10) are decoded once into a :class:`TensorImageDataset` that hands a whole
 batch out with one index operation; image folders (ImageNet, Imagenette, Galaxy10, any
 class-per-folder tree) stay on disk and are decoded per item (PIL, as torchvision's
 ImageFolder does; ``torchvision.io`` decoding is deprecated since torchvision 0.29).
@@ -31,11 +32,15 @@ from torchvision import datasets as tvd
 
 from lejepa.config import DataConfig
 from lejepa.errors import DataError, did_you_mean
+from lejepa.idx import read_idx
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FOLDER_CROP = 0.875  # image folders are stored at resolution / 0.875 (256 px for 224), eval centre-crops
 DIGIT_FRACTION = 0.5  # digits-shifted: a digit's side is this fraction of the canvas, times U(0.8, 1.2)
+ITEM_FRACTION = 0.6  # fashion-mnist-shifted: the same for a 28 px item
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+PAD_LIMIT = 4  # data.fit=auto pads 28 px images when the canvas is at most this many px larger per side
 
 
 @dataclass
@@ -89,12 +94,30 @@ def batch_collate(batch):
 
 
 def build_datasets(cfg: DataConfig) -> DatasetSplits:
-    """The train / test splits named by ``cfg.name`` (see :data:`BUILDERS`)."""
+    """The train / test splits named by ``cfg.name`` (see :data:`BUILDERS`), each cut to a
+    stratified, seeded subset when ``cfg.train_size`` / ``cfg.test_size`` ask for one."""
     builder = BUILDERS.get(cfg.name)
     if builder is None:
         raise DataError(f"unknown dataset {cfg.name!r}{did_you_mean(cfg.name, BUILDERS)}; "
                         f"choose one of: {', '.join(BUILDERS)}")
-    return builder(cfg)
+    splits = builder(cfg)
+    if cfg.name.endswith("-shifted"):  # the builder subsets source images, before placing them
+        return splits
+    splits.train = _limit(splits.train, cfg.train_size, cfg.seed, "data.train_size")
+    splits.test = _limit(splits.test, cfg.test_size, cfg.seed, "data.test_size")
+    return splits
+
+
+def _limit(dataset: Dataset, size: int | None, seed: int, what: str) -> Dataset:
+    """``dataset`` cut to a stratified subset of ``size`` items (unchanged when already that size)."""
+    if size is None or len(dataset) == size:
+        return dataset
+    labels = dataset.labels if isinstance(dataset, TensorImageDataset) else torch.as_tensor(dataset.targets)
+    keep = _subset_indices(labels, size, seed, what)
+    if isinstance(dataset, TensorImageDataset):
+        sources = dataset.sources[keep] if dataset.sources is not None else None
+        return TensorImageDataset(dataset.images[keep], dataset.labels[keep], sources)
+    return torch.utils.data.Subset(dataset, keep.tolist())
 
 
 # ---------------------------------------------------------------------------- digits
@@ -137,12 +160,12 @@ def _digits(cfg: DataConfig) -> DatasetSplits:
                    TensorImageDataset(rgb[test], labels[test], test), 10)
 
 
-def _place(digits: Tensor, size: int, generator: torch.Generator) -> Tensor:
-    """Each digit [n, 1, 8, 8] drawn once on a black ``size``-px canvas: side
-    ``DIGIT_FRACTION * U(0.8, 1.2)`` of the canvas, centre uniform over the positions that keep
-    it whole. One affine ``grid_sample``: output point u reads the digit at (u - c) / s."""
+def _place(digits: Tensor, size: int, generator: torch.Generator, fraction: float = DIGIT_FRACTION) -> Tensor:
+    """Each image [n, 1, h, w] (float) drawn once on a black ``size``-px canvas: side
+    ``fraction * U(0.8, 1.2)`` of the canvas, centre uniform over the positions that keep
+    it whole. One affine ``grid_sample``: output point u reads the image at (u - c) / s."""
     n = digits.shape[0]
-    s = DIGIT_FRACTION * (0.8 + 0.4 * torch.rand(n, generator=generator))
+    s = fraction * (0.8 + 0.4 * torch.rand(n, generator=generator))
     c = (2.0 * torch.rand(n, 2, generator=generator) - 1.0) * (1.0 - s)[:, None]
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / s
@@ -153,11 +176,14 @@ def _place(digits: Tensor, size: int, generator: torch.Generator) -> Tensor:
 
 def _digits_shifted(cfg: DataConfig) -> DatasetSplits:
     """Real digits rescaled and placed at random on a canvas, ``cfg.placements`` per digit,
-    split by source digit (stratified) so no digit appears in both splits."""
+    split by source digit (stratified) so no digit appears in both splits; ``train_size`` /
+    ``test_size`` count source digits."""
     images, labels = _digit_arrays()
     generator = torch.Generator().manual_seed(cfg.seed)
     parts = []
-    for index in _split_indices(labels, cfg):
+    for index, size, what in zip(_split_indices(labels, cfg), (cfg.train_size, cfg.test_size),
+                                 ("data.train_size", "data.test_size")):
+        index = index[_subset_indices(labels[index], size, cfg.seed, what)]
         sources = index.repeat_interleave(cfg.placements)
         placed = _place(images[sources], cfg.resolution, generator)
         parts.append(TensorImageDataset(_to_uint8_rgb(placed.clamp(0.0, 1.0)), labels[sources], sources))
@@ -303,6 +329,143 @@ def _image_folder(cfg: DataConfig) -> DatasetSplits:
                          source_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=cfg.name)
 
 
+# ---------------------------------------------------------------------------- IDX (MNIST family)
+
+IDX_PARTS = {  # file-name stems of the four files, as the MNIST family names them
+    "train images": "train-images", "train labels": "train-labels",
+    "test images": "t10k-images", "test labels": "t10k-labels",
+}
+
+_IDX_HELP = {
+    "fashion-mnist": ("Fashion-MNIST", "install Debian's package dataset-fashion-mnist (apt-get install "
+                      "dataset-fashion-mnist) or pass data.root=<folder holding the four IDX files>"),
+    "mnist": ("MNIST", "pass data.root=<folder holding train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte, "
+              "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte>"),
+    "kmnist": ("KMNIST", "pass data.root=<folder holding the four KMNIST IDX files (train-images-idx3-ubyte.gz, "
+               "...)>"),
+    "emnist": ("EMNIST", "pass data.root=<folder holding the four IDX files of one EMNIST split, e.g. "
+               "emnist-balanced-train-images-idx3-ubyte.gz, ...>"),
+}
+
+
+def _idx_file(root: Path, stem: str, title: str, how: str) -> Path:
+    """The one file under ``root`` named ``[prefix-]<stem>[-.]idx?-ubyte[.gz]``."""
+    found = sorted(p for p in root.glob(f"*{stem}[-.]idx*-ubyte*") if p.is_file()
+                   and (p.name.startswith(stem) or p.name.split(stem)[0].endswith("-")))
+    if not found:
+        raise DataError(f"{title} not found under {root} (no {stem}-idx*-ubyte[.gz]): {how}")
+    if len(found) > 1:
+        raise DataError(f"{title} under {root}: several {stem} files ({', '.join(p.name for p in found[:3])}); "
+                        f"point data.root at a folder holding one set")
+    return found[0]
+
+
+def idx_arrays(root: Path, title: str = "IDX dataset", how: str = "") -> dict[str, np.ndarray]:
+    """The four arrays of an MNIST-style folder: ``train images`` uint8 [N, H, W], ``train
+    labels`` int64 [N], and the same for ``test``; shapes checked against each other."""
+    if not root.is_dir():
+        raise DataError(f"{title} not found: {root} is not a folder: {how}")
+    arrays = {part: read_idx(_idx_file(root, stem, title, how)) for part, stem in IDX_PARTS.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split} images"], arrays[f"{split} labels"]
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise DataError(f"{title} under {root}: {split} images must be uint8 [N, H, W], got "
+                            f"{images.dtype} {images.shape}")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise DataError(f"{title} under {root}: {len(images)} {split} images but labels of shape {labels.shape}")
+        arrays[f"{split} labels"] = labels.astype(np.int64)
+    if arrays["train images"].shape[1:] != arrays["test images"].shape[1:]:
+        raise DataError(f"{title} under {root}: train and test images differ in size")
+    return arrays
+
+
+def stratified_subset(labels: Tensor, size: int, seed: int) -> Tensor:
+    """Sorted indices of ``size`` items whose class counts are proportional to ``labels``'
+    (largest remainder), drawn per class with a generator seeded by ``seed``."""
+    classes, counts = labels.unique(return_counts=True)
+    quota = counts.double() * size / len(labels)
+    take = quota.floor().long()
+    extra = torch.argsort(-(quota - take), stable=True)[: size - int(take.sum())]
+    take[extra] += 1
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for cls, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        picks.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(picks).sort().values
+
+
+def _subset_indices(labels: Tensor, size: int | None, seed: int, what: str) -> Tensor:
+    """All indices, or a stratified subset of ``size`` (``what`` names the field in errors)."""
+    if size is None or size == len(labels):
+        return torch.arange(len(labels))
+    if size > len(labels):
+        raise DataError(f"{what}={size} exceeds the {len(labels)} images of that split")
+    classes = len(labels.unique())
+    if size < classes:
+        raise DataError(f"{what}={size} is below the {classes} classes: a stratified subset needs one per class")
+    return stratified_subset(labels, size, seed)
+
+
+def _gray_rgb(gray: Tensor) -> Tensor:
+    """uint8 [N, H, W] to uint8 [N, 3, H, W] as a view (the three channels share memory)."""
+    return gray.unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+def _fit(gray: Tensor, resolution: int, fit: str) -> Tensor:
+    """uint8 [N, H, W] fitted to the resolution: ``pad`` centres it on a black canvas of side
+    ``resolution``; ``resize`` stores it at ``resolution`` when that is smaller (antialiased),
+    else keeps the native side (views and eval resample). ``auto`` pads when the canvas is at
+    most ``PAD_LIMIT`` px larger per side (28 -> 32, LeNet's padding), else resizes."""
+    side = gray.shape[-1]
+    if fit == "auto":
+        fit = "pad" if side <= resolution <= side + 2 * PAD_LIMIT else "resize"
+    if fit == "pad" and resolution > side:
+        before = (resolution - side) // 2
+        return NF.pad(gray, (before, resolution - side - before, before, resolution - side - before))
+    if resolution < side:
+        small = NF.interpolate(gray.unsqueeze(1).float(), size=(resolution, resolution), mode="bilinear",
+                               align_corners=False, antialias=True)
+        return small.round_().clamp_(0, 255).to(torch.uint8)[:, 0]
+    return gray
+
+
+def _idx_dataset(cfg: DataConfig, shifted: bool = False) -> DatasetSplits:
+    """An MNIST-style IDX folder: the official train / test split, optionally a stratified
+    subset of each (``data.train_size``, ``data.test_size``), grey kept as 3 channels.
+    ``shifted``: each image placed ``data.placements`` times at random positions and scales
+    (side ``ITEM_FRACTION * U(0.8, 1.2)`` of the canvas) on a black canvas of side
+    ``data.resolution``; placements of one source stay in its split. ``sources`` holds each
+    item's index in the official files, test indices offset by the train size."""
+    family = cfg.name.removesuffix("-shifted")
+    title, how = _IDX_HELP[family]
+    root = Path(cfg.root).expanduser() if cfg.root else (Path(FASHION_MNIST_DIR) if family == "fashion-mnist" else None)
+    if root is None:
+        raise DataError(f"{title} needs data.root: {how}")
+    arrays = idx_arrays(root, title, how)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    num_classes = int(max(arrays["train labels"].max(), arrays["test labels"].max())) + 1
+    parts, offset = [], 0
+    for split, size in (("train", cfg.train_size), ("test", cfg.test_size)):
+        labels = torch.from_numpy(arrays[f"{split} labels"])
+        keep = _subset_indices(labels, size, cfg.seed, f"data.{split}_size")
+        images = torch.from_numpy(arrays[f"{split} images"])[keep]
+        if family == "emnist":  # EMNIST's IDX files store each image transposed
+            images = images.transpose(1, 2)
+        sources, labels = keep + offset, labels[keep]
+        offset += len(arrays[f"{split} labels"])
+        if shifted:
+            sources = sources.repeat_interleave(cfg.placements)
+            labels = labels.repeat_interleave(cfg.placements)
+            gray = torch.cat([_place(chunk.unsqueeze(1).float().div(255.0), cfg.resolution, generator, ITEM_FRACTION)
+                              .mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)[:, 0]
+                              for chunk in images.repeat_interleave(cfg.placements, dim=0).split(8192)])
+        else:
+            gray = _fit(images.contiguous(), cfg.resolution, cfg.fit)
+        parts.append(TensorImageDataset(_gray_rgb(gray), labels, sources))
+    return _splits(cfg.name, cfg, parts[0], parts[1], num_classes)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -315,4 +478,6 @@ BUILDERS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
     "cifar100": lambda cfg: _cifar(cfg, _CIFAR100, "CIFAR-100", 100),
     "stl10": _stl10,
     **{name: _image_folder for name in _FOLDER_HELP},
+    **{name: _idx_dataset for name in _IDX_HELP},
+    "fashion-mnist-shifted": functools.partial(_idx_dataset, shifted=True),
 }

@@ -52,7 +52,8 @@ def test_resume_continues_the_same_mlflow_run(tmp_path, tiny_overrides):
 @pytest.mark.parametrize("args, fragment", [
     (["loss.lam=2"], "loss.lam=2 is invalid"),
     (["loss.lamda=0.1"], "did you mean 'loss.lam'"),
-    (["data.name=mnist"], "mnist"),
+    (["data.name=fashion_mnist"], "did you mean 'fashion-mnist'"),
+    (["data.name=mnist"], "MNIST needs data.root"),
     (["model.arch=resnet_18"], "resnet18"),
     (["a.yaml", "b.yaml"], "several files"),
     (["missing.yaml"], "does not exist"),
