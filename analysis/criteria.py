@@ -27,26 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.special import entr
 from torch import Tensor
 
+from lejepa.health import EPS, singular_values
+from lejepa.health import entropy_rank as _entropy_rank
+
 LABELS = {"rankme": "RankMe", "lidar": "LiDAR", "alpha_req": "α-ReQ (−|α−1|)"}
-EPS = 1e-7
-
-
-def _entropy_rank(weights: np.ndarray, eps: float = EPS) -> float:
-    """exp(−Σ p log p) of p = w / Σw + ε (the effective rank of a non-negative spectrum)."""
-    w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
-    p = w / w.sum() + eps
-    return float(np.exp(entr(p).sum()))
-
-
-def singular_values(z: Tensor) -> np.ndarray:
-    """Singular values of an N×K matrix, descending, from the eigenvalues of its smaller Gram
-    matrix (float64; as accurate as needed here and much faster than an SVD on a busy CPU)."""
-    z = torch.as_tensor(z, dtype=torch.float64)
-    gram = z.T @ z if z.shape[0] >= z.shape[1] else z @ z.T
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0).numpy()
 
 
 def rankme(features: Tensor | np.ndarray, eps: float = EPS) -> float:

@@ -137,9 +137,14 @@ def _split_indices(labels: Tensor, cfg: DataConfig) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
 
 
+def _to_uint8(x: Tensor) -> Tensor:
+    """float in [0, 1] to uint8 (rounded, clamped)."""
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def _to_uint8_rgb(gray: Tensor) -> Tensor:
     """float [N, 1, H, W] in [0, 1] to uint8 [N, 3, H, W]."""
-    return gray.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return _to_uint8(gray).expand(-1, 3, -1, -1).contiguous()
 
 
 def _splits(name: str, cfg: DataConfig, train: TensorImageDataset, test: TensorImageDataset,
@@ -424,9 +429,9 @@ def _fit(gray: Tensor, resolution: int, fit: str) -> Tensor:
         before = (resolution - side) // 2
         return NF.pad(gray, (before, resolution - side - before, before, resolution - side - before))
     if resolution < side:
-        small = NF.interpolate(gray.unsqueeze(1).float(), size=(resolution, resolution), mode="bilinear",
-                               align_corners=False, antialias=True)
-        return small.round_().clamp_(0, 255).to(torch.uint8)[:, 0]
+        small = NF.interpolate(gray.unsqueeze(1).float().div(255.0), size=(resolution, resolution),
+                               mode="bilinear", align_corners=False, antialias=True)
+        return _to_uint8(small)[:, 0]
     return gray
 
 
@@ -457,8 +462,8 @@ def _idx_dataset(cfg: DataConfig, shifted: bool = False) -> DatasetSplits:
         if shifted:
             sources = sources.repeat_interleave(cfg.placements)
             labels = labels.repeat_interleave(cfg.placements)
-            gray = torch.cat([_place(chunk.unsqueeze(1).float().div(255.0), cfg.resolution, generator, ITEM_FRACTION)
-                              .mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)[:, 0]
+            gray = torch.cat([_to_uint8(_place(chunk.unsqueeze(1).float().div(255.0), cfg.resolution, generator,
+                                               ITEM_FRACTION))[:, 0]
                               for chunk in images.repeat_interleave(cfg.placements, dim=0).split(8192)])
         else:
             gray = _fit(images.contiguous(), cfg.resolution, cfg.fit)
