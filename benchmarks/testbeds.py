@@ -27,7 +27,6 @@ from torch import nn
 from lejepa.callbacks import ConsoleProgress
 from lejepa.config import load_config
 from lejepa.probes import knn_accuracy
-from lejepa.runtime import seed_everything
 from lejepa.trainer import Trainer
 from train_quality import Clock, pixels, probe
 
@@ -96,8 +95,7 @@ def measure(name: str, overrides: list[str], baselines_only: bool, supervised: b
                lejepa_seconds=round(clock.elapsed), supervised=float("nan"))
     if not supervised:
         return row
-    seed_everything(cfg.train.seed)  # a fresh backbone, same seed, for the supervised bound
-    fresh = Trainer(cfg, [], data=trainer.data)
+    fresh = Trainer(cfg, [], data=trainer.data)  # a fresh backbone: Trainer seeds it with the same seed
     row["supervised"], seconds = supervised_upper_bound(fresh)
     row["supervised_seconds"] = round(seconds)
     return row
