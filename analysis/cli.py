@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # pandas and MLflow load when the command runs, not with ever
     from mlflow.entities.model_registry import ModelVersion
 
 DEFAULT_SCORE = "loss_lam"
+"""The base score of the default pick; every pick is made by its healthy-only twin
+(``safe_<score>``, :mod:`analysis.health`), so an unhealthy checkpoint is never chosen."""
 
 
 def register_checkpoint(tracking_uri: str, row: pd.Series, name: str, score: str) -> ModelVersion:
@@ -58,10 +60,12 @@ def _check_store(uri: str) -> None:
 
 def _cmd_select(args: argparse.Namespace) -> int:
     from analysis.criteria import evaluate_checkpoints
+    from analysis.health import SAFE
     from analysis.loader import load_sweep
     from analysis.report import LABELS, analyse, log_report, terminal_table, write_report
     from lejepa.tracking import default_tracking_uri
 
+    args.score = args.score.removeprefix(SAFE)
     if args.score not in LABELS:
         raise LejepaError(f"unknown score {args.score!r}{did_you_mean(args.score, LABELS)}; "
                           f"choose one of: {', '.join(LABELS)}")
@@ -84,21 +88,26 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if args.score not in set(analysis.selection.get("score", [])):
         raise LejepaError(f"no checkpoint of sweep {sweep.name!r} has a {analysis.label(args.score)} score "
                           f"(are its checkpoint folders or artifacts missing?)")
+    key = SAFE + args.score
+    if key not in set(analysis.selection.get("score", [])):
+        print(terminal_table(analysis), file=sys.stderr)
+        raise LejepaError(f"no checkpoint of sweep {sweep.name!r} is healthy (and on the compared loss scale): "
+                          f"nothing to select; raise loss.lam or optim.batch_size (see the ruled-out runs above)")
     out = Path(args.out or f"selection-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep.name)}").resolve()
     report = write_report(analysis, out)
     print(terminal_table(analysis))
     print(f"report: {report}")
     if not args.no_log:
-        logged = log_report(analysis, out, args.score)
+        logged = log_report(analysis, out, key)
         print(f"report logged to run {sweep.parent_run_id} under selection/" if logged
               else "no sweep parent run: the report is not logged to MLflow")
-    pick = analysis.selection.set_index("score").loc[args.score]
+    pick = analysis.selection.set_index("score").loc[key]
     row = analysis.candidates[(analysis.candidates["run_id"] == pick.run_id)
                               & (analysis.candidates["epoch"] == pick.epoch)].iloc[0]
     if args.register:
-        version = register_checkpoint(uri, row, args.register, args.score)
+        version = register_checkpoint(uri, row, args.register, key)
         print(f"registered: models:/{version.name}/{version.version}")
-    print(f"selected by {analysis.label(args.score)}: {pick.trial} ({pick.arch}, λ={pick.lam:g}) epoch {pick.epoch}")
+    print(f"selected by {analysis.label(key)}: {pick.trial} ({pick.arch}, λ={pick.lam:g}) epoch {pick.epoch}")
     print(f"checkpoint: {pick.checkpoint}")
     return 0
 
@@ -114,8 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="report folder (default: ./selection-<sweep>)")
     p.add_argument("--register", metavar="NAME", help="register the chosen checkpoint as a version of model NAME")
     p.add_argument("--score", default=DEFAULT_SCORE,
-                   help="label-free score that picks: loss, loss_lastk, loss_lam (default: loss/λ^0.4), "
-                        "loss_lam_fit, rankme, lidar, alpha_req")
+                   help="label-free score that picks, among healthy checkpoints only: loss, loss_lastk, "
+                        "loss_lam (default: loss/λ^0.4), loss_lam_fit, rankme, lidar, alpha_req")
     p.add_argument("--criteria", action="store_true",
                    help="also compute RankMe, LiDAR, α-ReQ and the frozen linear probe on every checkpoint on disk")
     p.add_argument("--sample-size", type=int, default=1024,

@@ -12,7 +12,8 @@ that *higher predicts better accuracy*. The loss-based ones (REFERENCE §3):
 α̂ maximises pooled Spearman ρ(−L/λ^α, accuracy) on a grid over [0, 1]; ties take the middle of
 the maximising set. C(α) is that ρ as a function of α (in-sample, descriptive).
 
-Agreement is Spearman ρ and Kendall τ-b (``scipy.stats``) with percentile-bootstrap confidence
+A health-aware score (:mod:`analysis.health`) is −∞ for ruled-out runs: they count, tied
+below every other run. Agreement is Spearman ρ and Kendall τ-b (``scipy.stats``) with percentile-bootstrap confidence
 intervals over runs (pairs resampled together; α̂ held fixed inside the bootstrap).
 """
 
@@ -70,10 +71,16 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _finite_pairs(score, acc) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs with a known accuracy and score; a score of −∞ (a run a health-aware score rules
+    out) is kept, tied below every finite score."""
     x = np.asarray(score, dtype=float)
     y = np.asarray(acc, dtype=float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    return x[keep], y[keep]
+    keep = (np.isfinite(x) | (x == -np.inf)) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    finite = np.isfinite(x)
+    if finite.any() and not finite.all():
+        x = np.where(finite, x, x[finite].min() - 1.0)
+    return x, y
 
 
 @dataclass(frozen=True)

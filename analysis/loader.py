@@ -9,8 +9,9 @@ trial × logged epoch:
 - hyper-parameters: every MLflow param as ``params.<key>`` (strings, as logged) and the numeric
   ``lam``, ``lr``, ``weight_decay``, ``num_slices``;
 - per-epoch metrics (value at the epoch's last global step): ``epoch``, ``step``, ``loss``,
-  ``invariance``, ``sigreg``, ``online_acc``, ``online_train_acc``, ``images_per_sec`` and
-  ``train_score`` when the sweep reported one;
+  ``invariance``, ``sigreg``, ``online_acc``, ``online_train_acc``, ``images_per_sec``,
+  ``train_score`` when the sweep reported one, and the health measures (``collapse_ratio``,
+  ``proj_rank``, ``proj_std_spread``, ``feature_rank``, ``verdict_code``) when training logged them;
 - final metrics on the run's last epoch only: ``linear_probe_acc``, ``knn_acc``,
   ``online_probe_acc``; ``is_final`` marks that row;
 - the checkpoint reference: ``checkpoint`` (the epoch's folder under the run folder, if it is on
@@ -18,7 +19,8 @@ trial × logged epoch:
   artifact).
 
 Diverged, failed, killed and unfinished trials are left out, each with a note; trials pruned by
-the scheduler (``lejepa.status=pruned``) stay in, without final metrics.
+the scheduler (``lejepa.status=pruned``) or stopped as collapsed (``lejepa.status=collapsed``)
+stay in, without final metrics.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ EPOCH_METRICS = {
     "epoch/loss": "loss", "epoch/invariance": "invariance", "epoch/sigreg": "sigreg",
     "probe/online_test_acc": "online_acc", "probe/online_train_acc": "online_train_acc",
     "epoch/images_per_sec": "images_per_sec", "train/score": "train_score",
+    "health/collapse_ratio": "collapse_ratio", "health/proj_rank": "proj_rank",
+    "health/proj_std_spread": "proj_std_spread", "health/feature_rank": "feature_rank",
+    "health/verdict": "verdict_code",
 }
 FINAL_METRICS = {"eval/linear_probe_acc": "linear_probe_acc", "eval/knn_acc": "knn_acc",
                  "eval/online_probe_acc": "online_probe_acc"}
@@ -194,8 +199,9 @@ def load_sweep(ref: str, tracking_uri: str) -> Sweep:
         found = _rows(client, run)
         if not found:
             notes.append(f"excluded {label} ({run.info.run_id[:8]}): no epoch logged")
-        elif run.data.tags.get("lejepa.status") == "pruned":
-            notes.append(f"{label} was pruned at epoch {found[-1]['epoch']}: kept as a candidate, no final probe")
+        elif run.data.tags.get("lejepa.status") in ("pruned", "collapsed"):
+            why = "pruned" if run.data.tags["lejepa.status"] == "pruned" else "stopped as collapsed"
+            notes.append(f"{label} was {why} at epoch {found[-1]['epoch']}: kept as a candidate, no final probe")
         rows += found
     if not rows:
         raise LejepaError(f"sweep {name!r} has no finished trial with logged epochs"

@@ -20,6 +20,7 @@ from analysis import correlation as corr
 from analysis import plots
 from analysis.criteria import LABELS as CRITERIA_LABELS
 from analysis.criteria import cost_table
+from analysis.health import SAFE, add_health, add_safe_scores, exclusions, main_group
 from analysis.loader import Sweep
 from analysis.selection import EVIDENCE, evidence_column, random_regret, selection_table
 
@@ -49,10 +50,17 @@ class Analysis:
     selection: pd.DataFrame
     criteria: pd.DataFrame | None
     last_k: int
+    group: str | None                    # the scale group whose losses are compared
+    excluded: pd.DataFrame               # runs the health-aware scores rank last, with reasons
     notes: list[str] = field(default_factory=list)
 
     def label(self, key: str) -> str:
-        return LABELS[key].replace("last k", f"last {self.last_k}")
+        return label(key).replace("last k", f"last {self.last_k}")
+
+
+def label(key: str) -> str:
+    """A score's name; health-aware twins read ``<name>, healthy only``."""
+    return f"{LABELS[key.removeprefix(SAFE)]}, healthy only" if key.startswith(SAFE) else LABELS[key]
 
 
 def analyse(sweep: Sweep, criteria: pd.DataFrame | None = None, last_k: int = 3, n_boot: int = 1000,
@@ -82,6 +90,18 @@ def analyse(sweep: Sweep, criteria: pd.DataFrame | None = None, last_k: int = 3,
         curve = corr.alpha_curve(runs["loss"], runs["lam"], runs[run_acc])
         alpha_in_sample = corr.fit_alpha(runs["loss"], runs["lam"], runs[run_acc])
     scores += [k for k in CRITERIA_LABELS if f"score.{k}" in epochs]
+    epochs = add_health(epochs)
+    has_checkpoint = epochs["checkpoint"].notna() | epochs["checkpoint_uri"].notna()
+    group = main_group(epochs[has_checkpoint])
+    epochs = add_safe_scores(epochs, scores, group)
+    scores = [k for base in scores for k in (base, SAFE + base)]
+    groups = sorted(epochs["scale_group"].unique())
+    if len(groups) > 1:
+        notes.append(f"the runs' losses are on {len(groups)} scales ({'; '.join(groups)}): the loss-based "
+                     f"healthy-only scores compare runs of `{group}` only (the group with the most healthy "
+                     f"checkpoints); RankMe, LiDAR and α-ReQ are scale-free and compare all healthy runs")
+    if group is None:
+        notes.append("no checkpoint is healthy: the healthy-only scores pick nothing")
     runs = epochs[epochs["is_final"]].reset_index(drop=True)
     correlations = corr.correlation_table(runs, scores, run_acc, n_boot=n_boot, seed=seed) if run_acc else None
     candidates = epochs[epochs["checkpoint"].notna() | epochs["checkpoint_uri"].notna()].reset_index(drop=True)
@@ -94,7 +114,7 @@ def analyse(sweep: Sweep, criteria: pd.DataFrame | None = None, last_k: int = 3,
                      "on every checkpoint")
     return Analysis(sweep, epochs, runs, candidates, scores, run_acc, pick_acc, correlations, curve,
                     alpha_in_sample, alphas, scheme, selection_table(candidates, scores, pick_acc), criteria,
-                    last_k, notes)
+                    last_k, group, exclusions(runs, group), notes)
 
 
 # --------------------------------------------------------------------------- tables
@@ -139,6 +159,9 @@ def terminal_table(a: Analysis) -> str:
         lines.append(f"oracle: {best.oracle_trial} @ epoch {best.oracle_epoch}, "
                      f"{100 * best.oracle_accuracy:.2f}% ({EVIDENCE[a.pick_acc]}); random pick: expected regret "
                      f"{random_regret(a.candidates, a.pick_acc):.2f} pts")
+    if len(a.excluded):
+        lines.append(f"ruled out by the healthy-only scores ({len(a.excluded)} of {len(a.runs)} runs):")
+        lines += [f"  {r.trial} ({r.arch}, λ={r['λ']:g}): {r.reason}" for _, r in a.excluded.iterrows()]
     lines += [f"note: {n}" for n in a.notes]
     return "\n".join(lines)
 
@@ -184,6 +207,12 @@ def write_report(a: Analysis, out_dir: Path | str) -> Path:
     if picks is not None:
         picks["score"] = picks["score"].map(a.label)
         md += ["### Chosen checkpoints", "", markdown_table(picks), ""]
+    verdicts = a.runs["verdict"].value_counts()
+    md += ["## Run health", "", "Each run's last-epoch verdict (`lejepa.health`): "
+           + ", ".join(f"{n} {v}" for v, n in verdicts.items()) + ". Healthy-only scores rank every other "
+           "run last and never pick its checkpoints.", ""]
+    if len(a.excluded):
+        md += [markdown_table(a.excluded.assign(**{"λ": a.excluded["λ"].map(lambda v: f"{v:g}")})), ""]
     if a.correlations is not None:
         pooled = a.correlations[(a.correlations["group"] == "all") & (a.correlations["score"] == "loss")].iloc[0]
         scatter = plots.loss_vs_accuracy(a.runs, a.run_acc, pooled.rho, pooled.tau, out / "loss_vs_accuracy.png",

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from lejepa.health import VERDICTS
+
 
 @dataclass
 class RunInfo:
@@ -82,6 +84,14 @@ class CallbackList(Callback):
             cb.on_failure(error)
 
 
+def health_text(metrics: dict[str, float]) -> str:
+    """``  collapse 0.12  rank 0.85  healthy`` from an epoch's health metrics ('' without them)."""
+    if "health/verdict" not in metrics:
+        return ""
+    return (f"  collapse {metrics['health/collapse_ratio']:.2f}  rank {metrics['health/proj_rank']:.2f}  "
+            f"{VERDICTS[int(metrics['health/verdict'])]}")
+
+
 class ConsoleProgress(Callback):
     """One line per epoch, plus a step line at most every ``interval`` seconds within long epochs."""
 
@@ -121,8 +131,8 @@ class ConsoleProgress(Callback):
         probe_txt = f"  probe {100 * probe:.1f}%" if probe is not None else ""
         self._print(
             f"epoch {epoch}/{total}  loss {metrics['epoch/loss']:.4f}  inv {metrics['epoch/invariance']:.4f}  "
-            f"sigreg {metrics['epoch/sigreg']:.4f}{probe_txt}  {metrics['epoch/images_per_sec']:.0f} img/s  "
-            f"{metrics['epoch/time_s']:.1f}s"
+            f"sigreg {metrics['epoch/sigreg']:.4f}{probe_txt}{health_text(metrics)}  "
+            f"{metrics['epoch/images_per_sec']:.0f} img/s  {metrics['epoch/time_s']:.1f}s"
         )
 
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:

@@ -11,6 +11,12 @@
   of an N × D matrix: ≈ r for data of rank r with equal spread; D at most.
 - :func:`std_spread`: coefficient of variation of the per-dimension standard deviations
   (0 when every dimension has the same spread, as an isotropic Gaussian has).
+- :func:`batch_health`: the per-step measures the trainer averages per epoch, as one tensor on
+  the step's device (no host synchronisation), and :func:`verdict`, an epoch's diagnosis from
+  them: ``collapsed`` when the collapse ratio is at least :data:`COLLAPSED_RATIO`, else
+  ``dimensional collapse`` when the projector's effective rank is below
+  :data:`DIMENSIONAL_RANK` of its dimension, else ``healthy``; a non-finite loss is ``diverged``.
+  Both thresholds come from benchmarks/results/collapse_map (see the constants).
 """
 
 from __future__ import annotations
@@ -23,6 +29,18 @@ from torch import Tensor
 from lejepa.sigreg import epps_pulley
 
 EPS = 1e-7
+
+HEALTHY, DIMENSIONAL, COLLAPSED, DIVERGED = "healthy", "dimensional collapse", "collapsed", "diverged"
+VERDICTS = (HEALTHY, DIMENSIONAL, COLLAPSED, DIVERGED)
+"""Verdict names; a verdict is logged as the metric ``health/verdict`` = its index here."""
+
+COLLAPSED_RATIO = 0.5
+"""Collapse ratio at or above which an epoch is ``collapsed`` (provisional; see the verdicts)."""
+DIMENSIONAL_RANK = 0.25
+"""Projector effective rank / dimension below which an epoch is ``dimensional collapse``."""
+HEALTH_METRICS = ("health/collapse_ratio", "health/proj_rank", "health/proj_std_spread", "health/feature_rank")
+"""Epoch metrics the trainer logs: collapse ratio, projector effective rank / its dimension,
+spread of the projector's per-dimension stds, backbone-feature effective rank / min(batch, width)."""
 
 
 def collapsed_ep(n: int, t_max: float = 3.0, knots: int = 17) -> float:
@@ -50,11 +68,47 @@ def singular_values(z: Tensor | np.ndarray) -> np.ndarray:
     return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0).numpy()
 
 
+def _effective_rank(z: Tensor, eps: float = EPS) -> Tensor:
+    """RankMe of z [N, D] as a 0-d float64 tensor on z's device (0 for an all-zero matrix, NaN
+    when z holds a NaN or infinity: a diverging step must not stop on a failed eigensolver)."""
+    z = z.detach().to(torch.float64)
+    finite = torch.isfinite(z).all()
+    z = torch.where(finite, z, torch.zeros_like(z))  # no host synchronisation
+    gram = z.T @ z if z.shape[0] >= z.shape[1] else z @ z.T
+    try:
+        sigma = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    except torch.linalg.LinAlgError:  # only for pathological finite input
+        return torch.tensor(float("nan"), dtype=torch.float64, device=z.device)
+    total = sigma.sum()
+    p = sigma / total.clamp_min(torch.finfo(torch.float64).tiny) + eps
+    rank = torch.where(total > 0, torch.exp(-(p * p.log()).sum()), torch.zeros_like(total))
+    return torch.where(finite, rank, torch.full_like(rank, float("nan")))
+
+
 def effective_rank(z: Tensor | np.ndarray, eps: float = EPS) -> float:
-    """RankMe of z [N, D] (not centred, as in the paper): :func:`entropy_rank` of its singular
-    values; 0 for an all-zero matrix."""
-    sigma = singular_values(torch.as_tensor(z).detach())
-    return entropy_rank(sigma, eps) if sigma.sum() > 0 else 0.0
+    """RankMe of z [N, D] (not centred, as in the paper): exp(entropy) of its normalised
+    singular values (as :func:`entropy_rank`); 0 for an all-zero matrix."""
+    return float(_effective_rank(torch.as_tensor(z), eps))
+
+
+def batch_health(proj: Tensor, feats: Tensor) -> Tensor:
+    """[projector effective rank / D, projector std spread, feature effective rank / min(N, E)]
+    for one view's projections [N, D] and backbone features [N, E], float64 on their device."""
+    std = proj.detach().to(torch.float64).std(dim=0)
+    spread = std.std() / std.mean().clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.stack([_effective_rank(proj) / proj.shape[1], spread,
+                        _effective_rank(feats) / min(feats.shape)])
+
+
+def verdict(collapse: float, proj_rank: float, loss: float = 0.0) -> str:
+    """An epoch's diagnosis from its mean collapse ratio and projector rank fraction."""
+    if not (np.isfinite(loss) and np.isfinite(collapse)):
+        return DIVERGED
+    if collapse >= COLLAPSED_RATIO:
+        return COLLAPSED
+    if np.isfinite(proj_rank) and proj_rank < DIMENSIONAL_RANK:
+        return DIMENSIONAL
+    return HEALTHY
 
 
 def std_spread(z: Tensor) -> float:

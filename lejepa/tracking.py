@@ -2,7 +2,8 @@
 
 Each training run is one MLflow run: the flattened config as params (once), per-step and
 per-epoch metrics sent in batches (``log_batch``), final probe/kNN metrics, the config file and
-the final checkpoint as artifacts, tags for architecture, family and dataset. A resumed run
+the final checkpoint as artifacts, tags for architecture, family and dataset, and the run's
+health verdict (``lejepa.health``). A resumed run
 continues the same MLflow run (its id is kept in ``<run_dir>/mlflow_run.json``) and skips every
 metric at a step the run already holds for that key, so a run restarted from an older checkpoint
 (or from scratch) leaves no duplicate step. Metrics are delivered by a background thread: a
@@ -27,9 +28,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from lejepa.callbacks import Callback, RunInfo
+from lejepa.health import COLLAPSED, DIVERGED, VERDICTS
 
 RUN_FILE = "mlflow_run.json"
 PARENT_TAG = "mlflow.parentRunId"
+HEALTH_TAG = "lejepa.health"
+"""The run's health verdict (:mod:`lejepa.health`): its last epoch's, or diverged / collapsed."""
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:
@@ -187,6 +191,7 @@ class MLflowCallback(Callback):
         self._events = 0
         self._last_step = 0
         self._logged: dict[str, int] = {}  # key -> highest step the continued run already holds
+        self._verdict: str | None = None
         self.run_dir: Path | None = None
 
     # ---------------------------------------------------------------- helpers
@@ -212,7 +217,7 @@ class MLflowCallback(Callback):
         tags = run.data.tags
         if "lejepa.error" in tags:
             self.client.set_tag(self.run_id, "lejepa.previous_error", tags["lejepa.error"])
-        for key in ("lejepa.error", "lejepa.status", "lejepa.diverged_step"):
+        for key in ("lejepa.error", "lejepa.status", "lejepa.diverged_step", "lejepa.collapsed_at_epoch", HEALTH_TAG):
             if key in tags:
                 self.client.delete_tag(self.run_id, key)
         self.client.set_tag(self.run_id, "lejepa.resumed_from_epoch", str(info.start_epoch))
@@ -259,6 +264,8 @@ class MLflowCallback(Callback):
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self._last_step = step
         self.sender.add(self._metrics({**metrics, "epoch": epoch}, step), wake=True)
+        if "health/verdict" in metrics:  # tagged at the end: a slow server must not stall an epoch
+            self._verdict = VERDICTS[int(metrics["health/verdict"])]
 
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         self.sender.add(self._metrics(metrics, self._last_step))
@@ -268,6 +275,8 @@ class MLflowCallback(Callback):
         if self.log_checkpoint and checkpoint is not None:
             self.client.log_artifacts(self.run_id, str(checkpoint), artifact_path="checkpoint")
             self.client.set_tag(self.run_id, "lejepa.checkpoint", str(checkpoint))
+        if self._verdict is not None:
+            self.client.set_tag(self.run_id, HEALTH_TAG, self._verdict)
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def on_failure(self, error: BaseException) -> None:
@@ -275,11 +284,14 @@ class MLflowCallback(Callback):
             return
         try:
             self._close(timeout=10.0)
-            from lejepa.trainer import TrainingDiverged
+            from lejepa.trainer import TrainingCollapsed, TrainingDiverged
             tags: dict[str, Any] = {"lejepa.error": f"{type(error).__name__}: {error}"[:5000]}
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             if isinstance(error, TrainingDiverged):
-                tags.update({"lejepa.status": "diverged", "lejepa.diverged_step": error.step})
+                tags.update({"lejepa.status": "diverged", "lejepa.diverged_step": error.step, HEALTH_TAG: DIVERGED})
+            elif isinstance(error, TrainingCollapsed):  # label-free pruning: an outcome, not an error
+                tags = {"lejepa.status": "collapsed", "lejepa.collapsed_at_epoch": error.epoch, HEALTH_TAG: COLLAPSED}
+                status = "FINISHED"
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             self.client.set_terminated(self.run_id, status)
         except Exception:  # noqa: BLE001 - never mask the original error

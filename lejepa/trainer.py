@@ -30,6 +30,7 @@ from lejepa.checkpoint import latest_valid_checkpoint, load_checkpoint, save_che
 from lejepa.config import CONFIG_FILE, Config
 from lejepa.data import DatasetSplits, batch_collate, build_datasets
 from lejepa.errors import CheckpointError, ConfigError, LejepaError
+from lejepa.health import COLLAPSED, HEALTH_METRICS, VERDICTS, batch_health, collapsed_ep, verdict
 from lejepa.model import LeJEPAModel
 from lejepa.objective import lejepa_loss
 from lejepa.probes import OnlineProbe, knn_accuracy, linear_probe
@@ -48,6 +49,18 @@ class TrainingDiverged(LejepaError):
         super().__init__(f"training diverged at step {step}: loss is {value}")
         self.step = step
         self.value = value
+
+
+class TrainingCollapsed(LejepaError):
+    """The run stayed collapsed for ``train.collapse_patience`` epochs (label-free pruning)."""
+
+    exit_code = 4
+
+    def __init__(self, epoch: int, ratio: float, patience: int) -> None:
+        super().__init__(f"training stopped at epoch {epoch}: collapsed for {patience} epoch(s) in a row "
+                         f"(collapse ratio {ratio:.2f}; raise loss.lam or optim.batch_size)")
+        self.epoch = epoch
+        self.ratio = ratio
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -99,6 +112,8 @@ class Trainer:
         self.model = model.to(self.rt.device)
         self.probe = probe.to(self.rt.device)
         self.sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max).to(self.rt.device)
+        # SIGReg sees the global batch (its statistics are all-reduced under DDP)
+        self.collapsed_ep = collapsed_ep(cfg.optim.batch_size, cfg.loss.t_max, cfg.loss.knots)
         if self.rt.distributed:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
@@ -210,6 +225,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+        """One optimisation step; returns loss, invariance, SIGReg, probe loss, correct probe
+        predictions and the batch's health measures (:func:`lejepa.health.batch_health` of the
+        first global view, NaN when ``train.health`` is off), all detached on the device."""
         images = images.to(self.rt.device, non_blocking=True)
         labels = labels.to(self.rt.device, non_blocking=True)
         views = self.views(images, self.view_gen)
@@ -232,7 +250,12 @@ class Trainer:
         self.probe_optimizer.step()
         self.scheduler.step()
         correct = (logits.argmax(dim=1) == probe_targets).sum()
-        return terms.loss.detach(), terms.invariance.detach(), terms.sigreg.detach(), probe_loss.detach(), correct
+        if self.cfg.train.health:
+            health = batch_health(proj[0].detach().float(), feats[0].detach().float())
+        else:
+            health = torch.full((3,), float("nan"), dtype=torch.float64, device=self.rt.device)
+        return (terms.loss.detach(), terms.invariance.detach(), terms.sigreg.detach(), probe_loss.detach(), correct,
+                health)
 
     def _check_finite(self, loss: Tensor) -> None:
         value = float(loss)
@@ -243,17 +266,17 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         self.model.train()
         self.probe.train()
-        sums = torch.zeros(5, device=self.rt.device, dtype=torch.float64)
+        sums = torch.zeros(8, device=self.rt.device, dtype=torch.float64)
         seen = steps = 0
         start = time.perf_counter()
         for images, labels in self.loader:
             if self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps:
                 break
-            loss, inv, reg, probe_loss, correct = self._train_step(images, labels)
+            loss, inv, reg, probe_loss, correct, health = self._train_step(images, labels)
             self.step += 1
             steps += 1
             seen += images.shape[0]
-            sums += torch.stack([loss, inv, reg, probe_loss, correct.to(loss.dtype)]).double()
+            sums += torch.cat([torch.stack([loss, inv, reg, probe_loss, correct.to(loss.dtype)]).double(), health])
             if self.step % self.cfg.train.log_every == 0:
                 self._check_finite(loss)
                 self.callbacks.on_step_end(self.step, {
@@ -265,17 +288,22 @@ class Trainer:
         if self.rt.distributed:
             dist.all_reduce(sums)
             sums /= self.rt.world_size
-        loss, inv, reg, probe_loss, correct = (float(v) for v in sums)
+        loss, inv, reg, probe_loss, correct, proj_rank, spread, feat_rank = (float(v) for v in sums)
         if not math.isfinite(loss):
             raise TrainingDiverged(self.step, loss)
         images_per_sec = seen * self.rt.world_size / max(elapsed, 1e-9)
-        return {
+        collapse = reg / steps / self.collapsed_ep
+        metrics = {
             "epoch/loss": loss / steps, "epoch/invariance": inv / steps, "epoch/sigreg": reg / steps,
             "epoch/probe_loss": probe_loss / steps,
             "probe/online_train_acc": correct / max(1, seen * self.num_global),
             "epoch/images_per_sec": images_per_sec, "epoch/time_s": elapsed,
             "epoch/lr": self.scheduler.get_last_lr()[0],
         }
+        if self.cfg.train.health:
+            metrics.update(zip(HEALTH_METRICS, (collapse, proj_rank / steps, spread / steps, feat_rank / steps)))
+            metrics["health/verdict"] = float(VERDICTS.index(verdict(collapse, proj_rank / steps)))
+        return metrics
 
     @torch.no_grad()
     def features(self, dataset: torch.utils.data.Dataset, batch_size: int = 512) -> tuple[Tensor, Tensor]:
@@ -336,6 +364,7 @@ class Trainer:
                        str(self.rt.device), self.rt.world_size,
                        sum(p.numel() for p in _unwrap(self.model).backbone.parameters()))
         checkpoint: Path | None = self.resume_path
+        collapsed_epochs = 0
         try:
             self.callbacks.on_train_start(info)
             while self.epoch < self.cfg.train.epochs:
@@ -350,6 +379,11 @@ class Trainer:
                 checkpoint = self._checkpoint(metrics)
                 if checkpoint is not None:
                     self.callbacks.on_checkpoint(self.epoch, self.step, checkpoint, metrics)
+                collapsed = metrics.get("health/verdict") == VERDICTS.index(COLLAPSED)
+                collapsed_epochs = collapsed_epochs + 1 if collapsed else 0
+                patience = self.cfg.train.collapse_patience
+                if patience is not None and collapsed_epochs >= patience:
+                    raise TrainingCollapsed(self.epoch, metrics["health/collapse_ratio"], patience)
             final = self._final_eval() if self.rt.is_main else {}
             if self.rt.distributed:
                 dist.barrier()

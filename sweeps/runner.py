@@ -37,8 +37,9 @@ from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
 from lejepa.errors import ConfigError, LejepaError
+from lejepa.health import COLLAPSED, DIVERGED, VERDICTS
 from lejepa.preflight import check_ray_address, check_tracking_uri, check_writable
-from lejepa.tracking import PARENT_TAG, default_tracking_uri, get_or_create_experiment
+from lejepa.tracking import HEALTH_TAG, PARENT_TAG, default_tracking_uri, get_or_create_experiment
 from sweeps.spec import SCORE_METRIC, SweepSpec, check_name, format_table, load_spec
 from sweeps.trainable import TrialContext, run_trial
 
@@ -46,6 +47,7 @@ SWEEP_FILE = "sweep.json"
 RESOLVED_SPEC = "resolved_spec.yaml"
 FINAL_METRIC = "eval/linear_probe_acc"
 ONLINE_METRIC = "probe/online_test_acc"
+STATUSES = ("finished", "pruned", "collapsed", "diverged", "failed", "interrupted", "pending")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class Sweep:
 
 @dataclass
 class TrialSummary:
-    """One trial at the end of a run: status is finished, pruned, diverged, failed, interrupted or pending."""
+    """One trial at the end of a run: status is finished, pruned, collapsed, diverged, failed, interrupted or
+    pending; ``health`` is its last epoch's verdict (:mod:`lejepa.health`), ``collapse`` its collapse ratio."""
 
     trial_id: str
     status: str
@@ -86,6 +89,8 @@ class TrialSummary:
     online_acc: float | None
     linear_acc: float | None
     run_id: str | None
+    health: str | None = None
+    collapse: float | None = None
 
 
 @dataclass
@@ -113,11 +118,10 @@ class SweepOutcome:
     def render(self) -> str:
         """The end-of-sweep summary: the trial table, the best trials, where to look in MLflow."""
         keys = self.spec.keys()
-        header = ["trial", "status", *keys, "epoch", "loss", "score", "online acc", "linear acc"]
-        rows = [[t.trial_id, t.status, *(t.params.get(k) for k in keys), t.epoch, t.loss, t.score,
-                 t.online_acc, t.linear_acc] for t in sorted(self.trials, key=_score_order)]
-        counts = ", ".join(f"{self.count(s)} {s}" for s in ("finished", "pruned", "diverged", "failed", "interrupted", "pending")
-                           if self.count(s))
+        header = ["trial", "status", *keys, "epoch", "loss", "score", "collapse", "health", "online acc", "linear acc"]
+        rows = [[t.trial_id, t.status, *(t.params.get(k) for k in keys), t.epoch, t.loss, t.score, t.collapse,
+                 t.health, t.online_acc, t.linear_acc] for t in sorted(self.trials, key=_score_order)]
+        counts = ", ".join(f"{self.count(s)} {s}" for s in STATUSES if self.count(s))
         lines = [f"sweep {self.sweep.name}: {len(self.trials)} trials ({counts or 'none ran'})", format_table(header, rows)]
         for label, attr, mode in (("label-free score (epoch/loss / λ^α)", "score", "min"),
                                   ("linear probe accuracy", "linear_acc", "max")):
@@ -362,7 +366,8 @@ def _settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resu
             trial_id=trial_id, status=_status(result), params={k: config.get(k) for k in spec.keys()},
             epoch=metrics.get("epoch"), loss=metrics.get("epoch/loss"), score=metrics.get(SCORE_METRIC),
             online_acc=metrics.get(ONLINE_METRIC), linear_acc=metrics.get(FINAL_METRIC),
-            run_id=run.info.run_id if run else None))
+            run_id=run.info.run_id if run else None, health=_health(metrics),
+            collapse=metrics.get("health/collapse_ratio")))
     by_id = {t.trial_id: t for t in outcome.trials}
     for trial_id, run in runs.items():
         trial = by_id.get(trial_id)
@@ -372,24 +377,37 @@ def _settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resu
     return outcome
 
 
+def _health(metrics: dict[str, Any]) -> str | None:
+    """The verdict of a trial's last report (diverged and collapsed trials say so themselves)."""
+    if metrics.get("diverged"):
+        return DIVERGED
+    if metrics.get("collapsed"):
+        return COLLAPSED
+    code = metrics.get("health/verdict")
+    return VERDICTS[int(code)] if code is not None else None
+
+
 def _status(result: Any) -> str:
     metrics = result.metrics or {}
     if result.error is not None:
         return "failed"
     if metrics.get("diverged"):
         return "diverged"
+    if metrics.get("collapsed"):
+        return "collapsed"
     if metrics.get("done"):
         return "finished" if FINAL_METRIC in metrics else "pruned"
     return "interrupted" if metrics else "pending"
 
 
 def _close_child(client: MlflowClient, run: Any, status: str, epoch: int | None) -> None:
-    """FINISHED for finished and pruned trials (tagged ``lejepa.status=pruned``), FAILED for failed and
-    diverged ones (``lejepa.status=diverged``), else KILLED."""
-    target = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "diverged": "FAILED"}.get(status, "KILLED")
+    """FINISHED for finished, pruned and collapsed trials (tagged ``lejepa.status=pruned|collapsed``),
+    FAILED for failed and diverged ones (``lejepa.status=diverged``), else KILLED."""
+    target = {"finished": "FINISHED", "pruned": "FINISHED", "collapsed": "FINISHED", "failed": "FAILED",
+              "diverged": "FAILED"}.get(status, "KILLED")
     tags = {}
-    if status == "diverged":
-        tags = {"lejepa.status": "diverged"}
+    if status in ("diverged", "collapsed"):
+        tags = {"lejepa.status": status, HEALTH_TAG: status}
     elif status == "pruned":
         tags = {"lejepa.status": "pruned", "lejepa.pruned_at_epoch": str(epoch)}
     elif target == "KILLED":
@@ -402,7 +420,8 @@ def _close_child(client: MlflowClient, run: Any, status: str, epoch: int | None)
 
 def _log_best(client: MlflowClient, outcome: SweepOutcome) -> None:
     now = int(time.time() * 1000)
-    metrics = [Metric(f"trials/{s}", float(outcome.count(s)), now, 0) for s in ("finished", "pruned", "diverged", "failed")]
+    metrics = [Metric(f"trials/{s}", float(outcome.count(s)), now, 0)
+               for s in ("finished", "pruned", "collapsed", "diverged", "failed")]
     tags = []
     for attr, mode, key in (("score", "min", "best/train_score"), ("linear_acc", "max", "best/linear_probe_acc")):
         best = outcome.best(attr, mode)
@@ -450,6 +469,10 @@ class ProgressTable(tune.Callback):
             self._print(f"trial {trial.trial_id} diverged at step {int(r['diverged_step'])} (loss not finite); "
                         f"the sweep goes on")
             return
+        if r.get("collapsed"):
+            self._print(f"trial {trial.trial_id} stopped at epoch {r.get('epoch')}: collapsed (collapse ratio "
+                        f"{_fmt(r.get('health/collapse_ratio'))}); its resources go to the next trial")
+            return
         end = f"linear acc {_fmt(r[FINAL_METRIC])}" if FINAL_METRIC in r else "stopped early by the scheduler"
         self._print(f"trial {trial.trial_id} done: epoch {r.get('epoch')}  loss {_fmt(r.get('epoch/loss'))}  "
                     f"score {_fmt(r.get(SCORE_METRIC))}  {end}")
@@ -461,9 +484,11 @@ class ProgressTable(tune.Callback):
         self._print(f"trial {trial.trial_id} failed after {trial.num_failures} attempt(s): see {trial.error_file or trial.path}")
 
     def table(self, trials: list) -> str:
-        header = ["trial", "status", *self.keys, "epoch", "loss", "score", "probe acc"]
+        header = ["trial", "status", *self.keys, "epoch", "loss", "score", "collapse", "rank", "health", "probe acc"]
         rows = [[t.trial_id, t.status.lower(), *(t.config.get(k) for k in self.keys), t.last_result.get("epoch"),
-                 t.last_result.get("epoch/loss"), t.last_result.get(SCORE_METRIC), t.last_result.get(ONLINE_METRIC)]
+                 t.last_result.get("epoch/loss"), t.last_result.get(SCORE_METRIC),
+                 t.last_result.get("health/collapse_ratio"), t.last_result.get("health/proj_rank"),
+                 _health(t.last_result), t.last_result.get(ONLINE_METRIC)]
                 for t in trials]
         return f"[{datetime.now():%H:%M:%S}]\n" + format_table(header, rows)
 

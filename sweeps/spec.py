@@ -16,9 +16,12 @@ A spec is a base training config plus a search space over dotted config keys::
     tracking: {experiment: lejepa-sweeps}
     max_failures: 2
     score_alpha: 0.4                                             # train/score = epoch/loss / λ^α
+    prune_collapsed: 2                                           # stop a trial collapsed 2 epochs in a row
 
 Tune semantics apply: ``num_samples`` repeats the whole grid; ``randint: [low, high]`` excludes
-``high``; ``qrandint: [low, high, q]`` includes it. Every value a grid or choice can take, and
+``high``; ``qrandint: [low, high, q]`` includes it. ``prune_collapsed: k`` is label-free pruning:
+it sets ``train.collapse_patience: k`` in the base, so a trial whose health verdict is
+``collapsed`` for k epochs in a row stops (status ``collapsed``, never retried). Every value a grid or choice can take, and
 both ends of every range, are validated against the config before anything runs. Every problem
 is a one-line :class:`~lejepa.errors.ConfigError` ``<file>: <key>: <problem>``. Nothing here
 starts Ray or MLflow.
@@ -131,6 +134,7 @@ class _SpecFile(_Section):
     tracking: TrackingSpec = TrackingSpec()
     max_failures: int = Field(2, ge=-1)
     score_alpha: float = Field(0.4, ge=0)
+    prune_collapsed: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,9 @@ def _build(path: Path, spec: _SpecFile) -> SweepSpec:
         return ConfigError(f"{path}: {key}: {problem}")
 
     base = _load_base(path, spec.base, fail)
+    if spec.prune_collapsed is not None:
+        base = copy.deepcopy(base)
+        set_dotted(base, "train.collapse_patience", spec.prune_collapsed)
     name = sanitize_name(spec.name if spec.name is not None else path.stem)
     if not name:
         raise fail("name", f"{spec.name!r} has no usable characters (letters, digits, '_', '-', '.')")

@@ -14,7 +14,9 @@ trial's CPUs and no console output, and plugs two callbacks into the trainer:
 
 A trial whose loss becomes NaN or infinite (:class:`~lejepa.trainer.TrainingDiverged`) is not an
 error to retry: its MLflow run is tagged ``lejepa.status=diverged`` with the step, and it ends with
-a report holding ``diverged=1`` and the search/scheduler metrics at their worst value.
+a report holding ``diverged=1`` and the search/scheduler metrics at their worst value. A trial
+stopped by label-free pruning (:class:`~lejepa.trainer.TrainingCollapsed`, ``train.collapse_patience``)
+ends the same way with ``collapsed=1``, its run tagged ``lejepa.status=collapsed``.
 
 A retried or restored trial resumes from the newer of ``tune.get_checkpoint()`` and the newest
 valid checkpoint in its own run folder: a worker killed after writing a checkpoint but before
@@ -37,7 +39,7 @@ from typing import Any
 from lejepa.callbacks import Callback, RunInfo
 from lejepa.config import Config, build_config
 from lejepa.tracking import MLflowCallback, get_or_create_experiment
-from lejepa.trainer import TrainingDiverged
+from lejepa.trainer import TrainingCollapsed, TrainingDiverged
 from sweeps.spec import SCORE_METRIC, TrialResources, trial_tree
 
 Send = Callable[[dict[str, float], "str | None"], None]
@@ -199,12 +201,15 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         trainer = Trainer(cfg, callbacks, run_dir=run_dir, resume=resume)
     try:
         trainer.fit()
-    except TrainingDiverged as exc:  # a result of the hyper-parameters: report it, never retry it
-        _report_to_tune(diverged_report(ctx, exc, trainer.epoch), None)
+    except (TrainingDiverged, TrainingCollapsed) as exc:  # results of the hyper-parameters: never retried
+        _report_to_tune(outcome_report(ctx, exc, trainer.epoch), None)
 
 
-def diverged_report(ctx: TrialContext, exc: TrainingDiverged, epoch: int) -> dict[str, float]:
-    """The last report of a diverged trial: ``diverged=1``, the step, and the optimised metrics at their worst."""
+def outcome_report(ctx: TrialContext, exc: TrainingDiverged | TrainingCollapsed, epoch: int) -> dict[str, float]:
+    """The last report of a diverged (``diverged=1`` and the step) or collapsed (``collapsed=1`` and
+    the collapse ratio) trial, with the optimised metrics at their worst."""
+    if isinstance(exc, TrainingCollapsed):
+        return {**ctx.worst, "epoch": epoch, "collapsed": 1.0, "health/collapse_ratio": exc.ratio}
     return {**ctx.worst, "epoch": epoch, "diverged": 1.0, "diverged_step": float(exc.step)}
 
 
@@ -275,7 +280,7 @@ def _ddp_worker(loop: dict[str, Any]) -> None:
     trainer = Trainer(cfg, callbacks, run_dir=loop["run_dir"], resume=loop["resume"])
     try:
         trainer.fit()
-    except TrainingDiverged as exc:  # every rank sees the same all-reduced loss
+    except (TrainingDiverged, TrainingCollapsed) as exc:  # every rank sees the same all-reduced loss
         if callbacks:
-            loop["queue"].put((diverged_report(ctx, exc, trainer.epoch), None))
+            loop["queue"].put((outcome_report(ctx, exc, trainer.epoch), None))
 

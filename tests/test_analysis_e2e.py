@@ -84,7 +84,7 @@ def sweep(tmp_path_factory):
     with pytest.raises(TrainingDiverged):
         poison.trainer.fit()
 
-    label_free = [[*FAST, "model.arch=test_efficientnet", "train.epochs=1", f"loss.lam={lam}"] for lam in (0.05, 0.2)]
+    label_free = [[*FAST, "model.arch=test_efficientnet", f"loss.lam={lam}"] for lam in (0.1, 0.4)]
     unlabeled = bench.train_sweep(UNLABELED, label_free, uri, root / "runs", experiment="e2e-unlabeled",
                                   callback=LabelFree, log=lambda m: None)
     return SimpleNamespace(root=root, uri=uri, parent=parent, unlabeled=unlabeled, client=MlflowClient(uri))
@@ -138,15 +138,21 @@ def test_checkpoint_criteria_rebuild_the_trained_backbone(sweep):
 
 
 def _expected_pick(s) -> tuple[str, int]:
-    """argmin over (run, epoch) of epoch/loss / λ^0.4, straight from MLflow."""
-    best = (math.inf, "", 0)
+    """argmin over healthy (run, epoch) of epoch/loss / λ^0.4, straight from MLflow (the epoch's
+    logged health/verdict is 0 = healthy); also asserts that an unhealthy epoch exists and that
+    it would have won, so the health filter is what decides the test."""
+    best = unfiltered = (math.inf, "", 0)
     for run in _children(s, s.parent):
         if run.info.status != "FINISHED":
             continue
         lam = float(run.data.params["loss.lam"])
         epochs = {m.step: int(m.value) for m in s.client.get_metric_history(run.info.run_id, "epoch")}
+        verdicts = {m.step: m.value for m in s.client.get_metric_history(run.info.run_id, "health/verdict")}
         for m in s.client.get_metric_history(run.info.run_id, "epoch/loss"):
-            best = min(best, (m.value / lam ** 0.4, run.info.run_id, epochs[m.step]))
+            unfiltered = min(unfiltered, (m.value / lam ** 0.4, run.info.run_id, epochs[m.step]))
+            if verdicts[m.step] == 0:
+                best = min(best, (m.value / lam ** 0.4, run.info.run_id, epochs[m.step]))
+    assert best[1] and unfiltered[1:] != best[1:]
     return best[1], best[2]
 
 
