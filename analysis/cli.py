@@ -96,7 +96,6 @@ def _cmd_select(args: argparse.Namespace) -> int:
     out = Path(args.out or f"selection-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep.name)}").resolve()
     report = write_report(analysis, out)
     print(terminal_table(analysis))
-    print(f"report: {report}")
     if not args.no_log:
         logged = log_report(analysis, out, key)
         print(f"report logged to run {sweep.parent_run_id} under selection/" if logged
@@ -108,6 +107,13 @@ def _cmd_select(args: argparse.Namespace) -> int:
         version = register_checkpoint(uri, row, args.register, key)
         print(f"registered: models:/{version.name}/{version.version}")
     print(f"selected by {analysis.label(key)}: {pick.trial} ({pick.arch}, λ={pick.lam:g}) epoch {pick.epoch}")
+    if analysis.pick_acc is not None:
+        from analysis.selection import EVIDENCE, random_regret
+
+        print(f"  {EVIDENCE[analysis.pick_acc]}: {100 * pick.accuracy:.1f}% (oracle {pick.oracle_trial} epoch "
+              f"{pick.oracle_epoch}: {100 * pick.oracle_accuracy:.1f}%; regret {pick.regret:.1f} pts, a random pick "
+              f"{random_regret(analysis.candidates, analysis.pick_acc):.1f})")
+    print(f"report: {report}")
     print(f"checkpoint: {pick.checkpoint}")
     return 0
 

@@ -3,8 +3,9 @@
 Every checkpoint (run × epoch) gets
 - ``collapse_ratio``: the logged ``health/collapse_ratio``, or for runs logged before it existed
   SIGReg / EP(constant column) at the run's batch size and quadrature (:mod:`lejepa.health`);
-- ``verdict``: the logged epoch verdict, else :func:`lejepa.health.verdict` of the ratio alone
-  (no projector rank was logged, so ``dimensional collapse`` cannot be told);
+- ``verdict``: :func:`lejepa.health.verdict` of the ratio and the logged projector rank, with
+  today's thresholds (so runs logged under older ones are judged alike; without a logged rank
+  ``dimensional collapse`` cannot be told); the logged verdict only where no ratio is known;
 - ``scale_group``: batch size · views · slices · quadrature. SIGReg is N times a distance
   between characteristic functions and the invariance term grows with the local views, so
   losses are on one scale only inside a group.
@@ -55,8 +56,8 @@ def add_health(epochs: pd.DataFrame) -> pd.DataFrame:
     out["collapse_ratio"] = logged.fillna(pd.Series(computed, index=out.index))
     rank = out["proj_rank"] if "proj_rank" in out else pd.Series(np.nan, index=out.index)
     code = out["verdict_code"] if "verdict_code" in out else pd.Series(np.nan, index=out.index)
-    out["verdict"] = [VERDICTS[int(c)] if np.isfinite(c) else
-                      (verdict(ratio, r, loss) if np.isfinite(ratio) else "unknown")
+    out["verdict"] = [verdict(ratio, r, loss) if np.isfinite(ratio) else
+                      (VERDICTS[int(c)] if np.isfinite(c) else "unknown")
                       for c, ratio, r, loss in zip(code, out["collapse_ratio"], rank, out["loss"])]
     out["healthy"] = out["verdict"] == HEALTHY
     out["scale_group"] = [scale_group(r) for r in out[list(SCALE_PARAMS.values())].itertuples(index=False)]
@@ -102,3 +103,25 @@ def exclusions(runs: pd.DataFrame, group: str | None) -> pd.DataFrame:
             continue
         rows.append({"trial": r.trial, "arch": r.arch, "λ": r.lam, "verdict": r.verdict, "reason": why})
     return pd.DataFrame(rows, columns=["trial", "arch", "λ", "verdict", "reason"])
+
+
+def replay_pruning(epochs: pd.DataFrame, patience: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Label-free pruning replayed on a full sweep: each run stops after its first ``patience``
+    consecutive ``collapsed`` epochs, as ``prune_collapsed: patience`` would have stopped it.
+
+    Returns (the rows the pruned sweep would have produced, one row per run with ``epochs_run``,
+    ``epochs_full`` and ``stopped_at`` (NaN if never stopped)).
+    """
+    kept, runs = [], []
+    for run_id, part in epochs.sort_values(["run_id", "epoch"]).groupby("run_id", sort=False):
+        streak, stop = 0, None
+        for epoch, v in zip(part["epoch"], part["verdict"]):
+            streak = streak + 1 if v == COLLAPSED else 0
+            if streak >= patience:
+                stop = int(epoch)
+                break
+        kept.append(part if stop is None else part[part["epoch"] <= stop])
+        runs.append({"run_id": run_id, "trial": part["trial"].iloc[0], "epochs_full": int(part["epoch"].max()),
+                     "epochs_run": int(part["epoch"].max()) if stop is None else stop,
+                     "stopped_at": np.nan if stop is None else stop})
+    return pd.concat(kept, ignore_index=True), pd.DataFrame(runs)

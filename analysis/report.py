@@ -149,6 +149,24 @@ def summary_table(a: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("–")
 
 
+def health_comparison(a: Analysis) -> pd.DataFrame:
+    """One row per base score: pooled ρ and τ over all runs, and regret of the pick, for the score
+    as it was (every run) and for its healthy-only twin, side by side."""
+    pooled = a.correlations[a.correlations["group"] == "all"].set_index("score") if a.correlations is not None else None
+    picks = a.selection.set_index("score") if len(a.selection) else pd.DataFrame()
+    rows = []
+    for key in (k for k in a.scores if not k.startswith(SAFE)):
+        row = {"score": a.label(key)}
+        for suffix, k in (("", key), (" (healthy only)", SAFE + key)):
+            if pooled is not None and k in pooled.index:
+                row["ρ" + suffix] = _fmt(pooled.loc[k].rho)
+                row["τ" + suffix] = _fmt(pooled.loc[k].tau)
+            if a.pick_acc is not None and k in picks.index:
+                row["regret" + suffix] = _fmt(picks.loc[k].regret, ".2f")
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("–")
+
+
 def terminal_table(a: Analysis) -> str:
     """The summary table as aligned text, with the oracle line and notes."""
     lines = [f"sweep {a.sweep.name}: {a.runs.shape[0]} runs, {len(a.candidates)} checkpoints, "

@@ -29,7 +29,9 @@ if str(ROOT) not in sys.path:
 
 from analysis.criteria import evaluate_checkpoints  # noqa: E402
 from analysis.loader import load_sweep  # noqa: E402
-from analysis.report import analyse, terminal_table, write_report  # noqa: E402
+from analysis.health import SAFE, replay_pruning  # noqa: E402
+from analysis.report import analyse, health_comparison, markdown_table, terminal_table, write_report  # noqa: E402
+from analysis.selection import select  # noqa: E402
 from lejepa.config import load_config  # noqa: E402
 from lejepa.tracking import MLflowCallback, get_or_create_experiment  # noqa: E402
 from lejepa.trainer import Trainer, TrainingDiverged  # noqa: E402
@@ -75,6 +77,26 @@ def train_sweep(name: str, trials: list[list[str]], tracking_uri: str, out_dir: 
     return parent
 
 
+def pruning_figures(a, patience: int, score: str = "loss_lam") -> str:
+    """Replay ``prune_collapsed: patience`` on the full sweep: trial-epochs not run, and the pick of
+    the healthy-only ``score`` among what the pruned sweep would have left, against the full oracle."""
+    kept, runs = replay_pruning(a.epochs, patience)
+    saved = int((runs["epochs_full"] - runs["epochs_run"]).sum())
+    total = int(runs["epochs_full"].sum())
+    key = SAFE + score
+    survivors = a.candidates.merge(kept[["run_id", "epoch"]], on=["run_id", "epoch"])
+    full, pruned = select(a.candidates, key, a.pick_acc), select(survivors, key, a.pick_acc)
+    lines = [f"\nlabel-free pruning replayed (prune_collapsed: {patience}): {int(runs['stopped_at'].notna().sum())} "
+             f"of {len(runs)} runs stopped, {saved} of {total} trial-epochs not run ({100 * saved / total:.0f}% of the "
+             f"compute, excluding final evaluations)"]
+    for label, pick in (("full sweep", full), ("pruned sweep", pruned)):
+        if pick is not None:
+            regret = 100 * (full.oracle_accuracy - pick.accuracy)
+            lines.append(f"  {label}: {a.label(key)} picks {pick.trial} epoch {pick.epoch} at "
+                         f"{100 * pick.accuracy:.2f}%, regret {regret:.2f} pts against the full sweep's oracle")
+    return "\n".join(lines)
+
+
 def grid(archs: list[str], lams: list[float], lrs: list[float], base: list[str] = BASE) -> list[list[str]]:
     """The trial overrides: ``base`` plus every (arch, λ, lr)."""
     return [[*base, f"model.arch={a}", f"loss.lam={lam}", f"optim.lr={lr}"]
@@ -92,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
     p.add_argument("--no-criteria", action="store_true", help="skip RankMe / LiDAR / α-ReQ")
     p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--final-only", action="store_true",
+                   help="candidates are the runs' final checkpoints only (criteria and frozen probe on those)")
+    p.add_argument("--prune-patience", type=int, default=2,
+                   help="replay label-free pruning (prune_collapsed) with this patience on the full sweep")
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -107,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         train_sweep(name, trials, uri, out / "runs", log=lambda m: print(m, flush=True))
         print(f"sweep trained in {time.perf_counter() - start:.0f}s", flush=True)
     sweep = load_sweep(name, uri)
+    if args.final_only:
+        sweep.epochs.loc[~sweep.epochs["is_final"], ["checkpoint", "checkpoint_uri"]] = None
     criteria = None
     if not args.no_criteria:
         paths = sweep.checkpoints["checkpoint"].dropna().tolist()
@@ -126,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     if criteria is not None:
         from analysis.criteria import cost_table
         print("\ncost per checkpoint:\n" + cost_table(criteria).round(3).to_string(index=False))
+    print("\nold scores and their healthy-only twins (pooled over all runs; ruled-out runs rank last):")
+    print(markdown_table(health_comparison(a)))
+    if a.pick_acc is not None:
+        print(pruning_figures(a, args.prune_patience))
     print(f"\nreport: {report}")
     return 0
 

@@ -50,6 +50,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.no_tracking:
         cfg.tracking.enabled = False
     uri = _train_preflight(cfg, run_dir, args.tracking_uri)
+    from lejepa.health import collapse_risk
+
+    risk = collapse_risk(cfg.loss.lam, cfg.optim.batch_size)
+    if risk is not None:
+        print(f"lejepa: warning: {risk}", file=sys.stderr)
     callbacks = [] if args.quiet else [ConsoleProgress()]
     trainer = Trainer(cfg, callbacks=callbacks, run_dir=run_dir, resume=run_dir)
     if uri is not None and trainer.rt.is_main:

@@ -15,8 +15,9 @@
   the step's device (no host synchronisation), and :func:`verdict`, an epoch's diagnosis from
   them: ``collapsed`` when the collapse ratio is at least :data:`COLLAPSED_RATIO`, else
   ``dimensional collapse`` when the projector's effective rank is below
-  :data:`DIMENSIONAL_RANK` of its dimension, else ``healthy``; a non-finite loss is ``diverged``.
-  Both thresholds come from benchmarks/results/collapse_map (see the constants).
+  :data:`DIMENSIONAL_RANK` of its largest possible value, else ``healthy``; a non-finite loss is
+  ``diverged``. Both thresholds are measured (see the constants).
+- :func:`collapse_risk`: whether a (λ, batch size) pair lies in the measured collapse region.
 """
 
 from __future__ import annotations
@@ -34,12 +35,21 @@ HEALTHY, DIMENSIONAL, COLLAPSED, DIVERGED = "healthy", "dimensional collapse", "
 VERDICTS = (HEALTHY, DIMENSIONAL, COLLAPSED, DIVERGED)
 """Verdict names; a verdict is logged as the metric ``health/verdict`` = its index here."""
 
-COLLAPSED_RATIO = 0.5
-"""Collapse ratio at or above which an epoch is ``collapsed`` (provisional; see the verdicts)."""
+COLLAPSED_RATIO = 0.375
+"""Collapse ratio at or above which an epoch is ``collapsed``: what every slice would score if the
+embedding were the target Gaussian shrunk to half its standard deviation (0.376 at the default
+quadrature). Measured (benchmarks/results): runs that trained well end at 0.04–0.25; runs at
+λ·N ≤ 0.64 reach 0.35–1.0 with a projector rank ≤ 0.2."""
 DIMENSIONAL_RANK = 0.25
-"""Projector effective rank / dimension below which an epoch is ``dimensional collapse``."""
+"""Projector effective rank / min(batch, dimension) below which an epoch is ``dimensional
+collapse``. Measured: healthy cells of the collapse map 0.3–0.7, collapsing ones 0.10–0.20."""
+LAMBDA_BATCH_MIN = 1.0
+"""λ·N (batch size) below which training collapses. Measured by benchmarks/collapse_map.py
+(resnet10t, fashion-mnist-shifted, 2 global views, 60 steps): every cell with λ·N ≤ 0.64 ended
+unhealthy, every cell with λ·N ≥ 0.77 healthy. SIGReg is N times a distance between
+characteristic functions, so its pull against the invariance term grows with λ·N."""
 HEALTH_METRICS = ("health/collapse_ratio", "health/proj_rank", "health/proj_std_spread", "health/feature_rank")
-"""Epoch metrics the trainer logs: collapse ratio, projector effective rank / its dimension,
+"""Epoch metrics the trainer logs: collapse ratio, projector effective rank / min(batch, dimension),
 spread of the projector's per-dimension stds, backbone-feature effective rank / min(batch, width)."""
 
 
@@ -92,11 +102,12 @@ def effective_rank(z: Tensor | np.ndarray, eps: float = EPS) -> float:
 
 
 def batch_health(proj: Tensor, feats: Tensor) -> Tensor:
-    """[projector effective rank / D, projector std spread, feature effective rank / min(N, E)]
-    for one view's projections [N, D] and backbone features [N, E], float64 on their device."""
+    """[projector effective rank / min(N, D), projector std spread, feature effective rank /
+    min(N, E)] for one view's projections [N, D] and backbone features [N, E], float64 on their
+    device (a rank cannot exceed the smaller side, so both fractions reach 1 at full rank)."""
     std = proj.detach().to(torch.float64).std(dim=0)
     spread = std.std() / std.mean().clamp_min(torch.finfo(torch.float64).tiny)
-    return torch.stack([_effective_rank(proj) / proj.shape[1], spread,
+    return torch.stack([_effective_rank(proj) / min(proj.shape), spread,
                         _effective_rank(feats) / min(feats.shape)])
 
 
@@ -109,6 +120,17 @@ def verdict(collapse: float, proj_rank: float, loss: float = 0.0) -> str:
     if np.isfinite(proj_rank) and proj_rank < DIMENSIONAL_RANK:
         return DIMENSIONAL
     return HEALTHY
+
+
+def collapse_risk(lam: float, batch_size: int) -> str | None:
+    """Why (λ, N) lies in the measured collapse region (λ·N < :data:`LAMBDA_BATCH_MIN`), or None."""
+    if lam * batch_size >= LAMBDA_BATCH_MIN:
+        return None
+    if lam <= 0:
+        return "λ = 0 trains without SIGReg: the embedding collapses"
+    return (f"λ={lam:g} × batch {batch_size} = {lam * batch_size:.2g} lies in the collapse region λ·N < "
+            f"{LAMBDA_BATCH_MIN:g} (benchmarks/results/collapse_map): raise loss.lam to ≥ "
+            f"{LAMBDA_BATCH_MIN / batch_size:.2g} or the batch size")
 
 
 def std_spread(z: Tensor) -> float:

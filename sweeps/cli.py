@@ -88,7 +88,36 @@ def dry_run(spec) -> str:
           for arch, res in spec.arch_resources.items() if not uniform),
         f"max failures per trial: {spec.max_failures}; MLflow experiment {spec.tracking.experiment!r}",
     ]
-    return "\n".join(lines)
+    warning = collapse_warning(spec)
+    return "\n".join(lines + ([warning] if warning else []))
+
+
+def collapse_warning(spec) -> str | None:
+    """One ``warning:`` line when trials lie in the collapse region (:func:`lejepa.health.collapse_risk`):
+    grid values are checked trial by trial, a sampled λ or batch size at its low end."""
+    from lejepa.health import collapse_risk
+
+    base = spec.base_config
+    params = {p.key: p for p in spec.space}
+
+    def value(row: dict, key: str, default: float) -> tuple[float, str]:
+        """The trial's value of ``key`` and '' — or, when sampled, its low end and 'down to '."""
+        if isinstance(row.get(key), (int, float)):
+            return float(row[key]), ""
+        if key in params:
+            return min(float(v) for v in params[key].probes()), "down to "
+        return float(default), ""
+
+    rows = spec.trials()
+    risky = [(value(r, "loss.lam", base.loss.lam), value(r, "optim.batch_size", base.optim.batch_size)) for r in rows]
+    risky = [(lam, batch) for lam, batch in risky if collapse_risk(lam[0], int(batch[0]))]
+    if not risky:
+        return None
+    (lam, lam_note), (batch, batch_note) = risky[0]
+    risk = collapse_risk(lam, int(batch))
+    if lam > 0:
+        risk = f"λ {lam_note}{lam:g} at batch {batch_note}{int(batch)} lies in {risk.split(' lies in ', 1)[1]}"
+    return f"warning: {len(risky)} of {len(rows)} trials may collapse: {risk}; `prune_collapsed: 2` stops them early"
 
 
 def _local_resources() -> tuple[int, int]:

@@ -15,6 +15,8 @@ def test_train_logs_a_complete_mlflow_run(tmp_path, tiny_overrides):
     proc = run_cli(["train", *tiny_overrides, "train.epochs=2", "train.run_name=e2e", "--tracking-uri", uri], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 2/2" in proc.stderr and "final:" in proc.stderr
+    assert "warning" not in proc.stderr  # λ 0.05 × batch 64 is outside the collapse region
+    assert "collapse " in proc.stderr and "rank " in proc.stderr  # the health columns of the progress line
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("lejepa")
@@ -25,6 +27,10 @@ def test_train_logs_a_complete_mlflow_run(tmp_path, tiny_overrides):
     assert "family" in run.data.tags
     for key in ("eval/linear_probe_acc", "eval/knn_acc", "probe/online_test_acc", "epoch/images_per_sec"):
         assert 0.0 <= run.data.metrics[key] <= (1.0 if "acc" in key else 1e9)
+    for key in ("health/collapse_ratio", "health/proj_rank", "health/proj_std_spread", "health/feature_rank",
+                "health/verdict"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+    assert run.data.tags["lejepa.health"] in ("healthy", "dimensional collapse", "collapsed")
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert loss_steps == sorted(set(loss_steps)) and loss_steps[0] == 2 and len(loss_steps) >= 4
     assert len(client.get_metric_history(run.info.run_id, "probe/online_test_acc")) == 2
@@ -81,3 +87,13 @@ def test_a_broken_plugin_leaves_the_other_commands_working(monkeypatch, capsys):
     assert cli.main(["broken", "--anything"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the 'broken' command is unavailable" in err[0] and "ModuleNotFoundError" in err[0]
+
+
+@pytest.mark.slow
+def test_train_warns_once_in_the_collapse_region(tmp_path, tiny_overrides):
+    proc = run_cli(["train", *tiny_overrides, "loss.lam=0.005", "train.max_steps=2", "train.eval_probe_epochs=1",
+                    "--no-tracking"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warnings == ["lejepa: warning: λ=0.005 × batch 64 = 0.32 lies in the collapse region λ·N < 1 "
+                        "(benchmarks/results/collapse_map): raise loss.lam to ≥ 0.016 or the batch size"]

@@ -207,3 +207,26 @@ def test_optuna_search_with_asha_on_the_label_free_score(tmp_path, ray_address):
             assert run.data.tags["lejepa.status"] == "pruned" and run.data.tags["lejepa.pruned_at_epoch"] == "1"
         else:
             assert trial.epoch == 2 and "lejepa.status" not in run.data.tags
+
+
+def test_label_free_pruning_stops_a_collapsed_trial(tmp_path, ray_address):
+    """prune_collapsed: 2 — the λ = 0 trial stops after 2 collapsed epochs (status collapsed, never
+    retried, counted apart); the healthy λ = 0.5 trial runs its 3 epochs."""
+    spec = sweep_spec(tmp_path, epochs=3, space={"loss.lam": [0.0, 0.5]}, score_alpha=0, prune_collapsed=2,
+                      max_concurrent_trials=2)
+    assert spec.base["train"]["collapse_patience"] == 2
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_sweep(spec, storage=tmp_path / "sweeps", name="prune", tracking_uri=uri)
+    by_lam = {t.params["loss.lam"]: t for t in outcome.trials}
+    assert by_lam[0.0].status == "collapsed" and by_lam[0.0].epoch == 2 and by_lam[0.0].health == "collapsed"
+    assert by_lam[0.5].status == "finished" and by_lam[0.5].epoch == 3 and by_lam[0.5].health == "healthy"
+    trials = trial_states(tmp_path / "sweeps" / "prune")
+    assert all(t.num_failures == 0 for t in trials.values())
+    client = MlflowClient(uri)
+    parent = client.get_run(outcome.sweep.parent_run_id)
+    assert parent.data.metrics["trials/collapsed"] == 1 and parent.data.metrics["trials/finished"] == 1
+    runs = {c.data.params["loss.lam"]: c for c in child_runs(uri, parent.info.run_id)}
+    assert runs["0.0"].info.status == "FINISHED" and runs["0.0"].data.tags["lejepa.status"] == "collapsed"
+    assert runs["0.5"].data.tags["lejepa.health"] == "healthy" and "lejepa.status" not in runs["0.5"].data.tags
+    summary = outcome.render()
+    assert "1 finished, 1 collapsed" in summary and "health" in summary

@@ -154,3 +154,19 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "did you mean 'loss.lam'" in proc.stderr
     proc = run_cli(["sweep", "--resume", "nope", "--storage", str(tmp_path)], tmp_path)
     assert proc.returncode == 2 and "no resumable sweep" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dry_run_warns_about_the_collapse_region(tmp_path):
+    def last_line(space: dict, **base_changes) -> str:
+        base = tiny_base()  # batch 64
+        for key, value in base_changes.items():
+            base[key.split(".")[0]][key.split(".")[1]] = value
+        spec = load_spec(write_spec(tmp_path, {"name": "w", "base": base, "space": space}))
+        return dry_run(spec).splitlines()[-1]
+
+    line = last_line({"loss.lam": [0.001, 0.01, 0.05]})
+    assert line.startswith("warning: 2 of 3 trials may collapse: λ 0.001 at batch 64 lies in the collapse region")
+    assert "warning" not in last_line({"loss.lam": [0.05, 0.2]})
+    assert "warning" not in last_line({"loss.lam": [0.01]}, **{"optim.batch_size": 128})  # λ·N = 1.28
+    sampled = last_line({"loss.lam": {"loguniform": [1e-4, 1e-1]}, "optim.batch_size": [32, 256]})
+    assert sampled.startswith("warning: 2 of 2 trials may collapse: λ down to 0.0001 at batch 32")
