@@ -151,7 +151,8 @@ def summary_table(a: Analysis) -> pd.DataFrame:
 
 def health_comparison(a: Analysis) -> pd.DataFrame:
     """One row per base score: pooled ρ and τ over all runs, and regret of the pick, for the score
-    as it was (every run) and for its healthy-only twin, side by side."""
+    as it was (every run) and for its healthy-only twin (ruled-out runs tied last) side by side,
+    plus ρ among the runs the twin keeps (how well it orders what it may pick)."""
     pooled = a.correlations[a.correlations["group"] == "all"].set_index("score") if a.correlations is not None else None
     picks = a.selection.set_index("score") if len(a.selection) else pd.DataFrame()
     rows = []
@@ -163,6 +164,10 @@ def health_comparison(a: Analysis) -> pd.DataFrame:
                 row["τ" + suffix] = _fmt(pooled.loc[k].tau)
             if a.pick_acc is not None and k in picks.index:
                 row["regret" + suffix] = _fmt(picks.loc[k].regret, ".2f")
+        if a.run_acc is not None:
+            kept = np.isfinite(a.runs[f"score.{SAFE}{key}"].astype(float))
+            rho = corr.rank_correlation(a.runs.loc[kept, f"score.{key}"], a.runs.loc[kept, a.run_acc])[0]
+            row["ρ among kept"] = f"{_fmt(rho)} (n={int(kept.sum())})"
         rows.append(row)
     return pd.DataFrame(rows).fillna("–")
 

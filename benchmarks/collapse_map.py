@@ -26,7 +26,8 @@ import torch
 
 from lejepa.config import load_config
 from lejepa.data import build_datasets
-from lejepa.health import COLLAPSED_RATIO, collapse_ratio, effective_rank
+from lejepa.health import (COLLAPSED, COLLAPSED_RATIO, DIMENSIONAL, DIMENSIONAL_RANK, HEALTHY, LAMBDA_BATCH_MIN,
+                           collapse_ratio, effective_rank, verdict)
 from lejepa.probes import knn_accuracy
 from lejepa.trainer import Trainer
 
@@ -71,13 +72,13 @@ def cell(lam: float, n: int, steps: int, data, overrides: list[str]) -> dict[str
     tail = sigregs[-10:]
     return {"lam": lam, "batch": n, "steps": done,
             "collapse_ratio": collapse_ratio(sum(tail) / len(tail), n, cfg.loss.t_max, cfg.loss.knots),
-            "proj_rank": effective_rank(proj[0]) / proj.shape[-1], "knn": knn(trainer), "seconds": seconds}
+            "proj_rank": effective_rank(proj[0]) / min(proj[0].shape), "knn": knn(trainer), "seconds": seconds}
 
 
 def table(rows: list[dict[str, float]], key: str, fmt: str) -> str:
     lams = sorted({r["lam"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
-    lines = ["| λ \\ N | " + " | ".join(str(b) for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
+    lines = ["| λ \\ N | " + " | ".join(str(int(b)) for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
     for lam in lams:
         cells = []
         for b in batches:
@@ -87,7 +88,12 @@ def table(rows: list[dict[str, float]], key: str, fmt: str) -> str:
     return "\n".join(lines)
 
 
+def verdict_of(row: dict[str, float]) -> str:
+    return verdict(row["collapse_ratio"], row["proj_rank"])
+
+
 def plot(rows: list[dict[str, float]], path: Path) -> None:
+    """The collapse ratio over λ × N; each cell names its verdict; the dashed line is λ·N = 1."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,23 +101,29 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     lams = sorted({r["lam"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
     grid = np.full((len(lams), len(batches)), np.nan)
+    labels = {}
     for r in rows:
-        grid[lams.index(r["lam"]), batches.index(r["batch"])] = r["collapse_ratio"]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+        i, j = lams.index(r["lam"]), batches.index(r["batch"])
+        grid[i, j] = r["collapse_ratio"]
+        labels[i, j] = {HEALTHY: "", DIMENSIONAL: "\ndim.", COLLAPSED: "\ncollapsed"}.get(verdict_of(r), "\n?")
+    fig, ax = plt.subplots(figsize=(6.5, 5))
     im = ax.imshow(grid, origin="lower", cmap="magma_r", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+    ax.set_xticks(range(len(batches)), [str(int(b)) for b in batches])
     ax.set_yticks(range(len(lams)), [f"{x:g}" for x in lams])
     ax.set_xlabel("batch size N")
     ax.set_ylabel("λ")
-    for i in range(len(lams)):
-        for j in range(len(batches)):
-            if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
-                        color="white" if grid[i, j] > 0.5 else "black", fontsize=8)
-    if min(grid.shape) >= 2 and np.nanmax(grid) >= COLLAPSED_RATIO > np.nanmin(grid):
-        ax.contour(grid, levels=[COLLAPSED_RATIO], colors="cyan", linewidths=2)
+    for (i, j), text in labels.items():
+        ax.text(j, i, f"{grid[i, j]:.2f}{text}", ha="center", va="center",
+                color="white" if grid[i, j] > 0.5 else "black", fontsize=8)
+    # λ·N = 1 in index coordinates: interpolate log λ over the rows, log N over the columns
+    xs = np.linspace(0, len(batches) - 1, 50)
+    lam_line = LAMBDA_BATCH_MIN / np.exp(np.interp(xs, range(len(batches)), np.log(batches)))
+    ax.plot(xs, np.interp(np.log(lam_line), np.log(lams), range(len(lams))), "c--", lw=2,
+            label=f"λ·N = {LAMBDA_BATCH_MIN:g} (warning below)")
+    ax.legend(loc="upper left", fontsize=8)
     fig.colorbar(im, label="collapse ratio (SIGReg / constant column)")
-    ax.set_title(f"Collapse map (cyan: ratio = {COLLAPSED_RATIO}, the 'collapsed' verdict)")
+    ax.set_title(f"Collapse map (collapsed: ratio ≥ {COLLAPSED_RATIO}; dim.: projector rank < {DIMENSIONAL_RANK})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -123,9 +135,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--from-csv", type=Path, help="redraw the tables and plot from a collapse_map.csv")
     parser.add_argument("overrides", nargs="*", help="config key=value for every cell")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv:
+        with open(args.from_csv) as f:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return report(rows, args.out, int(rows[0]["steps"]), rows[0]["random_init_knn"])
     data = build_datasets(load_config(None, [*BASE, *args.overrides]).data)
     random_knn = knn(Trainer(load_config(None, [*BASE, *args.overrides]), [], data=data))
     print(f"random-init resnet10t kNN: {random_knn:.3f}", flush=True)
@@ -141,12 +158,21 @@ def main() -> None:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-    text = (f"# Collapse map: resnet10t, fashion-mnist-shifted, {args.steps} steps per cell\n\n"
-            f"Random-init kNN: {random_knn:.3f}.\n\n## Collapse ratio\n\n{table(rows, 'collapse_ratio', '.2f')}\n\n"
-            f"## Projector effective rank / dimension\n\n{table(rows, 'proj_rank', '.2f')}\n\n"
-            f"## kNN top-1\n\n{table(rows, 'knn', '.3f')}\n")
-    (args.out / "collapse_map.md").write_text(text)
-    plot(rows, args.out / "collapse_map.png")
+    report(rows, args.out, args.steps, random_knn)
+
+
+def report(rows: list[dict[str, float]], out: Path, steps: int, random_knn: float) -> None:
+    for r in rows:
+        r["verdict"] = verdict_of(r)
+    text = (f"# Collapse map: resnet10t, fashion-mnist-shifted, {steps} steps per cell\n\n"
+            f"Verdicts with today's thresholds (collapsed: ratio ≥ {COLLAPSED_RATIO}; dimensional collapse: "
+            f"projector rank < {DIMENSIONAL_RANK} of min(N, D)). Random-init kNN: {random_knn:.3f}.\n\n"
+            f"## Verdict\n\n{table(rows, 'verdict', 's')}\n\n"
+            f"## Collapse ratio\n\n{table(rows, 'collapse_ratio', '.2f')}\n\n"
+            f"## Projector effective rank / min(N, dimension)\n\n{table(rows, 'proj_rank', '.2f')}\n\n"
+            f"## kNN top-1\n\n{table(rows, 'knn', '.3f')}\n\n![collapse map](collapse_map.png)\n")
+    (out / "collapse_map.md").write_text(text)
+    plot(rows, out / "collapse_map.png")
     print(text)
 
 

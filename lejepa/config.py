@@ -154,7 +154,8 @@ class TrainConfig(_Section):
     out_dir: str = Field("runs", description="folder for checkpoints and the embedded MLflow store")
     run_name: str | None = Field(None, description="run folder name under out_dir; None = <arch>-<timestamp>")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (for smoke tests)")
-    health: bool = Field(True, description="measure run health each step (collapse ratio, effective ranks)")
+    health: bool = Field(True, description="measure run health (collapse ratio every step, effective ranks every "
+                         "log_every steps) and log a verdict per epoch")
     collapse_patience: int | None = Field(None, ge=1, description="stop the run after this many consecutive "
                                           "epochs with the verdict 'collapsed'; None = never")
 

@@ -224,10 +224,10 @@ class Trainer:
         return save_checkpoint(self.run_dir / "checkpoints", self.epoch, state, meta, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ training
-    def _train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+    def _train_step(self, images: Tensor, labels: Tensor, measure: bool = False) -> tuple[Tensor | None, ...]:
         """One optimisation step; returns loss, invariance, SIGReg, probe loss, correct probe
-        predictions and the batch's health measures (:func:`lejepa.health.batch_health` of the
-        first global view, NaN when ``train.health`` is off), all detached on the device."""
+        predictions and, when ``measure``, the batch's health measures
+        (:func:`lejepa.health.batch_health` of the first global view; else None), all detached."""
         images = images.to(self.rt.device, non_blocking=True)
         labels = labels.to(self.rt.device, non_blocking=True)
         views = self.views(images, self.view_gen)
@@ -250,10 +250,7 @@ class Trainer:
         self.probe_optimizer.step()
         self.scheduler.step()
         correct = (logits.argmax(dim=1) == probe_targets).sum()
-        if self.cfg.train.health:
-            health = batch_health(proj[0].detach().float(), feats[0].detach().float())
-        else:
-            health = torch.full((3,), float("nan"), dtype=torch.float64, device=self.rt.device)
+        health = batch_health(proj[0].detach().float(), feats[0].detach().float()) if measure else None
         return (terms.loss.detach(), terms.invariance.detach(), terms.sigreg.detach(), probe_loss.detach(), correct,
                 health)
 
@@ -266,17 +263,22 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         self.model.train()
         self.probe.train()
-        sums = torch.zeros(8, device=self.rt.device, dtype=torch.float64)
+        sums = torch.zeros(9, device=self.rt.device, dtype=torch.float64)  # 5 terms, 3 health measures, count
         seen = steps = 0
         start = time.perf_counter()
         for images, labels in self.loader:
             if self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps:
                 break
-            loss, inv, reg, probe_loss, correct, health = self._train_step(images, labels)
+            # health every log_every steps (and on each epoch's first): a small eigensolve per measure
+            measure = self.cfg.train.health and steps % self.cfg.train.log_every == 0
+            loss, inv, reg, probe_loss, correct, health = self._train_step(images, labels, measure)
             self.step += 1
             steps += 1
             seen += images.shape[0]
-            sums += torch.cat([torch.stack([loss, inv, reg, probe_loss, correct.to(loss.dtype)]).double(), health])
+            sums[:5] += torch.stack([loss, inv, reg, probe_loss, correct.to(loss.dtype)]).double()
+            if health is not None:
+                sums[5:8] += health
+                sums[8] += 1
             if self.step % self.cfg.train.log_every == 0:
                 self._check_finite(loss)
                 self.callbacks.on_step_end(self.step, {
@@ -288,7 +290,7 @@ class Trainer:
         if self.rt.distributed:
             dist.all_reduce(sums)
             sums /= self.rt.world_size
-        loss, inv, reg, probe_loss, correct, proj_rank, spread, feat_rank = (float(v) for v in sums)
+        loss, inv, reg, probe_loss, correct, proj_rank, spread, feat_rank, measured = (float(v) for v in sums)
         if not math.isfinite(loss):
             raise TrainingDiverged(self.step, loss)
         images_per_sec = seen * self.rt.world_size / max(elapsed, 1e-9)
@@ -300,9 +302,10 @@ class Trainer:
             "epoch/images_per_sec": images_per_sec, "epoch/time_s": elapsed,
             "epoch/lr": self.scheduler.get_last_lr()[0],
         }
-        if self.cfg.train.health:
-            metrics.update(zip(HEALTH_METRICS, (collapse, proj_rank / steps, spread / steps, feat_rank / steps)))
-            metrics["health/verdict"] = float(VERDICTS.index(verdict(collapse, proj_rank / steps)))
+        if measured:
+            measured_means = (v / measured for v in (proj_rank, spread, feat_rank))
+            metrics.update(zip(HEALTH_METRICS, (collapse, *measured_means)))
+            metrics["health/verdict"] = float(VERDICTS.index(verdict(collapse, proj_rank / measured)))
         return metrics
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """``lejepa sweep``: run, dry-run or resume a sweep spec (a plug-in of the ``lejepa`` command).
 
-Exit status: 0 when every trial finished, was pruned, or diverged (a result, not an error); 1 when
+Exit status: 0 when every trial finished, was pruned, collapsed or diverged (results, not errors); 1 when
 some failed; 130 when the sweep was interrupted (the summary says how to ``--resume`` it); 2 for
 bad input.
 """

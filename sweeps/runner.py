@@ -11,7 +11,7 @@ the same path):
 
 The driver opens the sweep's MLflow parent run (tags ``lejepa.kind=sweep``, ``lejepa.sweep``; the
 spec files as artifacts) and keeps it RUNNING while trials run. At the end it settles each child
-run's status from Tune's results (finished, pruned by the scheduler, diverged, failed, interrupted), logs
+run's status from Tune's results (finished, pruned by the scheduler, collapsed, diverged, failed, interrupted), logs
 the best trials on the parent and closes it: FINISHED, or KILLED when interrupted (``--resume``
 reopens it).
 """
