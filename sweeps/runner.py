@@ -37,7 +37,7 @@ from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
 from lejepa.errors import ConfigError, LejepaError
-from lejepa.health import COLLAPSED, DIVERGED, VERDICTS
+from lejepa.health import COLLAPSED, DIVERGED, HEALTHY, VERDICTS
 from lejepa.preflight import check_ray_address, check_tracking_uri, check_writable
 from lejepa.tracking import HEALTH_TAG, PARENT_TAG, default_tracking_uri, get_or_create_experiment
 from sweeps.spec import SCORE_METRIC, SweepSpec, check_name, format_table, load_spec
@@ -108,9 +108,11 @@ class SweepOutcome:
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
 
-    def best(self, attr: str, mode: str) -> TrialSummary | None:
-        """The finished trial with the lowest (``min``) or highest (``max``) ``attr``."""
-        done = [t for t in self.trials if t.status == "finished" and getattr(t, attr) is not None]
+    def best(self, attr: str, mode: str, healthy_only: bool = False) -> TrialSummary | None:
+        """The finished trial (healthy too, with ``healthy_only``) with the lowest (``min``) or highest
+        (``max``) ``attr``."""
+        done = [t for t in self.trials if t.status == "finished" and getattr(t, attr) is not None
+                and (not healthy_only or t.health == HEALTHY)]
         if not done:
             return None
         return (min if mode == "min" else max)(done, key=lambda t: getattr(t, attr))
@@ -123,9 +125,9 @@ class SweepOutcome:
                  t.health, t.online_acc, t.linear_acc] for t in sorted(self.trials, key=_score_order)]
         counts = ", ".join(f"{self.count(s)} {s}" for s in STATUSES if self.count(s))
         lines = [f"sweep {self.sweep.name}: {len(self.trials)} trials ({counts or 'none ran'})", format_table(header, rows)]
-        for label, attr, mode in (("label-free score (epoch/loss / λ^α)", "score", "min"),
+        for label, attr, mode in (("label-free score (epoch/loss / λ^α) among healthy trials", "score", "min"),
                                   ("linear probe accuracy", "linear_acc", "max")):
-            best = self.best(attr, mode)
+            best = self.best(attr, mode, healthy_only=attr == "score")
             if best is not None:
                 params = ", ".join(f"{k}={_fmt(best.params.get(k))}" for k in keys)
                 lines.append(f"best by {label}: {best.trial_id} ({params}) {attr} {_fmt(getattr(best, attr))}"
@@ -424,7 +426,7 @@ def _log_best(client: MlflowClient, outcome: SweepOutcome) -> None:
                for s in ("finished", "pruned", "collapsed", "diverged", "failed")]
     tags = []
     for attr, mode, key in (("score", "min", "best/train_score"), ("linear_acc", "max", "best/linear_probe_acc")):
-        best = outcome.best(attr, mode)
+        best = outcome.best(attr, mode, healthy_only=attr == "score")
         if best is not None:
             metrics.append(Metric(key, float(getattr(best, attr)), now, 0))
             tags += [RunTag(f"lejepa.{key.replace('/', '_')}_trial", best.trial_id),
