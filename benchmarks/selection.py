@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from analysis.cli import DEFAULT_SCORE  # noqa: E402
 from analysis.criteria import evaluate_checkpoints  # noqa: E402
 from analysis.loader import load_sweep  # noqa: E402
 from analysis.health import SAFE, replay_pruning  # noqa: E402
@@ -77,7 +78,7 @@ def train_sweep(name: str, trials: list[list[str]], tracking_uri: str, out_dir: 
     return parent
 
 
-def pruning_figures(a, patience: int, score: str = "loss_lam") -> str:
+def pruning_figures(a, patience: int, score: str = DEFAULT_SCORE) -> str:
     """Replay ``prune_collapsed: patience`` on the full sweep: trial-epochs not run, and the pick of
     the healthy-only ``score`` among what the pruned sweep would have left, against the full oracle."""
     kept, runs = replay_pruning(a.epochs, patience)

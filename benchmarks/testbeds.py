@@ -129,7 +129,7 @@ def main() -> None:
     for name in args.testbeds:
         rows.append(measure(name, args.overrides, args.baselines_only, not args.no_supervised))
         print(table(rows), flush=True)
-    header = (f"resnet10t, 32 px, 2 global views, λ 0.05, batch 128, ~465 steps; "
+    header = (f"{rows[0]['arch']}, 32 px, 2 global views, λ 0.05, batch 128, ~465 steps; "
               f"{torch.get_num_threads()} CPU threads; frozen linear probe top-1 on the test split")
     print(f"\n{header}\n{table(rows)}")
     for r in rows:

@@ -42,7 +42,8 @@ quadrature). Measured (benchmarks/results): runs that trained well end at 0.04�
 λ·N ≤ 0.64 reach 0.35–1.0 with a projector rank ≤ 0.2."""
 DIMENSIONAL_RANK = 0.25
 """Projector effective rank / min(batch, dimension) below which an epoch is ``dimensional
-collapse``. Measured: healthy cells of the collapse map 0.3–0.7, collapsing ones 0.10–0.20."""
+collapse``. Measured: healthy cells of the collapse map 0.27–0.56; cells going wrong at a ratio of only
+0.35–0.63 had 0.10–0.18 (a fully collapsed embedding can keep any rank: its scale is gone)."""
 LAMBDA_BATCH_MIN = 1.0
 """λ·N (batch size) below which training collapses. Measured by benchmarks/collapse_map.py
 (resnet10t, fashion-mnist-shifted, 2 global views, 60 steps): every cell with λ·N ≤ 0.64 ended

@@ -139,20 +139,19 @@ def test_checkpoint_criteria_rebuild_the_trained_backbone(sweep):
 
 
 def _expected_pick(s) -> tuple[str, int]:
-    """argmin over healthy (run, epoch) of epoch/loss / λ^0.4, straight from MLflow (the epoch's
-    logged health/verdict is 0 = healthy); also asserts that an unhealthy epoch exists and that
-    it would have won, so the health filter is what decides the test."""
+    """argmin over healthy (run, epoch) of epoch/loss (the default score), straight from MLflow (the
+    epoch's logged health/verdict is 0 = healthy); also asserts that an unhealthy epoch exists and
+    that it would have won, so the health filter is what decides the test."""
     best = unfiltered = (math.inf, "", 0)
     for run in _children(s, s.parent):
         if run.info.status != "FINISHED":
             continue
-        lam = float(run.data.params["loss.lam"])
         epochs = {m.step: int(m.value) for m in s.client.get_metric_history(run.info.run_id, "epoch")}
         verdicts = {m.step: m.value for m in s.client.get_metric_history(run.info.run_id, "health/verdict")}
         for m in s.client.get_metric_history(run.info.run_id, "epoch/loss"):
-            unfiltered = min(unfiltered, (m.value / lam ** 0.4, run.info.run_id, epochs[m.step]))
+            unfiltered = min(unfiltered, (m.value, run.info.run_id, epochs[m.step]))
             if verdicts[m.step] == 0:
-                best = min(best, (m.value / lam ** 0.4, run.info.run_id, epochs[m.step]))
+                best = min(best, (m.value, run.info.run_id, epochs[m.step]))
     assert best[1] and unfiltered[1:] != best[1:]
     return best[1], best[2]
 
