@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lejepa.health import EPS, singular_values
+from lejepa.health import EPS, effective_rank, singular_values
 from lejepa.health import entropy_rank as _entropy_rank
 
 LABELS = {"rankme": "RankMe", "lidar": "LiDAR", "alpha_req": "α-ReQ (−|α−1|)"}
@@ -37,7 +37,7 @@ LABELS = {"rankme": "RankMe", "lidar": "LiDAR", "alpha_req": "α-ReQ (−|α−1
 
 def rankme(features: Tensor | np.ndarray, eps: float = EPS) -> float:
     """RankMe of an N×K feature matrix (not centred, as in the paper)."""
-    return _entropy_rank(singular_values(features), eps)
+    return effective_rank(features, eps)
 
 
 def lidar(features: Tensor | np.ndarray, delta: float = 1e-4, eps: float = EPS) -> float:

@@ -43,9 +43,7 @@ def knn(trainer: Trainer) -> float:
 
 
 def cell(lam: float, n: int, steps: int, data, overrides: list[str]) -> dict[str, float]:
-    cfg = load_config(None, [*BASE, f"loss.lam={lam}", f"optim.batch_size={n}", *overrides])
-    probe = Trainer(cfg, [], data=data)
-    per_epoch = len(probe.loader)
+    per_epoch = len(data.train) // n  # the loader drops the last partial batch
     epochs = math.ceil(steps / per_epoch)
     cfg = load_config(None, [*BASE, f"loss.lam={lam}", f"optim.batch_size={n}", f"train.epochs={epochs}",
                              f"optim.warmup_epochs={min(10 / per_epoch, epochs)}", *overrides])

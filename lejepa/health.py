@@ -22,6 +22,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy.special import entr
@@ -54,8 +56,10 @@ HEALTH_METRICS = ("health/collapse_ratio", "health/proj_rank", "health/proj_std_
 spread of the projector's per-dimension stds, backbone-feature effective rank / min(batch, width)."""
 
 
+@functools.lru_cache(maxsize=256)
 def collapsed_ep(n: int, t_max: float = 3.0, knots: int = 17) -> float:
-    """EP of N identical samples at 0 with the SIGReg quadrature (see the module docstring)."""
+    """EP of N identical samples at 0 with the SIGReg quadrature (see the module docstring);
+    cached: a sweep table asks for the same few (N, quadrature) pairs on every row."""
     return float(epps_pulley(torch.zeros(n, 1, dtype=torch.float64), t_max, knots))
 
 
@@ -92,7 +96,7 @@ def _effective_rank(z: Tensor, eps: float = EPS) -> Tensor:
         return torch.tensor(float("nan"), dtype=torch.float64, device=z.device)
     total = sigma.sum()
     p = sigma / total.clamp_min(torch.finfo(torch.float64).tiny) + eps
-    rank = torch.where(total > 0, torch.exp(-(p * p.log()).sum()), torch.zeros_like(total))
+    rank = torch.where(total > 0, torch.exp(torch.special.entr(p).sum()), torch.zeros_like(total))
     return torch.where(finite, rank, torch.full_like(rank, float("nan")))
 
 
