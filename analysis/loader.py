@@ -13,7 +13,9 @@ trial × logged epoch:
   ``train_score`` when the sweep reported one, and the health measures (``collapse_ratio``,
   ``proj_rank``, ``proj_std_spread``, ``feature_rank``, ``verdict_code``) when training logged them;
 - final metrics on the run's last epoch only: ``linear_probe_acc``, ``knn_acc``,
-  ``online_probe_acc``; ``is_final`` marks that row;
+  ``online_probe_acc``, the random-init baseline ``init_linear_probe_acc`` and ``init_knn_acc``
+  (when the run had ``train.eval_at_init``) and ``wall_s`` (run start to end); ``is_final``
+  marks that row;
 - the checkpoint reference: ``checkpoint`` (the epoch's folder under the run folder, if it is on
   this disk) and ``checkpoint_uri`` (``runs:/<id>/checkpoint``, the final checkpoint logged as an
   artifact).
@@ -47,7 +49,8 @@ EPOCH_METRICS = {
     "health/verdict": "verdict_code",
 }
 FINAL_METRICS = {"eval/linear_probe_acc": "linear_probe_acc", "eval/knn_acc": "knn_acc",
-                 "eval/online_probe_acc": "online_probe_acc"}
+                 "eval/online_probe_acc": "online_probe_acc", "eval/init_linear_probe_acc": "init_linear_probe_acc",
+                 "eval/init_knn_acc": "init_knn_acc"}
 NUMERIC_PARAMS = {"loss.lam": "lam", "optim.lr": "lr", "optim.weight_decay": "weight_decay",
                   "loss.num_slices": "num_slices"}
 PARENT_TAG = "mlflow.parentRunId"
@@ -149,6 +152,12 @@ def _number(value: str | None) -> float:
         return float("nan")
 
 
+def _wall_s(run: Run) -> float:
+    """Seconds from the run's start to its end (NaN while it runs)."""
+    end = run.info.end_time
+    return (end - run.info.start_time) / 1000.0 if end and run.info.start_time else float("nan")
+
+
 def _exclusion(run: Run) -> str | None:
     tags = run.data.tags
     if tags.get("lejepa.status") == "diverged":
@@ -179,6 +188,7 @@ def _rows(client: MlflowClient, run: Run) -> list[dict]:
         row = {**base, "epoch": epoch, "step": step, "is_final": is_final,
                **{col: hist.get(step, np.nan) for col, hist in histories.items()},
                **{col: run.data.metrics.get(key, np.nan) if is_final else np.nan for key, col in FINAL_METRICS.items()},
+               "wall_s": _wall_s(run) if is_final else np.nan,
                "checkpoint": str(folder) if folder is not None and folder.is_dir() else None,
                "checkpoint_uri": f"runs:/{run_id}/checkpoint" if is_final and "lejepa.checkpoint" in tags else None}
         rows.append(row)

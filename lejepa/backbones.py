@@ -11,9 +11,24 @@ The adaptation is decided from the model's class (read from a meta-device build,
   offered), so every view size works. Below the arch's native size the patch shrinks so a
   global view stays ``MIN_PATCHES`` patches wide: ViT-S/16 gets 4-px patches at 32 px and
   keeps 16 at 224. Without ``dynamic_img_pad``, sides are rounded up to a patch multiple.
-* CNNs whose stem downsamples 4× (ResNet and kin, ConvNeXt, Inception-NeXt) get the CIFAR stem
-  of SSL libraries (3×3 stride-1 conv, no max-pool) if ``small_stem`` is true; ``None`` means
-  on below ``SMALL_STEM_BELOW`` px. Other archs ignore ``small_stem``.
+* ``small_stem`` (``None`` = on below ``SMALL_STEM_BELOW`` px) turns on each CNN family's
+  small-input adaptation, so that the last feature map of a 32-px view is at least 2×2 and the
+  pooled feature reads the whole image at initialisation (:func:`small_input_changes`):
+
+  - ResNet and kin, ConvNeXt, Inception-NeXt (4× stem): the CIFAR stem of SSL libraries, one
+    3×3 stride-1 conv and no max-pool (last map 4×4 at 32 px instead of 1×1).
+  - RegNet, MobileNet v2–v4, EfficientNet, GhostNet (one 3×3 stride-2 stem conv): that conv at
+    stride 1 (last map 2×2 instead of 1×1; 4× the compute, the cost of a 2× larger input).
+  - ResNets whose shortcuts down-sample with strided 1×1 convs (resnet18, resnet26, SE/SK
+    variants) and every RegNet: average-pooled shortcuts (ResNet-D: 2×2 average pool, then the
+    same 1×1 conv at stride 1; timm's ``avg_down`` / ``downsample="avg"``, same parameters).
+    timm zero-initialises the last BatchNorm of each residual branch, so at initialisation
+    each block is its shortcut, and a chain of strided 1×1 convs samples one pixel in 2^k: at
+    32 px RegNet's pooled feature reads only the top-left stem pixel (random-init probe at
+    chance). Turning the zero-init off instead also fixes that, but measured worse: the
+    random-init probe rises and LeJEPA then falls below it within 3 epochs.
+
+  Other archs ignore ``small_stem``.
 * Classes that take ``img_size`` but cannot change it at run time (MaxViT, LeViT,
   EfficientFormer, CaiT, …) are built for the smallest side ≥ ``resolution`` they run at, and
   the wrapper resizes every input to that fixed side (``fixed_input``).
@@ -168,9 +183,13 @@ def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Pla
     if "img_size" in params:
         return Plan(fixed=True)
     wants_stem = resolution < SMALL_STEM_BELOW if small_stem is None else small_stem
-    if wants_stem and has_small_stem(default):
-        return Plan(small_stem=True, notes=("small stem (3x3 stride-1 conv, no max-pool)",))
-    return Plan()
+    changes = small_input_changes(default) if wants_stem else {}
+    if not changes:
+        return Plan()
+    kwargs: dict[str, Any] = {}
+    if "shortcut" in changes:
+        kwargs = {"downsample": "avg"} if isinstance(default, timm.models.regnet.RegNet) else {"avg_down": True}
+    return Plan(kwargs, small_stem="stem" in changes, notes=tuple(changes.values()))
 
 
 def small_patch(patch: int, resolution: int, native: int) -> int:
@@ -184,10 +203,25 @@ def small_patch(patch: int, resolution: int, native: int) -> int:
     return min(patch, p)
 
 
+def small_input_changes(model: nn.Module) -> dict[str, str]:
+    """The small-input adaptation of ``model``'s family, ``{"stem": note, "shortcut": note}``
+    (either may be absent; empty for archs it does not apply to). ``model`` is a default build."""
+    changes = {}
+    if isinstance(model, timm.models.resnet.ResNet) or _has_4x_stem(model):
+        changes["stem"] = "small stem (3x3 stride-1 conv, no max-pool)"
+    elif _stride2_stem_conv(model) is not None:
+        changes["stem"] = "stride-1 stem conv"
+    if _conv_shortcuts(model):
+        changes["shortcut"] = "average-pooled shortcuts (ResNet-D) instead of strided 1x1 convs"
+    return changes
+
+
 def has_small_stem(model: nn.Module) -> bool:
-    """Whether ``model`` has a 4× stem :func:`apply_small_stem` can replace."""
-    if isinstance(model, timm.models.resnet.ResNet):
-        return True
+    """Whether :func:`apply_small_stem` can adapt the stem of ``model`` (a default build)."""
+    return "stem" in small_input_changes(model)
+
+
+def _has_4x_stem(model: nn.Module) -> bool:
     stem = getattr(model, "stem", None)
     return (
         isinstance(model, (timm.models.convnext.ConvNeXt, timm.models.inception_next.MetaNeXt))
@@ -196,9 +230,39 @@ def has_small_stem(model: nn.Module) -> bool:
     )
 
 
+def _stride2_stem_conv(model: nn.Module) -> nn.Conv2d | None:
+    """The 3×3 stride-2 stem conv of RegNet, EfficientNet/MobileNetV2, MobileNetV3/V4 and
+    GhostNet builds, else None."""
+    families = (timm.models.regnet.RegNet, timm.models.efficientnet.EfficientNet,
+                timm.models.mobilenetv3.MobileNetV3, timm.models.ghostnet.GhostNet)
+    if not isinstance(model, families):
+        return None
+    conv = model.stem.conv if isinstance(model, timm.models.regnet.RegNet) else getattr(model, "conv_stem", None)
+    if isinstance(conv, nn.Conv2d) and tuple(conv.stride) == (2, 2) and tuple(conv.kernel_size) == (3, 3):
+        return conv
+    return None
+
+
+def _conv_shortcuts(model: nn.Module) -> bool:
+    """Whether a ResNet's or RegNet's first down-sampling shortcut is a strided 1×1 conv (not
+    average-pooled)."""
+    if isinstance(model, timm.models.resnet.ResNet):
+        down = getattr(model.layer2[0], "downsample", None)
+    elif isinstance(model, timm.models.regnet.RegNet):
+        down = getattr(model.s2.b1, "downsample", None)
+    else:
+        return False
+    convs = [m for m in down.modules() if isinstance(m, nn.Conv2d)] if down is not None else []
+    return len(convs) == 1 and tuple(convs[0].stride) == (2, 2) and tuple(convs[0].kernel_size) == (1, 1)
+
+
 def apply_small_stem(model: nn.Module) -> None:
-    """Replace the 4× stem by one 3×3 stride-1 conv (keeping the stem norm) and drop the
-    stem max-pool, in place."""
+    """In place: a 4× stem becomes one 3×3 stride-1 conv (keeping the stem norm, no max-pool);
+    a 3×3 stride-2 stem conv runs at stride 1 (padding 1 keeps the side)."""
+    conv = _stride2_stem_conv(model)
+    if conv is not None:
+        conv.stride = (1, 1)
+        return
     if isinstance(model, timm.models.resnet.ResNet):
         model.conv1 = nn.Conv2d(3, model.bn1.num_features, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()

@@ -68,8 +68,10 @@ class ModelConfig(_Section):
     """Backbone (any timm model) and projector."""
 
     arch: str = Field("resnet10t", description="timm architecture name (see `lejepa archs`)")
-    small_stem: bool | None = Field(False, description="CIFAR-style 3x3 stride-1 stem, no max-pool (about 16x the "
-                                                       "compute of the standard stem); None = on below 64 px")
+    small_stem: bool | None = Field(False, description="the family's small-input adaptation (lejepa/backbones.py): "
+                                    "ResNet/ConvNeXt 3x3 stride-1 stem without max-pool (about 16x the compute), "
+                                    "RegNet/MobileNet/EfficientNet/GhostNet stride-1 stem conv (4x), no zero-init "
+                                    "of the last BN where shortcuts are strided 1x1 convs; None = on below 64 px")
     proj_layers: int = Field(3, ge=1, le=8, description="projector MLP depth")
     proj_hidden: int = Field(512, ge=8, description="projector hidden width")
     proj_dim: int = Field(64, ge=2, description="projector output dimension (SIGReg acts here)")
@@ -151,6 +153,8 @@ class TrainConfig(_Section):
     online_eval_images: int | None = Field(2048, ge=1, description="test images scored by the online probe after "
                                            "each epoch (an evenly spaced subset); None = the whole test split")
     eval_probe_epochs: int = Field(100, ge=1, description="epochs of the final frozen linear probe")
+    eval_at_init: bool = Field(False, description="also score the untrained backbone (frozen linear probe and "
+                               "kNN, logged at the end as eval/init_*): the random-init baseline of this run")
     out_dir: str = Field("runs", description="folder for checkpoints and the embedded MLflow store")
     run_name: str | None = Field(None, description="run folder name under out_dir; None = <arch>-<timestamp>")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (for smoke tests)")

@@ -129,6 +129,7 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps, cfg.optim.final_lr_ratio)
         self.epoch = 0
         self.step = 0
+        self.init_eval: dict[str, float] = {}
         if self.resume_path is not None:
             self._load(self.resume_path)
 
@@ -184,6 +185,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "views": views_rng},
             "epoch": self.epoch,
             "step": self.step,
+            "init_eval": self.init_eval,
         }
 
     def _load(self, path: Path) -> None:
@@ -214,6 +216,7 @@ class Trainer:
         self.view_gen.set_state(views_rng[self.rt.rank].cpu())
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
+        self.init_eval = dict(state.get("init_eval") or {})
 
     def _checkpoint(self, metrics: dict[str, float]) -> Path | None:
         state = self._state()  # collective under DDP: every rank takes part
@@ -342,15 +345,23 @@ class Trainer:
         probe.train()
         return float((pred == test_labels).float().mean())
 
-    def _final_eval(self) -> dict[str, float]:
+    def _final_eval(self, online: bool = True) -> dict[str, float]:
         train_x, train_y = self.features(self.data.train)
         test_x, test_y = self.features(self.data.test)
-        return {
+        metrics = {
             "eval/linear_probe_acc": linear_probe(train_x, train_y, test_x, test_y, self.data.num_classes,
                                                   epochs=self.cfg.train.eval_probe_epochs, seed=self.cfg.train.seed),
             "eval/knn_acc": knn_accuracy(train_x, train_y, test_x, test_y, k=self.cfg.train.eval_knn_k),
-            "eval/online_probe_acc": self._online_test_acc(test_x, test_y),
         }
+        if online:
+            metrics["eval/online_probe_acc"] = self._online_test_acc(test_x, test_y)
+        return metrics
+
+    def _init_eval(self) -> dict[str, float]:
+        """The frozen probe and kNN of the untrained backbone, as ``eval/init_*``; the global RNG
+        is left as it was, so a run trains identically with or without this baseline."""
+        with torch.random.fork_rng(devices=[]):
+            return {k.replace("eval/", "eval/init_"): v for k, v in self._final_eval(online=False).items()}
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -370,6 +381,8 @@ class Trainer:
         collapsed_epochs = 0
         try:
             self.callbacks.on_train_start(info)
+            if self.cfg.train.eval_at_init and self.rt.is_main and self.step == 0 and not self.init_eval:
+                self.init_eval = self._init_eval()
             while self.epoch < self.cfg.train.epochs:
                 if self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps:
                     break
@@ -387,7 +400,7 @@ class Trainer:
                 patience = self.cfg.train.collapse_patience
                 if patience is not None and collapsed_epochs >= patience:
                     raise TrainingCollapsed(self.epoch, metrics["health/collapse_ratio"], patience)
-            final = self._final_eval() if self.rt.is_main else {}
+            final = {**self.init_eval, **self._final_eval()} if self.rt.is_main else {}
             if self.rt.distributed:
                 dist.barrier()
             self.callbacks.on_train_end(final, checkpoint)

@@ -45,8 +45,79 @@ def test_small_stem_for_deep_stem_resnet_and_convnext():
     assert _features(convnext, 14).shape == (2, convnext.embed_dim)
 
 
-def test_small_stem_ignored_where_there_is_no_4x_stem():
-    assert not build_backbone("efficientnet_b0", 32, small_stem=True, device="meta").small_stem
+def test_small_stem_ignored_where_there_is_no_stem_to_adapt():
+    assert not build_backbone("vit_tiny_patch16_224", 32, small_stem=True, device="meta").small_stem
+    assert not build_backbone("efficientformerv2_s0", 32, small_stem=True, device="meta").small_stem
+
+
+@pytest.mark.parametrize("arch", ["regnetx_002", "efficientnet_lite0", "mobilenetv3_small_050", "ghostnet_050"])
+def test_stride2_stem_conv_runs_at_stride_1_below_64_px(arch):
+    adapted = build_backbone(arch, 32, device="meta")
+    native = build_backbone(arch, 32, small_stem=False, device="meta")
+    conv = adapted.model.stem.conv if arch.startswith("regnet") else adapted.model.conv_stem
+    assert adapted.small_stem and conv.stride == (1, 1) and "stride-1 stem conv" in adapted.adaptation
+    assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in native.parameters())
+
+
+def test_strided_conv_shortcuts_become_average_pooled_below_64_px():
+    def shortcut(backbone: nn.Module) -> nn.Module:
+        model = backbone.model
+        return model.layer2[0].downsample if hasattr(model, "layer2") else model.s2.b1.downsample
+
+    for arch in ("resnet18", "seresnet18", "regnetx_002"):
+        adapted = build_backbone(arch, 32, device="meta")
+        assert isinstance(shortcut(adapted)[0], nn.AvgPool2d), arch
+        assert "average-pooled shortcuts" in adapted.adaptation
+        native = build_backbone(arch, 32, small_stem=False, device="meta")
+        assert not isinstance(shortcut(native)[0], nn.AvgPool2d)
+        assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in native.parameters())
+    assert "average-pooled shortcuts" not in build_backbone("resnet18d", 32, device="meta").adaptation
+
+
+def _object_images(side: int = 32, obj: int = 8) -> torch.Tensor:
+    """[blank, object top-left, object bottom-right, object centre], twice (a batch for BatchNorm)."""
+    images = torch.zeros(4, 3, side, side)
+    images[1, :, :obj, :obj] = 1.0
+    images[2, :, -obj:, -obj:] = 1.0
+    c = (side - obj) // 2
+    images[3, :, c:c + obj, c:c + obj] = 1.0
+    return images.repeat(2, 1, 1, 1)
+
+
+def spatial_sensitivity(backbone: nn.Module, side: int = 32) -> float:
+    """How much the pooled feature moves (from the blank image's) for an object away from the
+    top-left corner, relative to the same object in that corner: min(|f(BR) − f(0)|,
+    |f(C) − f(0)|) / |f(TL) − f(0)|, in training mode (BatchNorm on batch statistics), at init."""
+    torch.manual_seed(0)
+    backbone.train()
+    with torch.no_grad():
+        f = backbone(_object_images(side))[:4].double()
+    d = (f[1:] - f[0]).norm(dim=1)
+    return float(torch.minimum(d[1], d[2]) / d[0].clamp_min(1e-30))
+
+
+FAMILY_REPRESENTATIVES = [
+    "resnet18", "resnet10t", "skresnet18", "ecaresnext26t_32x4d", "convnext_zepto_rms", "convnextv2_atto",
+    "inception_next_atto", "regnetx_002", "regnety_002", "mobilenetv2_035", "mobilenetv3_small_050",
+    "mobilenetv4_conv_small_035", "mobilenetv4_hybrid_medium_075", "efficientnet_lite0", "ghostnet_050",
+    "ghostnetv2_100", "levit_128s", "maxvit_pico_rw_256", "efficientformerv2_s0", "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224", "tiny_vit_5m_224",
+]
+
+
+@pytest.mark.parametrize("arch", FAMILY_REPRESENTATIVES)
+def test_adapted_backbone_sees_the_whole_image_at_init(arch):
+    """Each family's small-input adaptation gives a feature that moves with an object anywhere
+    in a 32-px view, not only in the top-left corner."""
+    torch.manual_seed(0)
+    assert spatial_sensitivity(build_backbone(arch, 32)) > 0.15
+
+
+def test_regnet_without_adaptation_reads_only_the_top_left_corner():
+    """The failure the adaptation fixes: strided 1x1 shortcuts + zero-initialised last BN (each
+    block is its shortcut at init, and the chain of strided 1x1 convs samples one pixel in 32)."""
+    torch.manual_seed(0)
+    assert spatial_sensitivity(build_backbone("regnetx_002", 32, small_stem=False)) < 1e-3
 
 
 def test_vit_patch_and_img_size_adapted_and_local_views_accepted():

@@ -9,6 +9,7 @@ marks cannot go stale.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def test_measurements_match_a_fresh_build(entry: ArchInfo):
     fresh = describe(entry.name, entry.family)
     for field in ("params", "embed_dim", "min_input", "fixed_input", "small_stem", "gpu_scale"):
         assert getattr(fresh, field) == getattr(entry, field), field
+    assert entry.notes.startswith(fresh.notes)  # the adaptation, as the builder describes it
 
 
 def _walk_params() -> list:
@@ -115,6 +117,24 @@ def test_query_keeps_catalog_order():
     names = [a.name for a in CATALOG]
     picked = [a.name for a in query(max_params="20M")]
     assert picked == sorted(picked, key=names.index)
+
+
+def test_round_robin_order_takes_each_family_in_turn_smallest_first():
+    walk = query(max_params="20M", order="round-robin")
+    assert sorted(a.name for a in walk) == sorted(a.name for a in query(max_params="20M"))
+    walked = list(dict.fromkeys(a.family for a in query(max_params="20M")))
+    first = walk[:len(walked)]
+    assert [a.family for a in first] == walked
+    assert all(a.params == min(b.params for b in walk if b.family == a.family) for a in first)
+    with pytest.raises(ArchitectureError, match="unknown order 'random'"):
+        query(order="random")
+
+
+def test_walk_outcome_columns_round_trip():
+    entry = replace(CATALOG[0], walk_outcome="learns", walk_gain=0.0123)
+    assert ArchInfo.from_row(entry.to_row()) == entry
+    row = {k: v for k, v in CATALOG[0].to_row().items() if not k.startswith("walk_")}  # an older catalog file
+    assert ArchInfo.from_row(row).walk_outcome == "" and ArchInfo.from_row(row).walk_gain is None
 
 
 def test_query_errors_are_one_line():
@@ -167,10 +187,14 @@ def test_cli_archs(capsys):
     assert "unknown architecture family 'nope'" in capsys.readouterr().err
 
 
-def test_architectures_sweep_expands_to_the_catalog():
+@pytest.mark.parametrize("spec_file, lams", [("architectures.yaml", 2), ("stability.yaml", 1)])
+def test_catalog_sweeps_expand_to_the_catalog_families_interleaved(spec_file, lams):
     from sweeps.spec import load_spec
 
-    spec = load_spec(REPO / "sweeps" / "architectures.yaml")
+    spec = load_spec(REPO / "sweeps" / spec_file)
     archs = next(p.values for p in spec.space if p.key == "model.arch")
-    assert list(archs) == [a.name for a in query(max_params="20M")]
-    assert spec.num_trials() == 2 * len(archs)
+    assert list(archs) == [a.name for a in query(max_params="20M", order="round-robin")]
+    assert len(archs) >= 50 and len({get_arch(a).family for a in archs}) >= 10
+    assert spec.num_trials() == lams * len(archs)
+    base = spec.base_config
+    assert base.model.small_stem is None and base.train.eval_at_init and base.loss.lam == 0.05

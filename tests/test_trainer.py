@@ -181,3 +181,30 @@ def test_bf16_autocast_trains_on_cuda(tmp_path):
     assert trainer.rt.autocast_dtype == torch.bfloat16  # auto = bf16 on CUDA
     trainer.fit()
     assert rec.steps and all(math.isfinite(m["train/loss"]) for m in rec.steps.values())
+
+
+def test_random_init_baseline_scores_the_untrained_backbone_and_changes_nothing_else(tmp_path):
+    """``train.eval_at_init``: ``eval/init_*`` are the probe and kNN of the backbone before any
+    step (kept across a resume), and the run trains exactly as without them."""
+    from lejepa.probes import knn_accuracy, linear_probe
+
+    plain = Recorder()
+    Trainer(tiny_cfg(tmp_path, "train.epochs=2"), [plain], run_dir=tmp_path / "plain").fit()
+    cfg = tiny_cfg(tmp_path, "train.epochs=2", "train.eval_at_init=true")
+    first, resumed = Recorder(stop_after_epoch=1), Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, [first], run_dir=tmp_path / "based").fit()
+    Trainer(cfg, [resumed], run_dir=tmp_path / "based", resume=tmp_path / "based").fit()
+
+    assert first.epochs[1] == pytest.approx(plain.epochs[1], rel=1e-6, abs=1e-7)
+    assert resumed.epochs[2] == pytest.approx(plain.epochs[2], rel=1e-6, abs=1e-7)
+    final = dict(resumed.final)
+    init = {k: final.pop(k) for k in ("eval/init_linear_probe_acc", "eval/init_knn_acc")}
+    assert final == pytest.approx(plain.final, rel=1e-6, abs=1e-7)
+
+    fresh = Trainer(cfg, run_dir=tmp_path / "fresh")  # same seed: the same untrained backbone
+    train, test = fresh.features(fresh.data.train), fresh.features(fresh.data.test)
+    assert init["eval/init_linear_probe_acc"] == pytest.approx(
+        linear_probe(*train, *test, fresh.data.num_classes, epochs=cfg.train.eval_probe_epochs, seed=cfg.train.seed))
+    assert init["eval/init_knn_acc"] == pytest.approx(knn_accuracy(*train, *test, k=cfg.train.eval_knn_k))
+    assert init["eval/init_knn_acc"] != pytest.approx(final["eval/knn_acc"])

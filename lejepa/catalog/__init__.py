@@ -35,11 +35,16 @@ class ArchInfo:
     CIFAR stem where it applies: ``model.small_stem=null``).
     ``min_input``: smallest input side it runs at (smaller views are upsampled to it).
     ``fixed_input``: the one side it runs at (every view is resized to it), or None.
-    ``small_stem``: the CIFAR stem (3×3 stride-1 conv, no max-pool) applies: with
+    ``small_stem``: the family's small-input adaptation applies (the CIFAR stem of ResNets and
+    ConvNeXts, the stride-1 stem conv of RegNets and mobile CNNs; :mod:`lejepa.backbones`): with
     ``model.small_stem=true``, or ``null`` below 64 px (the config default ``false`` keeps timm's stem).
     ``gpu_scale``: too large to train on a CPU; checked on the meta device only.
     ``runs_small``: builds and runs a LeJEPA training step at ``SMALL_RESOLUTION`` px (or its
     minimum); False marks an entry that does not (``notes`` says why).
+    ``walk_outcome``/``walk_gain``: the measured outcome of the stability walk
+    (``benchmarks/stability.py``: λ = 0.05, a short budget on fashion-mnist-shifted at
+    ``SMALL_RESOLUTION`` px): ``learns``, ``no gain``, or the health verdict of a run that went
+    wrong; the frozen-probe gain over the arch's own random init. Empty where not walked.
     """
 
     name: str
@@ -52,6 +57,8 @@ class ArchInfo:
     gpu_scale: bool
     runs_small: bool
     notes: str = ""
+    walk_outcome: str = ""
+    walk_gain: float | None = None
 
     def to_row(self) -> dict[str, str]:
         """The CSV row (booleans as true/false, None as empty)."""
@@ -75,6 +82,8 @@ class ArchInfo:
             gpu_scale=row["gpu_scale"] == "true",
             runs_small=row["runs_small"] == "true",
             notes=row["notes"],
+            walk_outcome=row.get("walk_outcome") or "",
+            walk_gain=float(row["walk_gain"]) if row.get("walk_gain") else None,
         )
 
 
@@ -134,14 +143,19 @@ def query(
     names: list[str] | None = None,
     include_gpu_scale: bool = False,
     runnable_only: bool = True,
+    order: str = "catalog",
 ) -> list[ArchInfo]:
     """Catalog entries matching every given criterion, in catalog order.
 
     ``family``: one name or a list (case-insensitive); ``max_params``/``min_params``: inclusive
     budgets (``"20M"``); ``pattern``: an fnmatch glob on the name (``"resnet*"``); ``names``:
     exact names. GPU-scale entries and entries that do not run small are left out unless asked
-    for. Unknown families/names and an empty result raise :class:`ArchitectureError`.
+    for. ``order``: ``catalog``, or ``round-robin`` (one entry of each family in turn, each
+    family smallest first), so that every prefix of a long walk covers every family. Unknown
+    families/names/orders and an empty result raise :class:`ArchitectureError`.
     """
+    if order not in ORDERS:
+        raise ArchitectureError(f"unknown order {order!r}{did_you_mean(order, list(ORDERS))}; orders: {', '.join(ORDERS)}")
     entries = list(_cached())
     asked: list[str] = []
     if family is not None:
@@ -176,7 +190,20 @@ def query(
         what = " ".join(asked) or "the catalog"
         hidden = "" if include_gpu_scale and not runnable_only else " (GPU-scale and not-runnable-small entries excluded)"
         raise ArchitectureError(f"no catalog architecture matches {what}{hidden}")
-    return entries
+    return round_robin(entries) if order == "round-robin" else entries
+
+
+ORDERS = ("catalog", "round-robin")
+"""Orders :func:`query` returns entries in."""
+
+
+def round_robin(entries: list[ArchInfo]) -> list[ArchInfo]:
+    """The smallest entry of each family (families in catalog order), then the second, …"""
+    by_family: dict[str, list[ArchInfo]] = {}
+    for a in entries:
+        by_family.setdefault(a.family, []).append(a)
+    queues = [sorted(group, key=lambda a: a.params) for group in by_family.values()]
+    return [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
 
 
 def format_params(n: int) -> str:
@@ -190,10 +217,12 @@ def format_params(n: int) -> str:
 
 def format_table(entries: list[ArchInfo]) -> str:
     """A fixed-width text table of ``entries`` (for ``lejepa archs``), with a count line."""
-    header = ["name", "family", "params", "embed", "min_px", "fixed_px", "small_stem", "gpu_scale", "runs_small", "notes"]
+    header = ["name", "family", "params", "embed", "min_px", "fixed_px", "small_stem", "gpu_scale", "runs_small",
+              "walk", "notes"]
     rows = [
         [a.name, a.family, format_params(a.params), str(a.embed_dim), str(a.min_input), str(a.fixed_input or ""),
-         "yes" if a.small_stem else "", "yes" if a.gpu_scale else "", "yes" if a.runs_small else "NO", a.notes]
+         "yes" if a.small_stem else "", "yes" if a.gpu_scale else "", "yes" if a.runs_small else "NO",
+         a.walk_outcome + (f" {a.walk_gain:+.2f}" if a.walk_gain is not None else ""), a.notes]
         for a in entries
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]

@@ -15,6 +15,9 @@ global + 2 local views, forward, loss, backward, AdamW step, finite loss) on the
 ones on the meta device (shapes only); a failure is recorded (``runs_small=false`` + the
 error), never dropped. The same step is what ``tests/test_catalog.py`` and
 ``benchmarks/architectures.py`` run.
+
+The stability walk's outcome columns (``walk_outcome``, ``walk_gain``) are written by
+``benchmarks/stability.py --update-catalog`` and carried over by a rebuild.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import timm
 import torch
 
 from lejepa.backbones import build_backbone
-from lejepa.catalog import CATALOG_CSV, COLUMNS, SMALL_RESOLUTION, ArchInfo, format_params
+from lejepa.catalog import CATALOG_CSV, COLUMNS, SMALL_RESOLUTION, ArchInfo, format_params, load_catalog
 from lejepa.config import LossConfig, ModelConfig
 from lejepa.errors import ArchitectureError
 from lejepa.model import LeJEPAModel
@@ -186,7 +189,8 @@ def check(info: ArchInfo) -> tuple[bool, float, str]:
 
 def build(log: Callable[[str], None] = print) -> list[ArchInfo]:
     """Select, describe and walk the catalog, in catalog order: family by family, then by
-    parameters."""
+    parameters. The stability walk's outcomes (``walk_*``) of the current catalog are kept."""
+    walked = {a.name: a for a in load_catalog()} if CATALOG_CSV.is_file() else {}
     entries = []
     for name, family in select():
         try:
@@ -200,7 +204,8 @@ def build(log: Callable[[str], None] = print) -> list[ArchInfo]:
             notes.append(f"does not run small: {problem}")
         elif not info.gpu_scale and seconds > SLOW_STEP_S:
             notes.append(f"slow on CPU (~{seconds:.0f} s per B=4 step)")
-        entries.append(ArchInfo(**{**vars(info), "runs_small": runs, "notes": "; ".join(notes)}))
+        outcome = {"walk_outcome": walked[name].walk_outcome, "walk_gain": walked[name].walk_gain} if name in walked else {}
+        entries.append(ArchInfo(**{**vars(info), "runs_small": runs, "notes": "; ".join(notes), **outcome}))
         log(f"{name:40s} {family:15s} {format_params(info.params):>7s} {'ok' if runs else 'FAIL':4s} {seconds:6.1f}s {problem}")
     family_rank = {f: i for i, f in enumerate(FAMILIES)}
     return sorted(entries, key=lambda e: (family_rank[e.family], e.params, e.name))

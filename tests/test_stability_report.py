@@ -1,0 +1,62 @@
+"""benchmarks/stability.py: the seed spread, the learns rule, the page, the plot and the catalog update."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import stability  # noqa: E402
+
+
+def _rows(arch: str, probes: list[float], inits: list[float], verdict: str = "healthy") -> list[dict]:
+    return [{"run_id": f"{arch}{i}", "arch": arch, "status": "finished", "verdict": verdict, "loss": 0.3,
+             "collapse_ratio": 0.1, "proj_rank": 0.4, "init_probe": b, "probe": p, "gain": p - b, "init_knn": b,
+             "knn": p, "images_per_s": 50.0, "wall_s": 100.0} for i, (p, b) in enumerate(zip(probes, inits))]
+
+
+def test_spread_over_seeds_and_learning_needs_more_gain_than_that(tmp_path):
+    seeds = pd.DataFrame(_rows("regnetx_002", [0.66, 0.68, 0.67], [0.60, 0.61, 0.60])
+                         + _rows("levit_128s", [0.50, 0.53, 0.52], [0.45, 0.44, 0.46]))
+    spread, strict, table = stability.seed_spread(seeds)
+    assert strict == pytest.approx(0.03)
+    assert spread == pytest.approx(np.sqrt((np.var([0.66, 0.68, 0.67], ddof=1) + np.var([0.50, 0.53, 0.52], ddof=1)) / 2))
+    assert set(table["arch"]) == {"regnetx_002", "levit_128s"}
+
+    walk = pd.DataFrame(_rows("resnet10t", [0.70], [0.65]) + _rows("mobilenetv2_050", [0.25], [0.23])
+                        + _rows("ghostnet_050", [0.90], [0.20], verdict="collapsed")
+                        + [{"run_id": "x", "arch": "vit_tiny_patch16_224", "status": "diverged", "verdict": "diverged"}])
+    for col in stability.COLUMNS:
+        if col not in walk and col not in ("family", "params", "adaptation", "learns"):
+            walk[col] = np.nan
+    walk = stability.describe(walk, 0.03, strict)
+    learns = dict(zip(walk["arch"], walk["learns"]))
+    assert learns == {"resnet10t": True, "mobilenetv2_050": False, "ghostnet_050": False,
+                      "vit_tiny_patch16_224": False}  # +0.05 > 0.03; +0.02 is not; unhealthy never counts
+    assert walk.set_index("arch").loc["resnet10t", "family"] == "resnet"
+
+    page = stability.markdown(walk, 0.03, strict, table, "# walk")
+    assert "1 of 3 = 33%" in page and "ghostnet_050 (collapsed)" in page and "vit_tiny_patch16_224 (diverged)" in page
+    stability.plot(walk, 0.03, tmp_path / "walk.png")
+    assert (tmp_path / "walk.png").stat().st_size > 10_000
+
+    catalog = tmp_path / "catalog.csv"
+    assert stability.update_catalog(walk, catalog) == 4
+    rows = {r["name"]: r for r in csv.DictReader(catalog.open())}
+    assert rows["resnet10t"]["walk_outcome"] == "learns" and float(rows["resnet10t"]["walk_gain"]) == pytest.approx(0.05)
+    assert rows["mobilenetv2_050"]["walk_outcome"] == "no gain"
+    assert rows["vit_tiny_patch16_224"]["walk_outcome"] == "diverged" and rows["vit_tiny_patch16_224"]["walk_gain"] == ""
+    from lejepa.catalog import get_arch
+
+    assert rows["resnet18"] == get_arch("resnet18").to_row()  # not in this walk: untouched
+
+
+def test_a_seeds_sweep_without_repeated_architectures_is_an_error():
+    with pytest.raises(stability.LejepaError, match="2 or more finished seeds"):
+        stability.seed_spread(pd.DataFrame(_rows("regnetx_002", [0.66], [0.60])))
