@@ -12,13 +12,15 @@ The adaptation is decided from the model's class (read from a meta-device build,
   global view stays ``MIN_PATCHES`` patches wide: ViT-S/16 gets 4-px patches at 32 px and
   keeps 16 at 224. Without ``dynamic_img_pad``, sides are rounded up to a patch multiple.
 * ``small_stem`` (``None`` = on below ``SMALL_STEM_BELOW`` px) turns on each CNN family's
-  small-input adaptation, so that the last feature map of a 32-px view is at least 2×2 and the
-  pooled feature reads the whole image at initialisation (:func:`small_input_changes`):
+  small-input adaptation (:func:`small_input_changes`). Every parameter is kept; the stem
+  down-samples 2× less, so a CNN ends at output stride 16 (a 2×2 last map at 32 px instead of
+  1×1, for 4× the compute: the cost of timm's network at twice the side), and the pooled
+  feature reads the whole image at initialisation:
 
-  - ResNet and kin, ConvNeXt, Inception-NeXt (4× stem): the CIFAR stem of SSL libraries, one
-    3×3 stride-1 conv and no max-pool (last map 4×4 at 32 px instead of 1×1).
-  - RegNet, MobileNet v2–v4, EfficientNet, GhostNet (one 3×3 stride-2 stem conv): that conv at
-    stride 1 (last map 2×2 instead of 1×1; 4× the compute, the cost of a 2× larger input).
+  - ResNet and kin: no stem max-pool.
+  - ConvNeXt, Inception-NeXt: the 4×4 stride-4 patchify stem at stride 2 (padding 1); the
+    overlapping stems' last stride-2 conv at stride 1.
+  - RegNet, MobileNet v2–v4, EfficientNet, GhostNet: the 3×3 stride-2 stem conv at stride 1.
   - ResNets whose shortcuts down-sample with strided 1×1 convs (resnet18, resnet26, SE/SK
     variants) and every RegNet: average-pooled shortcuts (ResNet-D: 2×2 average pool, then the
     same 1×1 conv at stride 1; timm's ``avg_down`` / ``downsample="avg"``, same parameters).
@@ -53,7 +55,7 @@ from torch import Tensor, nn
 from lejepa.errors import ArchitectureError, closest
 
 SMALL_STEM_BELOW = 64
-"""``small_stem=None`` turns the CIFAR stem on below this resolution."""
+"""``small_stem=None`` turns the small-input adaptation on below this resolution."""
 
 MIN_PATCHES = 8
 """After the ViT patch adaptation a global view is at least this many patches wide."""
@@ -116,7 +118,7 @@ def build_backbone(
 ) -> Backbone:
     """timm ``arch`` (``pretrained=False``, ``num_classes=0``) adapted to ``resolution`` px.
 
-    ``small_stem``: CIFAR stem for 4×-stem CNNs (None = on below 64 px). ``device="meta"``
+    ``small_stem``: the small-input adaptation (None = on below 64 px). ``device="meta"``
     builds shapes only (parameter counts without memory). An unknown name, or an arch that
     runs at no input size, raises a one-line :class:`ArchitectureError`.
     """
@@ -207,8 +209,10 @@ def small_input_changes(model: nn.Module) -> dict[str, str]:
     """The small-input adaptation of ``model``'s family, ``{"stem": note, "shortcut": note}``
     (either may be absent; empty for archs it does not apply to). ``model`` is a default build."""
     changes = {}
-    if isinstance(model, timm.models.resnet.ResNet) or _has_4x_stem(model):
-        changes["stem"] = "small stem (3x3 stride-1 conv, no max-pool)"
+    if isinstance(model, timm.models.resnet.ResNet):
+        changes["stem"] = "no stem max-pool"
+    elif _has_4x_stem(model):
+        changes["stem"] = "stem stride 2"
     elif _stride2_stem_conv(model) is not None:
         changes["stem"] = "stride-1 stem conv"
     if _conv_shortcuts(model):
@@ -257,19 +261,23 @@ def _conv_shortcuts(model: nn.Module) -> bool:
 
 
 def apply_small_stem(model: nn.Module) -> None:
-    """In place: a 4× stem becomes one 3×3 stride-1 conv (keeping the stem norm, no max-pool);
-    a 3×3 stride-2 stem conv runs at stride 1 (padding 1 keeps the side)."""
+    """In place, halve the stem's down-sampling, keeping every parameter: a ResNet drops its
+    stem max-pool; a ConvNeXt / Inception-NeXt 4×4 stride-4 patchify conv runs at stride 2 with
+    padding 1 (an overlapping stem's last stride-2 conv at stride 1); a 3×3 stride-2 stem conv
+    runs at stride 1 (padding 1 keeps the side). Each leaves output stride 16: a 2×2 last map at
+    32 px."""
     conv = _stride2_stem_conv(model)
     if conv is not None:
         conv.stride = (1, 1)
         return
     if isinstance(model, timm.models.resnet.ResNet):
-        model.conv1 = nn.Conv2d(3, model.bn1.num_features, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
         return
-    convs = [m for m in model.stem if isinstance(m, nn.Conv2d)]
-    conv = nn.Conv2d(3, convs[-1].out_channels, 3, 1, 1, bias=convs[0].bias is not None)
-    model.stem = nn.Sequential(conv, model.stem[-1])
+    last = [m for m in model.stem if isinstance(m, nn.Conv2d)][-1]
+    if tuple(last.stride) == (4, 4) and tuple(last.kernel_size) == (4, 4):
+        last.stride, last.padding = (2, 2), (1, 1)
+    else:
+        last.stride = (1, 1)
 
 
 def init_params(cls: type) -> set[str]:

@@ -69,9 +69,8 @@ class ModelConfig(_Section):
 
     arch: str = Field("resnet10t", description="timm architecture name (see `lejepa archs`)")
     small_stem: bool | None = Field(False, description="the family's small-input adaptation (lejepa/backbones.py): "
-                                    "ResNet/ConvNeXt 3x3 stride-1 stem without max-pool (about 16x the compute), "
-                                    "RegNet/MobileNet/EfficientNet/GhostNet stride-1 stem conv (4x), no zero-init "
-                                    "of the last BN where shortcuts are strided 1x1 convs; None = on below 64 px")
+                                    "CNN stems down-sample 2x less (output stride 16, 4x the compute), strided 1x1 "
+                                    "shortcuts become average-pooled; every parameter kept; None = on below 64 px")
     proj_layers: int = Field(3, ge=1, le=8, description="projector MLP depth")
     proj_hidden: int = Field(512, ge=8, description="projector hidden width")
     proj_dim: int = Field(64, ge=2, description="projector output dimension (SIGReg acts here)")

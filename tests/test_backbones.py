@@ -22,9 +22,10 @@ def test_small_stem_on_below_64_px():
     backbone = build_backbone("resnet18", 32)
     assert backbone.small_stem
     conv1 = backbone.model.conv1
-    assert (conv1.kernel_size, conv1.stride) == ((3, 3), (1, 1))
+    assert (conv1.kernel_size, conv1.stride) == ((7, 7), (2, 2))  # timm's conv, every parameter kept
     assert isinstance(backbone.model.maxpool, nn.Identity)
     assert _features(backbone, 32).shape == (2, 512)
+    assert backbone.model.forward_features(torch.rand(2, 3, 32, 32)).shape[-2:] == (2, 2)  # output stride 16
 
 
 def test_small_stem_off_at_224_px_and_overridable():
@@ -36,13 +37,16 @@ def test_small_stem_off_at_224_px_and_overridable():
     assert build_backbone("resnet18", 224, small_stem=True, device="meta").small_stem
 
 
-def test_small_stem_for_deep_stem_resnet_and_convnext():
-    deep = build_backbone("resnet18d", 32, device="meta").model
-    assert isinstance(deep.conv1, nn.Conv2d) and deep.conv1.stride == (1, 1)
-    assert deep.conv1.out_channels == deep.bn1.num_features
-    convnext = build_backbone("convnext_atto", 32)
-    assert convnext.small_stem and convnext.model.stem[0].stride == (1, 1)
-    assert _features(convnext, 14).shape == (2, convnext.embed_dim)
+@pytest.mark.parametrize("arch", ["resnet10t", "convnext_atto", "convnext_atto_ols", "inception_next_atto"])
+def test_small_stem_halves_the_stem_stride_and_keeps_every_parameter(arch):
+    adapted = build_backbone(arch, 32)
+    native = build_backbone(arch, 32, small_stem=False)
+    assert adapted.small_stem
+    assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in native.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    assert adapted.model.forward_features(x).shape[-2:] == (2, 2)
+    assert native.model.forward_features(x).shape[-2:] == (1, 1)
+    assert _features(adapted, 14).shape == (2, adapted.embed_dim)  # a local view still runs
 
 
 def test_small_stem_ignored_where_there_is_no_stem_to_adapt():
@@ -69,7 +73,7 @@ def test_strided_conv_shortcuts_become_average_pooled_below_64_px():
         assert isinstance(shortcut(adapted)[0], nn.AvgPool2d), arch
         assert "average-pooled shortcuts" in adapted.adaptation
         native = build_backbone(arch, 32, small_stem=False, device="meta")
-        assert not isinstance(shortcut(native)[0], nn.AvgPool2d)
+        assert not any(isinstance(m, nn.AvgPool2d) for m in shortcut(native).modules())
         assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in native.parameters())
     assert "average-pooled shortcuts" not in build_backbone("resnet18d", 32, device="meta").adaptation
 
