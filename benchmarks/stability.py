@@ -41,6 +41,8 @@ from analysis.loader import _exclusion, load_sweep, resolve  # noqa: E402
 from lejepa.catalog import get_arch  # noqa: E402
 from lejepa.errors import LejepaError  # noqa: E402
 
+UNFINISHED = ("running", "killed", "scheduled", "interrupted")
+"""Run states that are no outcome yet (``lejepa sweep --resume`` continues them)."""
 COLUMNS = ["arch", "family", "params", "adaptation", "status", "verdict", "loss", "collapse_ratio", "proj_rank",
            "init_probe", "probe", "gain", "init_knn", "knn", "images_per_s", "wall_s", "learns", "learns_strict"]
 
@@ -68,6 +70,8 @@ def walk_rows(ref: str, tracking_uri: str) -> pd.DataFrame:
         if run.info.run_id in seen:
             continue
         status = run.data.tags.get("lejepa.status") or _exclusion(run) or run.info.status.lower()
+        if status in UNFINISHED:  # an interrupted part of the walk: resumed later, not an outcome
+            continue
         verdict = "diverged" if status.startswith("diverged") else status
         rows.append({"run_id": run.info.run_id, "arch": run.data.tags.get("arch", run.data.params.get("model.arch")),
                      "status": status.split(" ")[0], "verdict": verdict})
@@ -170,7 +174,7 @@ def markdown(walk: pd.DataFrame, spread: float, strict: float, seeds: pd.DataFra
              "## Per family", "",
              "| family | archs | learn | median gain | min gain | median probe |", "|---|---:|---:|---:|---:|---:|"]
     for fam, r in families.iterrows():
-        lines.append(f"| {fam} | {r.archs} | {int(r.learn)} | {r.gain_median:+.3f} | {r.gain_min:+.3f} | "
+        lines.append(f"| {fam} | {int(r.archs)} | {int(r.learn)} | {r.gain_median:+.3f} | {r.gain_min:+.3f} | "
                      f"{r.probe_median:.3f} |")
     lines += ["", "## Seed-to-seed spread", "",
               "| arch | seeds | probe mean | probe sd | probe max − min | random-init max − min | gain mean | gain min |",
