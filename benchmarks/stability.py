@@ -14,10 +14,11 @@ spread: the pooled standard deviation of the trained probe over the seeds of the
 (the stricter largest max − min is reported beside it). Unhealthy runs (collapsed, dimensional
 collapse, diverged) never count as learning.
 
-    lejepa sweep sweeps/stability.yaml            # Ctrl-C, then: lejepa sweep sweeps/stability.yaml --resume stability-...
-    lejepa sweep sweeps/stability_seeds.yaml
-    .venv/bin/python benchmarks/stability.py --walk stability --seeds stability_seeds \\
-        --tracking-uri sqlite:///$PWD/runs/sweeps/mlflow.db --out benchmarks/results/stability
+    lejepa sweep sweeps/stability_seeds.yaml --name stability_seeds --tracking-uri sqlite:////abs/mlflow.db
+    lejepa sweep sweeps/stability.yaml --name stability_walk --tracking-uri sqlite:////abs/mlflow.db
+    # Ctrl-C, then: lejepa sweep --resume stability_walk (same --storage)
+    .venv/bin/python benchmarks/stability.py --walk stability_walk --seeds stability_seeds \\
+        --tracking-uri sqlite:////abs/mlflow.db --out benchmarks/results/stability
 
 Writes ``<out>/stability.csv``, ``<out>/stability.md`` and ``<out>/stability.png`` (probe gain
 per architecture, grouped by family, the spread as a dashed line).
@@ -99,9 +100,9 @@ def seed_spread(seeds: pd.DataFrame) -> tuple[float, float, pd.DataFrame]:
     return pooled, float(table["probe_range"].max()), table.reset_index()
 
 
-def describe(walk: pd.DataFrame, spread: float, strict: float | None = None) -> pd.DataFrame:
+def describe(walk: pd.DataFrame, spread: float, strict: float) -> pd.DataFrame:
     """``walk`` with catalog columns (family, params, adaptation), ``learns`` (healthy and gain >
-    ``spread``) and ``learns_strict`` (gain > ``strict``, if given)."""
+    ``spread``) and ``learns_strict`` (healthy and gain > ``strict``)."""
     infos = {}
     for arch in walk["arch"].unique():
         try:
@@ -113,8 +114,9 @@ def describe(walk: pd.DataFrame, spread: float, strict: float | None = None) -> 
         params=[infos[a].params if infos[a] else np.nan for a in walk["arch"]],
         adaptation=[infos[a].notes if infos[a] else "" for a in walk["arch"]],
     )
-    walk["learns"] = (walk["verdict"] == "healthy") & (walk["gain"] > spread)
-    walk["learns_strict"] = (walk["verdict"] == "healthy") & (walk["gain"] > (spread if strict is None else strict))
+    healthy = walk["verdict"] == "healthy"
+    walk["learns"] = healthy & (walk["gain"] > spread)
+    walk["learns_strict"] = healthy & (walk["gain"] > strict)
     return walk.sort_values(["family", "params", "arch"]).reset_index(drop=True)
 
 

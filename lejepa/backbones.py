@@ -220,11 +220,6 @@ def small_input_changes(model: nn.Module) -> dict[str, str]:
     return changes
 
 
-def has_small_stem(model: nn.Module) -> bool:
-    """Whether :func:`apply_small_stem` can adapt the stem of ``model`` (a default build)."""
-    return "stem" in small_input_changes(model)
-
-
 def _has_4x_stem(model: nn.Module) -> bool:
     stem = getattr(model, "stem", None)
     return (
