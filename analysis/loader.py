@@ -5,7 +5,8 @@ parent run, ``lejepa.kind=sweep``), its parent run id, or an experiment name (ev
 run of that experiment) — and returns a :class:`Sweep` whose ``epochs`` table has one row per
 trial × logged epoch:
 
-- identity: ``run_id``, ``run_name``, ``trial``, ``arch``, ``family``, ``dataset``, ``run_dir``;
+- identity: ``run_id``, ``run_name``, ``trial``, ``arch``, ``family``, ``dataset``, ``run_dir``,
+  ``status`` (the sweep's ``lejepa.status``: finished, pruned, collapsed);
 - hyper-parameters: every MLflow param as ``params.<key>`` (strings, as logged) and the numeric
   ``lam``, ``lr``, ``weight_decay``, ``num_slices``;
 - per-epoch metrics (value at the epoch's last global step): ``epoch``, ``step``, ``loss``,
@@ -66,6 +67,10 @@ class Sweep:
     parent_run_id: str | None
     epochs: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    excluded: list[dict] = field(default_factory=list)
+    """Trials left out of ``epochs``: ``run_id``, ``trial``, ``arch``, ``status`` (the sweep's
+    ``lejepa.status`` tag, else why: ``diverged at step N``, ``failed``, ``killed``, ``running``,
+    ``no epoch logged``)."""
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -177,6 +182,7 @@ def _rows(client: MlflowClient, run: Run) -> list[dict]:
         "run_id": run_id, "run_name": run.info.run_name, "trial": tags.get("lejepa.trial_id", run.info.run_name),
         "arch": tags.get("arch", params.get("model.arch")), "family": tags.get("family"),
         "dataset": tags.get("dataset", params.get("data.name")), "run_dir": run_dir,
+        "status": tags.get("lejepa.status", "finished"),
         **{col: _number(params.get(key)) for key, col in NUMERIC_PARAMS.items()},
         **{f"params.{k}": v for k, v in params.items()},
     }
@@ -200,15 +206,19 @@ def load_sweep(ref: str, tracking_uri: str) -> Sweep:
     client = MlflowClient(tracking_uri)
     name, parent_id, runs, notes = resolve(client, ref)
     rows: list[dict] = []
+    excluded: list[dict] = []
     for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id)):
         reason = _exclusion(run)
         label = run.data.tags.get("lejepa.trial_id", run.info.run_name)
+        found = _rows(client, run) if reason is None else []
+        if reason is None and not found:
+            reason = "no epoch logged"
         if reason is not None:
             notes.append(f"excluded {label} ({run.info.run_id[:8]}): {reason}")
+            excluded.append({"run_id": run.info.run_id, "trial": label,
+                             "arch": run.data.tags.get("arch", run.data.params.get("model.arch")),
+                             "status": run.data.tags.get("lejepa.status") or reason})
             continue
-        found = _rows(client, run)
-        if not found:
-            notes.append(f"excluded {label} ({run.info.run_id[:8]}): no epoch logged")
         elif run.data.tags.get("lejepa.status") in ("pruned", "collapsed"):
             why = "pruned" if run.data.tags["lejepa.status"] == "pruned" else "stopped as collapsed"
             notes.append(f"{label} was {why} at epoch {found[-1]['epoch']}: kept as a candidate, no final probe")
@@ -217,4 +227,4 @@ def load_sweep(ref: str, tracking_uri: str) -> Sweep:
         raise LejepaError(f"sweep {name!r} has no finished trial with logged epochs"
                           + (f" ({'; '.join(notes)})" if notes else ""))
     epochs = pd.DataFrame(rows)
-    return Sweep(name, tracking_uri, parent_id, epochs, notes)
+    return Sweep(name, tracking_uri, parent_id, epochs, notes, excluded)

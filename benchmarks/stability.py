@@ -38,50 +38,48 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from analysis.health import add_health  # noqa: E402
-from analysis.loader import _exclusion, load_sweep, resolve  # noqa: E402
 from lejepa.catalog import get_arch  # noqa: E402
 from lejepa.errors import LejepaError  # noqa: E402
 
 UNFINISHED = ("running", "killed", "scheduled", "interrupted")
 """Run states that are no outcome yet (``lejepa sweep --resume`` continues them)."""
-COLUMNS = ["arch", "family", "params", "adaptation", "status", "verdict", "loss", "collapse_ratio", "proj_rank",
+COLUMNS = ["arch", "family", "params", "adaptation", "sweep", "lr", "status", "verdict", "loss", "collapse_ratio", "proj_rank",
            "init_probe", "probe", "gain", "init_knn", "knn", "images_per_s", "wall_s", "learns", "learns_strict"]
 
 
 def walk_rows(ref: str, tracking_uri: str) -> pd.DataFrame:
-    """One row per trial of sweep ``ref``: finished ones from :func:`load_sweep`, the others
-    (diverged, failed, still running) with their status only."""
-    from mlflow import MlflowClient
+    """One row per trial of sweep ``ref``: finished ones with their metrics, the others (diverged,
+    failed) with their status only; trials still running or interrupted are no outcome yet."""
+    from analysis.loader import load_sweep  # MLflow only here: benchmarks/stability_direct.py runs without it
 
-    _, _, runs, _ = resolve(MlflowClient(tracking_uri), ref)
     sweep = load_sweep(ref, tracking_uri)
     epochs = add_health(sweep.epochs)
     speed = epochs.groupby("run_id")["images_per_sec"].median()
-    tags = {run.info.run_id: run.data.tags for run in runs}
     rows = []
     for r in epochs[epochs["is_final"]].itertuples():
-        status = tags.get(r.run_id, {}).get("lejepa.status", "finished")
-        rows.append({"run_id": r.run_id, "arch": r.arch,
-                     "status": status, "verdict": r.verdict, "loss": r.loss, "collapse_ratio": r.collapse_ratio,
-                     "proj_rank": r.proj_rank, "init_probe": r.init_linear_probe_acc, "probe": r.linear_probe_acc,
-                     "init_knn": r.init_knn_acc, "knn": r.knn_acc, "images_per_s": speed.get(r.run_id, np.nan),
-                     "wall_s": r.wall_s})
-    seen = {row["run_id"] for row in rows}
-    for run in runs:
-        if run.info.run_id in seen:
+        rows.append({"run_id": r.run_id, "sweep": sweep.name, "arch": r.arch, "lr": r.lr,
+                     "status": r.status, "verdict": r.verdict, "loss": r.loss,
+                     "collapse_ratio": r.collapse_ratio, "proj_rank": r.proj_rank, "init_probe": r.init_linear_probe_acc,
+                     "probe": r.linear_probe_acc, "init_knn": r.init_knn_acc, "knn": r.knn_acc,
+                     "images_per_s": speed.get(r.run_id, np.nan), "wall_s": r.wall_s})
+    for run in sweep.excluded:
+        status = str(run["status"])
+        if status.split(" ")[0] in UNFINISHED:  # an interrupted part of the walk: resumed later, not an outcome
             continue
-        status = run.data.tags.get("lejepa.status") or _exclusion(run) or run.info.status.lower()
-        if status in UNFINISHED:  # an interrupted part of the walk: resumed later, not an outcome
-            continue
-        verdict = "diverged" if status.startswith("diverged") else status
-        rows.append({"run_id": run.info.run_id, "arch": run.data.tags.get("arch", run.data.params.get("model.arch")),
-                     "status": status.split(" ")[0], "verdict": verdict})
+        rows.append({"run_id": run["run_id"], "sweep": sweep.name, "arch": run["arch"], "status": status.split(" ")[0],
+                     "verdict": "diverged" if status.startswith("diverged") else status})
     out = pd.DataFrame(rows)
-    for col in ("loss", "collapse_ratio", "proj_rank", "init_probe", "probe", "init_knn", "knn", "images_per_s",
+    for col in ("lr", "loss", "collapse_ratio", "proj_rank", "init_probe", "probe", "init_knn", "knn", "images_per_s",
                 "wall_s"):
         out[col] = pd.to_numeric(out.get(col), errors="coerce")
     out["gain"] = out["probe"] - out["init_probe"]
     return out
+
+
+def latest_per_arch(walks: list[pd.DataFrame]) -> pd.DataFrame:
+    """The walk parts together, one row per architecture: a later part's trial of an architecture
+    supersedes an earlier one's (a rerun with, e.g., its family's learning rate)."""
+    return pd.concat(walks, ignore_index=True).drop_duplicates("arch", keep="last").reset_index(drop=True)
 
 
 def seed_spread(seeds: pd.DataFrame) -> tuple[float, float, pd.DataFrame]:
@@ -185,12 +183,13 @@ def markdown(walk: pd.DataFrame, spread: float, strict: float, seeds: pd.DataFra
         lines.append(f"| {r.arch} | {r.seeds} | {r.probe_mean:.3f} | {r.probe_sd:.3f} | {r.probe_range:.3f} | "
                      f"{r.init_range:.3f} | {r.gain_mean:+.3f} | {r.gain_min:+.3f} |")
     lines += ["", "## Per architecture", "",
-              "| arch | family | params | verdict | loss | collapse | rank | random init | trained | gain | learns "
+              "| arch | family | params | lr | verdict | loss | collapse | rank | random init | trained | gain | learns "
               "| images/s | wall s | adaptation |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in walk.itertuples():
         params = f"{r.params / 1e6:.1f}M" if np.isfinite(r.params) else ""
-        lines.append(f"| {r.arch} | {r.family} | {params} | {r.verdict} | {_fmt(r.loss)} | {_fmt(r.collapse_ratio, 2)} "
+        lr = f"{r.lr:g}" if np.isfinite(r.lr) else ""
+        lines.append(f"| {r.arch} | {r.family} | {params} | {lr} | {r.verdict} | {_fmt(r.loss)} | {_fmt(r.collapse_ratio, 2)} "
                      f"| {_fmt(r.proj_rank, 2)} | {_fmt(r.init_probe)} | {_fmt(r.probe)} | "
                      f"{'' if not np.isfinite(r.gain) else f'{r.gain:+.3f}'} | {'yes' if r.learns else 'NO'} | "
                      f"{_fmt(r.images_per_s, 1)} | {_fmt(r.wall_s, 0)} | {r.adaptation} |")
@@ -225,7 +224,9 @@ def plot(walk: pd.DataFrame, spread: float, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--walk", required=True, help="the walk sweep (name, name prefix or parent run id)")
+    p.add_argument("--walk", required=True, nargs="+",
+                   help="the walk sweep(s) (name, name prefix or parent run id); a later sweep's trial of an "
+                        "architecture supersedes an earlier one's")
     p.add_argument("--seeds", required=True, help="the seeds sweep")
     p.add_argument("--tracking-uri", required=True)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stability")
@@ -235,14 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         spread, strict, seeds = seed_spread(walk_rows(args.seeds, args.tracking_uri))
-        walk = describe(walk_rows(args.walk, args.tracking_uri), spread, strict)
+        walk = describe(latest_per_arch([walk_rows(ref, args.tracking_uri) for ref in args.walk]), spread, strict)
     except LejepaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     walk[COLUMNS].to_csv(args.out / "stability.csv", index=False, float_format="%.4f")
     page = markdown(walk, spread, strict, seeds, f"# {args.title}\n\nGenerated by `benchmarks/stability.py` from sweeps "
-                    f"`{args.walk}` and `{args.seeds}`.")
+                    f"{', '.join(f'`{w}`' for w in args.walk)} and `{args.seeds}`.")
     (args.out / "stability.md").write_text(page)
     plot(walk, spread, args.out / "stability.png")
     print(page.split("## Per architecture")[0])

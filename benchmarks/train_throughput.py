@@ -22,7 +22,7 @@ from lejepa.trainer import Trainer
 
 def bare_images_per_sec(trainer: Trainer, steps: int) -> float:
     """A minimal LeJEPA loop over the trainer's own loader, views, model and optimiser."""
-    model, views, sigreg, opt = trainer.model, trainer.views, trainer.sigreg, trainer.optimizer
+    model, views, sigreg, opt = trainer.train_model, trainer.views, trainer.sigreg, trainer.optimizer
     lam, vg = trainer.cfg.loss.lam, trainer.num_global
     model.train()
     seen, start = 0, time.perf_counter()
@@ -31,12 +31,15 @@ def bare_images_per_sec(trainer: Trainer, steps: int) -> float:
             break
         v = views(images.to(trainer.rt.device), trainer.view_gen)
         view_list = list(v.global_views) + (list(v.local_views) if v.local_views is not None else [])
-        _, proj = model(view_list)
-        loss = lejepa_loss(proj, vg, sigreg, lam).loss
+        with trainer.rt.autocast():
+            _, proj = model(view_list)
+        loss = lejepa_loss(proj.float(), vg, sigreg, lam).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         seen += images.shape[0]
+    if trainer.rt.device.type == "cuda":
+        torch.cuda.synchronize(trainer.rt.device)
     return seen / (time.perf_counter() - start)
 
 

@@ -135,6 +135,7 @@ class OptimConfig(_Section):
     grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm; None = no clipping")
     batch_size: int = Field(128, ge=2, description="images per step (global batch under DDP)")
     probe_lr: float = Field(1e-3, gt=0.0, description="online linear probe learning rate")
+    fused: bool | None = Field(None, description="fused AdamW kernel; None = on CUDA (foreach elsewhere)")
 
 
 class TrainConfig(_Section):
@@ -144,7 +145,13 @@ class TrainConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere; bf16 is refused on CPU")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (pinned memory on CUDA)")
+    prefetch_factor: int = Field(4, ge=1, description="batches each DataLoader worker loads ahead (num_workers > 0)")
+    compile: Literal["auto", "eager", "default", "reduce-overhead", "max-autotune"] = Field(
+        "auto", description="torch.compile mode of the backbone and projector (false = eager, true = default); "
+        "auto = default on CUDA, eager elsewhere (on 2 CPU cores compiling did not pay: benchmarks/gpu_check.py)")
+    channels_last: bool | None = Field(None, description="channels-last memory format for convolutional backbones; "
+                                       "None = on CUDA only")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = leave as is")
     keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between per-step metric events")
@@ -161,6 +168,11 @@ class TrainConfig(_Section):
                          "log_every steps) and log a verdict per epoch")
     collapse_patience: int | None = Field(None, ge=1, description="stop the run after this many consecutive "
                                           "epochs with the verdict 'collapsed'; None = never")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_flag(cls, v: object) -> object:
+        return {False: "eager", True: "default"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("run_name")
     @classmethod

@@ -85,3 +85,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def compile_mode(requested: str, device: torch.device) -> str | None:
+    """The ``torch.compile`` mode for ``train.compile`` (None = eager): ``auto`` compiles with
+    the default mode on CUDA only, where it pays; on CPU the compile time outweighs the gain."""
+    if requested == "auto":
+        return "default" if device.type == "cuda" else None
+    return None if requested == "eager" else requested
+
+
+def is_convolutional(module: torch.nn.Module) -> bool:
+    """True when at least half of the parameters sit in 2-D convolutions (a CNN backbone)."""
+    conv = sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters(False))
+    total = sum(p.numel() for p in module.parameters())
+    return total > 0 and conv >= total / 2
+
+
+def use_channels_last(requested: bool | None, device: torch.device, backbone: torch.nn.Module) -> bool:
+    """``train.channels_last``: None = on CUDA for convolutional backbones (cuDNN's NHWC kernels)."""
+    if requested is None:
+        return device.type == "cuda" and is_convolutional(backbone)
+    return requested
+
+
+def adamw_kernel(fused: bool | None, device: torch.device) -> dict[str, bool]:
+    """AdamW's implementation for ``optim.fused``: fused on CUDA by default, foreach elsewhere."""
+    if fused is None:
+        fused = device.type == "cuda"
+    return {"fused": True} if fused else {"foreach": True}

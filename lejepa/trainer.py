@@ -34,7 +34,7 @@ from lejepa.health import COLLAPSED, HEALTH_METRICS, VERDICTS, batch_health, col
 from lejepa.model import LeJEPAModel
 from lejepa.objective import lejepa_loss
 from lejepa.probes import OnlineProbe, knn_accuracy, linear_probe
-from lejepa.runtime import Runtime, seed_everything, setup_runtime
+from lejepa.runtime import Runtime, adamw_kernel, compile_mode, seed_everything, setup_runtime, use_channels_last
 from lejepa.schedule import warmup_cosine
 from lejepa.sigreg import SIGReg
 from lejepa.views import ViewSampler, eval_images
@@ -110,6 +110,8 @@ class Trainer:
         model = LeJEPAModel(backbone, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.proj_layers)
         probe = OnlineProbe(model.embed_dim, self.data.num_classes)
         self.model = model.to(self.rt.device)
+        if use_channels_last(cfg.train.channels_last, self.rt.device, backbone):
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.probe = probe.to(self.rt.device)
         self.sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max).to(self.rt.device)
         # SIGReg sees the global batch (its statistics are all-reduced under DDP)
@@ -118,12 +120,19 @@ class Trainer:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
             self.probe = DistributedDataParallel(self.probe, device_ids=ids)
+        # the training forward, compiled or not; evaluation and checkpoints use self.model (eager, same weights).
+        # Static shapes: a run trains at fixed view sizes, one graph per size.
+        self.compile_mode = compile_mode(cfg.train.compile, self.rt.device)
+        self.train_model = (torch.compile(self.model, mode=self.compile_mode, dynamic=False)
+                            if self.compile_mode is not None else self.model)
+        self._compiled_once = False
 
         self.loader, self.sampler = self._train_loader()
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.optim.weight_decay),
-                                           lr=cfg.optim.lr, betas=cfg.optim.betas)
+                                           lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                           **adamw_kernel(cfg.optim.fused, self.rt.device))
         self.probe_optimizer = torch.optim.AdamW(self.probe.parameters(), lr=cfg.optim.probe_lr, weight_decay=0.0)
         warmup = min(self.total_steps, round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps, cfg.optim.final_lr_ratio)
@@ -165,7 +174,8 @@ class Trainer:
         workers = self.cfg.train.num_workers
         loader = DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=workers,
                             collate_fn=batch_collate, pin_memory=self.rt.device.type == "cuda",
-                            persistent_workers=workers > 0)
+                            persistent_workers=workers > 0,
+                            prefetch_factor=self.cfg.train.prefetch_factor if workers > 0 else None)
         return loader, sampler
 
     # ------------------------------------------------------------------ checkpoints
@@ -237,8 +247,7 @@ class Trainer:
         view_list = list(views.global_views)
         if views.local_views is not None:
             view_list += list(views.local_views)
-        with self.rt.autocast():
-            feats, proj = self.model(view_list)
+        feats, proj = self._forward(view_list)
         terms = lejepa_loss(proj.float(), self.num_global, self.sigreg, self.cfg.loss.lam)
         global_feats = feats[: self.num_global].detach().flatten(0, 1).float()
         logits = self.probe(global_feats)
@@ -256,6 +265,28 @@ class Trainer:
         health = batch_health(proj[0].detach().float(), feats[0].detach().float()) if measure else None
         return (terms.loss.detach(), terms.invariance.detach(), terms.sigreg.detach(), probe_loss.detach(), correct,
                 health)
+
+    def _forward(self, view_list: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(features, projections) of the views; a compilation that fails on the first step falls
+        back to eager under ``train.compile=auto`` (a warning) and is a ConfigError otherwise."""
+        first_compiled = self.train_model is not self.model and not self._compiled_once
+        try:
+            with self.rt.autocast():
+                out = self.train_model(view_list)
+        except Exception as exc:
+            if not first_compiled:
+                raise
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:300]
+            if self.cfg.train.compile != "auto":
+                raise ConfigError(f"train.compile={self.cfg.train.compile} failed for {self.cfg.model.arch} "
+                                  f"({reason}); use train.compile=eager") from None
+            print(f"lejepa: warning: torch.compile failed for {self.cfg.model.arch} ({reason}); training eager "
+                  "(train.compile=eager skips compiling)", file=sys.stderr)
+            self.train_model = self.model
+            with self.rt.autocast():
+                out = self.model(view_list)
+        self._compiled_once = True
+        return out
 
     def _check_finite(self, loss: Tensor) -> None:
         value = float(loss)
@@ -288,6 +319,8 @@ class Trainer:
                     "train/loss": float(loss), "train/invariance": float(inv), "train/sigreg": float(reg),
                     "train/probe_loss": float(probe_loss), "train/lr": self.scheduler.get_last_lr()[0],
                 })
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)  # the epoch's time includes its queued kernels
         elapsed = time.perf_counter() - start
         steps = max(1, steps)
         if self.rt.distributed:

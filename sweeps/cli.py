@@ -66,7 +66,7 @@ def dry_run(spec) -> str:
     """The expanded trial table: count, per-trial overrides, resources, expected concurrency on this machine."""
     from sweeps.spec import format_table
 
-    keys = spec.keys()
+    keys = spec.columns()
     uniform = len(set(spec.arch_resources.values())) == 1
     rows = []
     for i, row in enumerate(spec.trials(), 1):

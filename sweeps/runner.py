@@ -310,6 +310,7 @@ def _trainable(spec: SweepSpec, sweep: Sweep) -> Any:
                        train_storage=str(sweep.path / "ray_train"), tracking_uri=sweep.tracking_uri,
                        experiment=sweep.experiment, parent_run_id=sweep.parent_run_id,
                        score_alpha=spec.score_alpha, arch_resources=spec.arch_resources,
+                       arch_params=spec.arch_params,
                        worst={m: math.inf if mode == "min" else -math.inf for m, mode in
                               ((spec.scheduler.metric, spec.scheduler.mode), (spec.search.metric, spec.search.mode))})
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.trial_resources)

@@ -12,6 +12,7 @@ A spec is a base training config plus a search space over dotted config keys::
     search: {algo: default, metric: train/score, mode: min}      # default (grid/random) | optuna (TPE)
     scheduler: {type: none}                                      # none | asha
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, workers_per_trial: 1, rules: [{max_params: 5M, gpus_per_trial: 0.25}]}
+    arch_overrides: [{family: [vit, deit], set: {optim.lr: 1e-3}}]  # per-architecture base values
     max_concurrent_trials: 2
     tracking: {experiment: lejepa-sweeps}
     max_failures: 2
@@ -21,7 +22,10 @@ A spec is a base training config plus a search space over dotted config keys::
 Tune semantics apply: ``num_samples`` repeats the whole grid; ``randint: [low, high]`` excludes
 ``high``; ``qrandint: [low, high, q]`` includes it. ``prune_collapsed: k`` is label-free pruning:
 it sets ``train.collapse_patience: k`` in the base, so a trial whose health verdict is
-``collapsed`` for k epochs in a row stops (status ``collapsed``, never retried). Every value a grid or choice can take, and
+``collapsed`` for k epochs in a row stops (status ``collapsed``, never retried).
+``arch_overrides`` sets base values per architecture (first matching rule wins, the conditions of
+``resources.rules``): a grid over architectures whose families need different values, e.g. a
+learning rate per family; a key cannot be both overridden and swept. Every value a grid or choice can take, and
 both ends of every range, are validated against the config before anything runs. Every problem
 is a one-line :class:`~lejepa.errors.ConfigError` ``<file>: <key>: <problem>``. Nothing here
 starts Ray or MLflow.
@@ -85,20 +89,41 @@ class SchedulerSpec(_Section):
     reduction_factor: float = Field(2, gt=1)
 
 
-class ResourceRule(_Section):
-    """Resources for the architectures that match every condition given (first matching rule wins)."""
+class ArchCondition(_Section):
+    """Which architectures a rule applies to: those that match every condition given."""
 
     max_params: int | float | str | None = None
     min_params: int | float | str | None = None
     family: str | list[str] | None = None
     pattern: str | None = None
+
+    def _has_condition(self) -> None:
+        if self.max_params is None and self.min_params is None and self.family is None and self.pattern is None:
+            raise ValueError("a rule needs a condition: max_params, min_params, family or pattern")
+
+
+class ArchOverride(ArchCondition):
+    """Base config values (dotted keys) for the architectures that match (first matching rule wins)."""
+
+    set: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _complete(self) -> ArchOverride:
+        self._has_condition()
+        if not self.set:
+            raise ValueError("a rule needs at least one key under set")
+        return self
+
+
+class ResourceRule(ArchCondition):
+    """Resources for the architectures that match every condition given (first matching rule wins)."""
+
     cpus_per_trial: float | None = Field(None, gt=0)
     gpus_per_trial: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _complete(self) -> ResourceRule:
-        if self.max_params is None and self.min_params is None and self.family is None and self.pattern is None:
-            raise ValueError("a rule needs a condition: max_params, min_params, family or pattern")
+        self._has_condition()
         if self.cpus_per_trial is None and self.gpus_per_trial is None:
             raise ValueError("a rule needs cpus_per_trial or gpus_per_trial")
         return self
@@ -130,6 +155,7 @@ class _SpecFile(_Section):
     search: SearchSpec = SearchSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    arch_overrides: list[ArchOverride] = []
     max_concurrent_trials: int | None = Field(None, ge=1)
     tracking: TrackingSpec = TrackingSpec()
     max_failures: int = Field(2, ge=-1)
@@ -209,6 +235,9 @@ class SweepSpec:
     max_failures: int
     score_alpha: float
     arch_resources: dict[str, TrialResources]
+    arch_overrides: list[ArchOverride]
+    arch_params: dict[str, dict[str, Any]]
+    """Per architecture, the base values its ``arch_overrides`` rule sets (none: not listed)."""
 
     @property
     def base_config(self) -> Config:
@@ -235,16 +264,41 @@ class SweepSpec:
         grid = [p for p in self.space if p.is_grid]
         sampled = {p.key: p.describe() for p in self.space if not p.is_grid}
         if self.search.algo == "optuna":
-            return [dict(sampled) for _ in range(self.num_samples)]
+            return [self._with_overrides(dict(sampled)) for _ in range(self.num_samples)]
         rows = []
         for _ in range(self.num_samples):
             for combo in itertools.product(*(p.values for p in grid)):
                 row = {p.key: value for p, value in zip(grid, combo)}
-                rows.append({key: row[key] if key in row else sampled[key] for key in self.keys()})
+                rows.append(self._with_overrides({key: row[key] if key in row else sampled[key] for key in self.keys()}))
         return rows
 
     def keys(self) -> list[str]:
+        """The swept keys, in file order."""
         return [p.key for p in self.space]
+
+    def override_keys(self) -> list[str]:
+        """The keys ``arch_overrides`` sets for some architecture, in file order."""
+        return list(dict.fromkeys(key for rule in self.arch_overrides for key in rule.set))
+
+    def columns(self) -> list[str]:
+        """The keys of a :meth:`trials` row: the swept keys, then the overridden ones."""
+        return self.keys() + self.override_keys()
+
+    def trial_params(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The dotted values a trial applies to ``base``: its architecture's overrides, then ``config``."""
+        arch = config.get("model.arch", self.base_config.model.arch)
+        return {**self.arch_params.get(arch, {}), **config}
+
+    def _with_overrides(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` plus, per overridden key, the trial's value (its rule's, else the base's)."""
+        if not self.arch_overrides:
+            return row
+        arch = row.get("model.arch", self.base_config.model.arch)
+        if str(arch).startswith("~"):  # a sampled architecture: the value is known only per trial
+            return {**row, **{key: "by arch" for key in self.override_keys()}}
+        params = self.arch_params.get(arch, {})
+        tree = self.base_config.model_dump()
+        return {**row, **{key: params[key] if key in params else _get_dotted(tree, key) for key in self.override_keys()}}
 
     def resolved(self) -> dict[str, Any]:
         """The spec as one self-contained mapping (base inlined, catalog queries expanded into
@@ -252,7 +306,9 @@ class SweepSpec:
         return {"name": self.name, "description": self.description, "base": self.base,
                 "space": {p.key: {p.kind: list(p.values)} for p in self.space}, "num_samples": self.num_samples,
                 "search": self.search.model_dump(), "scheduler": self.scheduler.model_dump(),
-                "resources": self.resources.model_dump(), "max_concurrent_trials": self.max_concurrent_trials,
+                "resources": self.resources.model_dump(exclude_none=True),
+                "arch_overrides": [rule.model_dump(exclude_none=True) for rule in self.arch_overrides],
+                "max_concurrent_trials": self.max_concurrent_trials,
                 "tracking": self.tracking.model_dump(), "max_failures": self.max_failures,
                 "score_alpha": self.score_alpha}
 
@@ -343,13 +399,14 @@ def _build(path: Path, spec: _SpecFile) -> SweepSpec:
         raise fail("space.loss.lam" if lam else "base.loss.lam",
                    f"λ = 0 leaves {SCORE_METRIC} = epoch/loss / λ^α undefined: keep λ > 0 or set score_alpha: 0")
     arch_resources = _arch_resources(base, space, spec.resources, fail)
+    arch_params = _arch_params_table(base, space, spec.arch_overrides, fail)
     if spec.tracking.uri is not None and spec.tracking.uri.startswith("file:"):
         raise fail("tracking.uri", "MLflow 3 refuses file: stores; use sqlite:///<absolute path> or http://host:port")
     return SweepSpec(path=path, name=name, description=spec.description, base=base, space=space,
                      num_samples=spec.num_samples, search=spec.search, scheduler=spec.scheduler,
                      resources=spec.resources, max_concurrent_trials=spec.max_concurrent_trials,
                      tracking=spec.tracking, max_failures=spec.max_failures, score_alpha=spec.score_alpha,
-                     arch_resources=arch_resources)
+                     arch_resources=arch_resources, arch_overrides=spec.arch_overrides, arch_params=arch_params)
 
 
 def _load_base(path: Path, base: dict[str, Any] | str, fail) -> dict[str, Any]:
@@ -439,8 +496,43 @@ def _check(base: dict[str, Any], params: dict[str, Any], where: str, fail) -> No
         raise fail(where, str(exc).removeprefix("config: ")) from None
 
 
+def _arch_params_table(base: dict[str, Any], space: list[Param], rules: list[ArchOverride], fail
+                       ) -> dict[str, dict[str, Any]]:
+    """Per architecture of the sweep, the values of its first matching ``arch_overrides`` rule,
+    each trial config it yields validated."""
+    swept = {p.key for p in space}
+    for i, rule in enumerate(rules):
+        for key in rule.set:
+            where = f"arch_overrides[{i}].set.{key}"
+            if key in swept:
+                raise fail(where, "is also swept in space: a key is either swept or overridden per architecture")
+            if key == "model.arch" or any(key == k or (k.endswith(".") and key.startswith(k)) for k in SET_BY_SWEEP):
+                raise fail(where, "is set by the sweep itself and cannot be overridden")
+    archs = _sweep_archs(base, space)
+    resolution = build_config(base).data.resolution
+    table = {}
+    for arch in archs:
+        for i, rule in enumerate(rules):
+            if _matches(rule, arch, resolution, lambda problem, i=i: fail(f"arch_overrides[{i}]", problem)):
+                _check(base, {**rule.set, "model.arch": arch}, f"arch_overrides[{i}] ({arch})", fail)
+                table[arch] = dict(rule.set)
+                break
+    return table
+
+
+def _sweep_archs(base: dict[str, Any], space: list[Param]) -> list[str]:
+    """The architectures a sweep trains: its ``model.arch`` grid or choice, else the base's one."""
+    return next((list(p.values) for p in space if p.key == "model.arch"), None) or [build_config(base).model.arch]
+
+
+def _get_dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
 def _arch_resources(base: dict[str, Any], space: list[Param], res: ResourcesSpec, fail) -> dict[str, TrialResources]:
-    archs = next((list(p.values) for p in space if p.key == "model.arch"), None) or [build_config(base).model.arch]
+    archs = _sweep_archs(base, space)
     resolution = build_config(base).data.resolution
     table = {}
     for arch in archs:
@@ -456,7 +548,7 @@ def _arch_resources(base: dict[str, Any], space: list[Param], res: ResourcesSpec
     return table
 
 
-def _matches(rule: ResourceRule, arch: str, resolution: int, fail) -> bool:
+def _matches(rule: ArchCondition, arch: str, resolution: int, fail) -> bool:
     if rule.pattern is not None and not fnmatch.fnmatch(arch, rule.pattern):
         return False
     if rule.family is not None:

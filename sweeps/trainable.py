@@ -59,6 +59,7 @@ class TrialContext:
     parent_run_id: str
     score_alpha: float
     arch_resources: dict[str, TrialResources]
+    arch_params: dict[str, dict[str, Any]]  # per architecture, the base values its arch_overrides rule sets
     worst: dict[str, float]    # search/scheduler metrics at their worst value (reported by a diverged trial)
 
 
@@ -183,7 +184,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     tune_ctx = tune.get_context()
     trial_id = tune_ctx.get_trial_id()
-    tree = trial_tree(ctx.base, config)
+    arch = build_config(trial_tree(ctx.base, config)).model.arch
+    tree = trial_tree(ctx.base, {**ctx.arch_params.get(arch, {}), **config})
     cfg = build_config(tree, source=f"trial {trial_id}")
     res = ctx.arch_resources[cfg.model.arch]
     cfg.train.threads = max(1, int(res.cpus))

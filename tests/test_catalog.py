@@ -111,6 +111,8 @@ def test_query_by_family_budget_and_pattern():
     assert resnets and all(a.name.startswith("resnet") for a in resnets)
     assert [a.name for a in query(names=["resnet18", "convnext_atto"])] == ["resnet18", "convnext_atto"]
     assert query(family="vit", max_params="20M", pattern="*tiny*")
+    rest = query(family=["resnet", "vit"], exclude=["resnet18", "vit_tiny_patch16_224"])
+    assert {a.name for a in rest} == {a.name for a in query(family=["resnet", "vit"])} - {"resnet18", "vit_tiny_patch16_224"}
 
 
 def test_query_keeps_catalog_order():
@@ -143,6 +145,8 @@ def test_query_errors_are_one_line():
         ({"pattern": "nothing*"}, "pattern='nothing*'"),
         ({"family": "vit", "max_params": "1k"}, "max_params=1k"),
         ({"names": ["resnet181"]}, "'resnet18'"),
+        ({"exclude": ["resnet181"]}, "'resnet18'"),
+        ({"family": "vit", "exclude": [a.name for a in query(family="vit")]}, "exclude="),
     ]:
         with pytest.raises(ArchitectureError) as err:
             query(**kwargs)

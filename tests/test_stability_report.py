@@ -57,6 +57,46 @@ def test_spread_over_seeds_and_learning_needs_more_gain_than_that(tmp_path):
     assert rows["resnet18"] == get_arch("resnet18").to_row()  # not in this walk: untouched
 
 
+def test_a_later_walk_part_supersedes_an_earlier_one_per_architecture():
+    first = pd.DataFrame(_rows("vit_tiny_patch16_224", [0.19], [0.39]) + _rows("resnet10t", [0.70], [0.65])).assign(
+        sweep="walk1", lr=1e-2)
+    second = pd.DataFrame(_rows("vit_tiny_patch16_224", [0.55], [0.39])).assign(sweep="walk2", lr=1e-3)
+    walk = stability.latest_per_arch([first, second]).set_index("arch")
+    assert sorted(walk.index) == ["resnet10t", "vit_tiny_patch16_224"]
+    assert walk.loc["vit_tiny_patch16_224", ["sweep", "lr", "probe"]].tolist() == ["walk2", 1e-3, 0.55]
+    assert walk.loc["resnet10t", "sweep"] == "walk1"
+
+
 def test_a_seeds_sweep_without_repeated_architectures_is_an_error():
     with pytest.raises(stability.LejepaError, match="2 or more finished seeds"):
         stability.seed_spread(pd.DataFrame(_rows("regnetx_002", [0.66], [0.60])))
+
+
+@pytest.mark.slow
+def test_direct_walk_trains_reports_and_resumes_only_what_is_missing(tmp_path):
+    """benchmarks/stability_direct.py: real trainer processes, the report of benchmarks/stability.py,
+    and --resume trains only the trials not finished in trials.csv."""
+    import subprocess
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "stability_direct.py"), "--workers", "2", "--limit", "1",
+           "--seed-archs", "test_resnet", "--seeds", "2", "--out", str(tmp_path), "--set", "data.name=digits-shifted",
+           "data.resolution=16", "data.train_size=256", "data.test_size=128", "optim.batch_size=64", "train.epochs=1",
+           "loss.num_slices=32", "model.proj_hidden=32", "train.eval_probe_epochs=2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    trials = pd.read_csv(tmp_path / "trials.csv")
+    assert sorted(zip(trials["arch"], trials["seed"])) == [("resnet10t", 0), ("test_resnet", 0), ("test_resnet", 1)]
+    assert (trials["status"] == "finished").all() and trials["init_probe"].notna().all()
+    table = pd.read_csv(tmp_path / "stability.csv")
+    assert list(table.columns) == stability.COLUMNS and len(table) == 2  # seed 0 of each architecture
+    assert (tmp_path / "stability.png").stat().st_size > 0
+
+    trials[trials["arch"] != "resnet10t"].to_csv(tmp_path / "trials.csv", index=False)  # as if cut short
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 trials (2 done before)" in again.stdout
+    assert len(pd.read_csv(tmp_path / "trials.csv")) == 3
+
+    missing = subprocess.run(cmd[:-1] + ["--report-only", "--out", str(tmp_path / "none")], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "does not exist" in missing.stderr

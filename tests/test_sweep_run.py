@@ -50,7 +50,7 @@ def trial_states(path: Path) -> dict:
 
 def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
     spec = sweep_spec(tmp_path, space={"loss.lam": [0.02, 0.2], "model.arch": ["test_resnet", "test_vit"]},
-                      max_concurrent_trials=2)
+                      arch_overrides=[{"pattern": "test_vit", "set": {"optim.lr": 1e-3}}], max_concurrent_trials=2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_sweep(spec, storage=tmp_path / "sweeps", name="four", tracking_uri=uri)
 
@@ -82,6 +82,8 @@ def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
         assert child.data.tags["lejepa.kind"] == "trial" and child.data.tags["lejepa.sweep"] == "four"
         assert child.data.params["loss.lam"] == str(t.config["loss.lam"])
         assert child.data.params["model.arch"] == t.config["model.arch"]
+        assert float(child.data.params["optim.lr"]) == (1e-3 if t.config["model.arch"] == "test_vit"
+                                                        else spec.base_config.optim.lr)  # arch_overrides
         assert child.data.params["train.threads"] == "1"   # the trial's CPUs
         assert child.data.tags["lejepa.run_dir"] == str(path / "trials" / t.trial_id)
         assert child.data.metrics["train/score"] == pytest.approx(t.last_result["train/score"])

@@ -90,6 +90,27 @@ def test_resources_rules_and_expected_concurrency(tmp_path):
     assert spec.expected_concurrency(cpus=4, gpus=0) == 0   # ... and cannot run without a GPU
 
 
+def test_arch_overrides_set_base_values_per_architecture(tmp_path):
+    spec = load_spec(write_spec(tmp_path, {
+        "base": tiny_base(),
+        "space": {"model.arch": ["test_resnet", "test_vit"], "loss.lam": [0.05, 0.1]},
+        "arch_overrides": [{"pattern": "test_v*", "set": {"optim.lr": 1e-3}},
+                           {"max_params": "1G", "set": {"optim.lr": 5e-3, "optim.weight_decay": 0.01}}]}))
+    base_wd = spec.base_config.optim.weight_decay
+    assert spec.arch_params == {"test_vit": {"optim.lr": 1e-3},  # first matching rule wins, nothing merged
+                                "test_resnet": {"optim.lr": 5e-3, "optim.weight_decay": 0.01}}
+    assert spec.columns() == ["loss.lam", "model.arch", "optim.lr", "optim.weight_decay"]  # (safe_dump sorts keys)
+    assert [(r["loss.lam"], r["model.arch"], r["optim.lr"], r["optim.weight_decay"]) for r in spec.trials()] == [
+        (0.05, "test_resnet", 5e-3, 0.01), (0.05, "test_vit", 1e-3, base_wd),
+        (0.1, "test_resnet", 5e-3, 0.01), (0.1, "test_vit", 1e-3, base_wd)]
+    assert spec.trial_params({"model.arch": "test_vit", "loss.lam": 0.1}) == {
+        "optim.lr": 1e-3, "model.arch": "test_vit", "loss.lam": 0.1}
+    again = load_spec(write_spec(tmp_path, spec.resolved(), "resolved.yaml"))  # what --resume reads
+    assert again.arch_params == spec.arch_params and again.trials() == spec.trials()
+    text = dry_run(spec)
+    assert "optim.lr" in text.splitlines()[2] and "optim.weight_decay" in text.splitlines()[2]
+
+
 def test_multi_worker_trials_reserve_only_a_driver_in_tune(tmp_path):
     spec = load_spec(write_spec(tmp_path, {"base": tiny_base(), "resources": {"cpus_per_trial": 1, "workers_per_trial": 2}}))
     res = spec.resources_for("test_resnet")
@@ -123,6 +144,15 @@ def test_multi_worker_trials_reserve_only_a_driver_in_tune(tmp_path):
     ({"space": {"model.arch": {"catalog": {"famly": "vit"}}}}, "space.model.arch.catalog: unknown query field 'famly'"),
     ({"space": {"model.arch": {"catalog": {"family": "resnte"}}}}, "unknown architecture family 'resnte'"),
     ({"tracking": {"uri": "file:./mlruns"}}, "tracking.uri: MLflow 3 refuses file: stores"),
+    ({"arch_overrides": [{"set": {"optim.lr": 1e-3}}]}, "arch_overrides[0]: a rule needs a condition"),
+    ({"arch_overrides": [{"pattern": "*", "set": {}}]}, "arch_overrides[0]: a rule needs at least one key under set"),
+    ({"arch_overrides": [{"pattern": "*", "set": {"optim.lr": 5}}]},
+     "arch_overrides[0] (resnet10t): optim.lr=5 is invalid"),
+    ({"arch_overrides": [{"pattern": "*", "set": {"optim.lrr": 1e-3}}]}, "unknown config key 'optim.lrr'"),
+    ({"space": {"optim.lr": [1e-3]}, "arch_overrides": [{"pattern": "*", "set": {"optim.lr": 1e-3}}]},
+     "arch_overrides[0].set.optim.lr: is also swept in space"),
+    ({"arch_overrides": [{"family": "resnet", "set": {"train.out_dir": "x"}}]},
+     "arch_overrides[0].set.train.out_dir: is set by the sweep itself"),
 ])
 def test_spec_errors_name_file_key_and_problem(tmp_path, body, fragment):
     path = write_spec(tmp_path, body)

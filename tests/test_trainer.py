@@ -14,7 +14,7 @@ import torch
 from lejepa.callbacks import Callback
 from lejepa.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lejepa.config import load_config
-from lejepa.errors import CheckpointError
+from lejepa.errors import CheckpointError, ConfigError
 from lejepa.trainer import Trainer, TrainingDiverged
 
 from conftest import free_port, REPO, TINY
@@ -177,10 +177,28 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_is_refused_there(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_autocast_trains_on_cuda(tmp_path):
     rec = Recorder()
-    trainer = Trainer(tiny_cfg(tmp_path, "train.device=cuda", "train.epochs=1"), [rec], run_dir=tmp_path / "cuda")
+    trainer = Trainer(tiny_cfg(tmp_path, "train.device=cuda", "train.epochs=1", "train.compile=eager"), [rec],
+                      run_dir=tmp_path / "cuda")
     assert trainer.rt.autocast_dtype == torch.bfloat16  # auto = bf16 on CUDA
     trainer.fit()
     assert rec.steps and all(math.isfinite(m["train/loss"]) for m in rec.steps.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_training_on_cuda_matches_eager_and_checkpoints_plain_keys(tmp_path):
+    """train.compile=auto compiles on CUDA; the losses follow eager's and the checkpoint holds the
+    plain module's keys (no ``_orig_mod``), so eager runs resume from it."""
+    runs = {}
+    for mode in ("eager", "auto"):
+        rec = Recorder()
+        cfg = tiny_cfg(tmp_path, "train.device=cuda", "train.epochs=1", "train.precision=fp32", f"train.compile={mode}")
+        trainer = Trainer(cfg, [rec], run_dir=tmp_path / mode)
+        assert (trainer.train_model is trainer.model) == (mode == "eager")
+        trainer.fit()
+        runs[mode] = [rec.steps[k]["train/loss"] for k in sorted(rec.steps)]
+    assert runs["auto"] == pytest.approx(runs["eager"], rel=0.05)
+    state, _ = load_checkpoint(list_checkpoints(tmp_path / "auto" / "checkpoints")[-1])
+    assert not any("_orig_mod" in k for k in state["model"])
 
 
 def test_random_init_baseline_scores_the_untrained_backbone_and_changes_nothing_else(tmp_path):
@@ -208,3 +226,47 @@ def test_random_init_baseline_scores_the_untrained_backbone_and_changes_nothing_
         linear_probe(*train, *test, fresh.data.num_classes, epochs=cfg.train.eval_probe_epochs, seed=cfg.train.seed))
     assert init["eval/init_knn_acc"] == pytest.approx(knn_accuracy(*train, *test, k=cfg.train.eval_knn_k))
     assert init["eval/init_knn_acc"] != pytest.approx(final["eval/knn_acc"])
+
+
+def _failing_backend(gm, example_inputs):
+    raise NotImplementedError("no kernel for this operator (test backend)")
+
+
+@pytest.mark.parametrize("mode", ["auto", "default"])
+def test_a_failing_compilation_falls_back_to_eager_under_auto_and_is_one_error_otherwise(tmp_path, monkeypatch, capsys, mode):
+    """torch.compile fails on the first step for some timm models (seen on CUDA: regnet's
+    ``aten::_unique2``); ``auto`` then trains eager with one warning, an explicit mode stops."""
+    import lejepa.trainer as trainer_module
+
+    real_compile = torch.compile
+    monkeypatch.setattr(trainer_module, "compile_mode", lambda requested, device: "default")
+    monkeypatch.setattr(trainer_module.torch, "compile",
+                        lambda model, **kw: real_compile(model, backend=_failing_backend))
+    rec = Recorder()
+    trainer = Trainer(tiny_cfg(tmp_path, "train.epochs=1", f"train.compile={mode}"), [rec], run_dir=tmp_path / mode)
+    assert trainer.train_model is not trainer.model
+    if mode == "auto":
+        trainer.fit()
+        assert trainer.train_model is trainer.model
+        assert "torch.compile failed for test_resnet" in capsys.readouterr().err
+        assert rec.steps and all(math.isfinite(m["train/loss"]) for m in rec.steps.values())
+    else:
+        with pytest.raises(ConfigError, match="train.compile=default failed for test_resnet.*use train.compile=eager"):
+            trainer.fit()
+
+
+def test_throughput_options_resolve_per_device():
+    from lejepa.config import load_config
+    from lejepa.runtime import adamw_kernel, compile_mode, is_convolutional, use_channels_last
+    from lejepa.backbones import build_backbone
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_mode("auto", cpu) is None and compile_mode("auto", cuda) == "default"
+    assert compile_mode("eager", cuda) is None and compile_mode("max-autotune", cpu) == "max-autotune"
+    assert load_config(None, ["train.compile=false"]).train.compile == "eager"
+    assert load_config(None, ["train.compile=true"]).train.compile == "default"
+    cnn, vit = build_backbone("resnet10t", 32), build_backbone("vit_tiny_patch16_224", 32)
+    assert is_convolutional(cnn) and not is_convolutional(vit)
+    assert use_channels_last(None, cuda, cnn) and not use_channels_last(None, cuda, vit)
+    assert not use_channels_last(None, cpu, cnn) and use_channels_last(True, cpu, vit)
+    assert adamw_kernel(None, cuda) == {"fused": True} and adamw_kernel(None, cpu) == {"foreach": True}

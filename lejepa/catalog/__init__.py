@@ -141,6 +141,7 @@ def query(
     min_params: int | str | None = None,
     pattern: str | None = None,
     names: list[str] | None = None,
+    exclude: list[str] | None = None,
     include_gpu_scale: bool = False,
     runnable_only: bool = True,
     order: str = "catalog",
@@ -149,7 +150,7 @@ def query(
 
     ``family``: one name or a list (case-insensitive); ``max_params``/``min_params``: inclusive
     budgets (``"20M"``); ``pattern``: an fnmatch glob on the name (``"resnet*"``); ``names``:
-    exact names. GPU-scale entries and entries that do not run small are left out unless asked
+    exact names; ``exclude``: exact names to leave out (e.g. those a walk already trained). GPU-scale entries and entries that do not run small are left out unless asked
     for. ``order``: ``catalog``, or ``round-robin`` (one entry of each family in turn, each
     family smallest first), so that every prefix of a long walk covers every family. Unknown
     families/names/orders and an empty result raise :class:`ArchitectureError`.
@@ -182,6 +183,11 @@ def query(
             get_arch(name)
         entries = [a for a in entries if a.name in set(names)]
         asked.append(f"names={','.join(names)}")
+    if exclude is not None:
+        for name in exclude:
+            get_arch(name)
+        entries = [a for a in entries if a.name not in set(exclude)]
+        asked.append(f"exclude={','.join(exclude)}")
     if not include_gpu_scale:
         entries = [a for a in entries if not a.gpu_scale]
     if runnable_only:
