@@ -100,3 +100,30 @@ def test_direct_walk_trains_reports_and_resumes_only_what_is_missing(tmp_path):
     missing = subprocess.run(cmd[:-1] + ["--report-only", "--out", str(tmp_path / "none")], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "does not exist" in missing.stderr
+
+
+def test_parts_from_earlier_reports_merge_with_later_ones(tmp_path, capsys):
+    """A part walked in an earlier session is read back from the CSVs its report wrote; a later
+    part's trial of an architecture supersedes it; seeds.csv gives back the same spread."""
+    seeds = pd.DataFrame(_rows("regnetx_002", [0.66, 0.68, 0.67], [0.60, 0.61, 0.60]))
+    part1 = pd.DataFrame(_rows("resnet10t", [0.70], [0.69]) + _rows("levit_128s", [0.55], [0.40]))
+    part1["arch"] = ["resnet10t", "levit_128s"]
+    part2 = pd.DataFrame(_rows("resnet10t", [0.80], [0.69]))
+    for name, frame in (("seeds", stability.seed_spread(seeds)[2]), ("part1", part1), ("part2", part2)):
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+    first = tmp_path / "first"
+    assert stability.main(["--walk", str(tmp_path / "part1.csv"), str(tmp_path / "part2.csv"), "--seeds",
+                           str(tmp_path / "seeds.csv"), "--out", str(first)]) == 0
+    walk = pd.read_csv(first / "stability.csv").set_index("arch")
+    assert walk.loc["resnet10t", "probe"] == pytest.approx(0.80) and bool(walk.loc["resnet10t", "learns"])
+    spread, strict, _ = stability.seed_spread(seeds)
+    again = stability.load_seeds(str(first / "seeds.csv"), None)
+    assert again[:2] == pytest.approx((spread, strict), abs=1e-4)
+
+    capsys.readouterr()
+    assert stability.main(["--walk", str(tmp_path / "gone.csv"), "--seeds", str(tmp_path / "seeds.csv"),
+                           "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("error: walk part") and not (tmp_path / "x").exists()
+    assert stability.main(["--walk", "stability_walk", "--seeds", str(tmp_path / "seeds.csv"),
+                           "--out", str(tmp_path / "y")]) == 2
+    assert "--tracking-uri is needed" in capsys.readouterr().err
