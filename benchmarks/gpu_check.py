@@ -201,7 +201,7 @@ def section_bf16(report: Report, gpu: bool, quick: bool) -> None:
 
 def _train_cmd(out: Path, name: str, gpu: bool) -> list[str]:
     size = (["model.arch=resnet10t", "data.resolution=32"] if gpu else
-            ["model.arch=test_resnet", "data.resolution=16", "loss.num_slices=32", "train.max_steps=6",
+            ["model.arch=test_resnet", "data.resolution=16", "loss.num_slices=32", "train.max_steps=3",
              "train.threads=1"])
     return [sys.executable, "-m", "lejepa", "train", "--no-tracking", "data.name=digits-shifted", *size,
             "views.local_views=2", "optim.batch_size=64", "train.epochs=1", "train.eval_probe_epochs=5",
@@ -226,7 +226,7 @@ def section_packing(report: Report, gpu: bool, quick: bool) -> None:
 
     sequential = sum(run([f"seq{i}"]) for i in range(trials))
     packed = run([f"packed{i}" for i in range(trials)])
-    what = "resnet10t, digits-shifted 32 px, 1 epoch" if gpu else "test_resnet, 16 px, 6 steps"
+    what = "resnet10t, digits-shifted 32 px, 1 epoch" if gpu else "test_resnet, 16 px, 3 steps"
     report(f"{trials} trials ({what}, each its own process): one after another "
            f"{sequential:.1f} s, {trials} at once on one {'GPU' if gpu else 'CPU'} {packed:.1f} s, "
            f"speed-up {sequential / packed:.2f}×")
