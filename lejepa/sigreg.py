@@ -190,7 +190,8 @@ class SIGReg(nn.Module):
     Under torch.distributed (world size > 1), every rank uses the maximum ``step`` of all
     ranks, φ̂ is averaged over ranks (autograd-aware) and N is the global batch, so the value
     and the DDP-averaged gradients equal those of one process on the concatenated batch.
-    Every rank must hold the same N.
+    Every rank must hold the same N. The counter is mirrored on the host, so a step on CUDA never
+    waits for the GPU to read it: set it with :meth:`set_step` or ``load_state_dict``.
     """
 
     def __init__(self, num_slices: int = 1024, knots: int = 17, t_max: float = 3.0):
@@ -200,15 +201,27 @@ class SIGReg(nn.Module):
             raise ValueError(f"num_slices must be >= 1, got {num_slices}")
         self.num_slices, self.knots, self.t_max = int(num_slices), int(knots), float(t_max)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._host_step: int | None = 0  # the buffer's value on the host: reading a CUDA buffer waits for the GPU
+
+    def set_step(self, step: int) -> None:
+        """Set the step counter (the seed of the next directions); use this, not the buffer."""
+        self.step.fill_(int(step))
+        self._host_step = int(step)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_step = None  # read once from the loaded buffer
 
     def extra_repr(self) -> str:
         return f"num_slices={self.num_slices}, knots={self.knots}, t_max={self.t_max}"
 
     def _agree(self, n: int, device) -> tuple[int, int]:
         """(step, global N) agreed over ranks with one MAX all-reduce; refuses unequal N."""
+        if self._host_step is None:
+            self._host_step = int(self.step)
         if not _distributed():
-            return int(self.step), n
-        buf = torch.tensor([int(self.step), n, -n], dtype=torch.long, device=device)
+            return self._host_step, n
+        buf = torch.tensor([self._host_step, n, -n], dtype=torch.long, device=device)
         dist.all_reduce(buf, op=dist.ReduceOp.MAX)
         step, n_max, n_min = int(buf[0]), int(buf[1]), -int(buf[2])
         if n_max != n_min:
@@ -226,7 +239,8 @@ class SIGReg(nn.Module):
         if directions is None:
             directions = sample_directions(z.shape[-1], self.num_slices, step, z.device, dtype)
             if self.training:
-                self.step.fill_(step + 1)
+                self.step.fill_(step + 1)  # host to device: no wait
+                self._host_step = step + 1
         elif directions.dim() != 2 or directions.shape[0] != z.shape[-1]:
             raise ValueError(
                 f"directions must be shaped ({z.shape[-1]}, M), got {tuple(directions.shape)}"

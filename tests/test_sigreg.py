@@ -185,3 +185,17 @@ def test_never_materialises_a_per_knot_tensor():
 def test_bad_arguments_are_refused(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_step_counter_is_mirrored_on_the_host_and_set_explicitly():
+    """The step is read from a host copy (a CUDA buffer read would wait for the GPU every step);
+    set_step and load_state_dict keep both in agreement."""
+    z = torch.randn(64, 24, generator=torch.Generator().manual_seed(3))
+    sigreg = SIGReg(num_slices=50)
+    sigreg.set_step(7)
+    torch.testing.assert_close(sigreg(z), SIGReg(num_slices=50)(z, directions=sample_directions(24, 50, 7)))
+    assert int(sigreg.step) == 8
+    loaded = SIGReg(num_slices=50)
+    loaded.load_state_dict({"step": torch.tensor(41)})
+    torch.testing.assert_close(loaded(z), sigreg(z, directions=sample_directions(24, 50, 41)))
+    assert int(loaded.step) == 42

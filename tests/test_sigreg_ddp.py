@@ -47,7 +47,7 @@ def _worker(rank: int, out_dir: str) -> None:
     try:
         model = DistributedDataParallel(_model())
         sigreg = SIGReg(num_slices=SLICES)
-        sigreg.step.fill_(START_STEPS[rank])
+        sigreg.set_step(START_STEPS[rank])
         local = [x[:, rank * LOCAL_N : (rank + 1) * LOCAL_N] for x in _batches()]
         results = _train(model, sigreg, local)
         unequal = local[0][:, : LOCAL_N - rank]
@@ -65,7 +65,7 @@ def test_ddp_matches_single_process_on_concatenated_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
 
     sigreg = SIGReg(num_slices=SLICES)
-    sigreg.step.fill_(max(START_STEPS))
+    sigreg.set_step(max(START_STEPS))
     expected = _train(_model(), sigreg, _batches())
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
