@@ -15,6 +15,7 @@ says how to obtain it.
 from __future__ import annotations
 
 import functools
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,19 +239,62 @@ def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], Datas
         raise DataError(f"{title} under {root}: {what}: {_first_line(exc)}") from None
 
 
+_ARRAY_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+"""The only callables a pickled data file may name: NumPy array reconstruction and bytes decoding."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads dicts, lists, strings, numbers and NumPy arrays, and nothing that runs code: any other
+    global a pickle names (``os.system`` in a crafted ``__reduce__``) is refused before it is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ARRAY_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a dataset file may hold only arrays, "
+                                     "lists and strings")
+
+
+def load_array_pickle(path: Path) -> dict:
+    """A CIFAR-style pickled batch (Python 2 or 3) through :class:`_ArrayUnpickler`; keys as str."""
+    with open(path, "rb") as f:
+        entry = _ArrayUnpickler(f, encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise pickle.UnpicklingError(f"expected a dict of arrays, got {type(entry).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_cifar(folder: Path, names: Sequence[str]) -> TensorImageDataset:
+    """Batches of rows R-plane, G-plane, B-plane (3 × 32 × 32 bytes) and their labels."""
+    entries = [load_array_pickle(folder / name) for name in names]
+    data = np.concatenate([np.asarray(e["data"], dtype=np.uint8) for e in entries]).reshape(-1, 3, 32, 32)
+    labels = [y for e in entries for y in (e["labels"] if "labels" in e else e["fine_labels"])]
+    return TensorImageDataset(torch.from_numpy(data), torch.as_tensor(labels, dtype=torch.long))
+
+
 def _cifar(cfg: DataConfig, cls: type, title: str, num_classes: int) -> DatasetSplits:
+    """CIFAR-10/100 from their python batches, read with the restricted unpickler (torchvision's
+    reader unpickles with ``pickle.load``, which runs whatever a crafted file names)."""
     base = cls.base_folder
     files = [f"{base}/{name}" for name, _ in cls.train_list + cls.test_list] + [f"{base}/{cls.meta['filename']}"]
     how = (f"pass data.download=true or put {base} there "
            f"(https://www.cs.toronto.edu/~kriz/cifar.html, {cls.filename})")
-    train, test = _torchvision_split(title, cfg, lambda t: cls(str(_root(cfg, title)), train=t, download=cfg.download),
-                                     files, how)
-    return _splits(cfg.name, cfg, *(_from_hwc(d.data, d.targets) for d in (train, test)), num_classes)
-
-
-def _from_hwc(data: np.ndarray, labels: Sequence[int]) -> TensorImageDataset:
-    images = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).contiguous()
-    return TensorImageDataset(images, torch.as_tensor(np.asarray(labels), dtype=torch.long))
+    root = _root(cfg, title)
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing and not cfg.download:
+        raise DataError(f"{title} not found under {root} ({missing[0]} is missing): {how}")
+    try:
+        if missing:
+            tvd.utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        train = _read_cifar(root / base, [name for name, _ in cls.train_list])
+        test = _read_cifar(root / base, [name for name, _ in cls.test_list])
+    except Exception as exc:  # download errors, refused or malformed pickles, reshape: all one line
+        what = "download failed" if missing and not (root / files[0]).is_file() else "files are malformed"
+        raise DataError(f"{title} under {root}: {what}: {_first_line(exc)}") from None
+    return _splits(cfg.name, cfg, train, test, num_classes)
 
 
 def _stl10(cfg: DataConfig) -> DatasetSplits:

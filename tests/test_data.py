@@ -203,6 +203,30 @@ def test_cifar_malformed_file_is_one_line(tmp_path):
     assert "CIFAR-10" in message
 
 
+class _Payload:
+    """What a crafted CIFAR batch can carry: unpickling it with pickle.load runs os.system."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_pickle_carrying_code_is_refused_and_nothing_runs(tmp_path):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "payload-ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(pickle.dumps({"data": _Payload(marker), "labels": [0]}, protocol=2))
+    with open(batch, "rb") as f:  # the payload is real: plain pickle.load would run it
+        assert b"system" in f.read()
+    message = one_line_error("refused to load posix.system", name="cifar10", root=str(tmp_path))
+    assert "CIFAR-10" in message and "may hold only arrays" in message
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------ STL-10, binary format
 
 
