@@ -85,6 +85,12 @@ def _config(out: Path, *overrides: str):
                               "train.online_eval_images=64", *overrides])
 
 
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def section_device(report: Report, gpu: bool, quick: bool) -> None:
     report(f"torch {torch.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     if gpu:
@@ -93,6 +99,7 @@ def section_device(report: Report, gpu: bool, quick: bool) -> None:
                f"compute capability {props.major}.{props.minor}, CUDA {torch.version.cuda}")
     else:
         report(f"device: CPU only ({torch.get_num_threads()} threads); reduced check")
+    report(f"triton: {'installed' if _has_triton() else 'not installed (loss.kernel=triton unavailable)'}")
 
 
 def section_sigreg(report: Report, gpu: bool, quick: bool) -> None:
@@ -101,19 +108,26 @@ def section_sigreg(report: Report, gpu: bool, quick: bool) -> None:
     precisions = ((None, "fp32"), (torch.bfloat16, "bf16")) if gpu else ((None, "fp32"),)
     report(f"V={sigreg_bench.V} views, K={sigreg_bench.K}, {sigreg_bench.KNOTS} knots; forward + backward, "
            "best of repeats; peak = tensor bytes allocated above the inputs")
-    report("| precision | N | M | ours ms | direct ms | time × | ours MiB | direct MiB | memory × | value rel |")
-    report("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    triton = gpu and _has_triton()
+    report("ours = loss.kernel=torch; triton = loss.kernel=triton (fused kernels" +
+           ("" if triton else "; not measured: needs CUDA and the triton package") + ")")
+    report("| precision | N | M | ours ms | direct ms | time × | ours MiB | direct MiB | memory × | value rel | "
+           "triton ms | triton time × | triton memory × | triton value rel |")
+    report("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for autocast, label in precisions:
         for n in grid_n:
             for m in grid_m:
-                r = sigreg_bench.compare(n, m, device, autocast, min_seconds=0.3 if gpu else 0.5)
+                r = sigreg_bench.compare(n, m, device, autocast, min_seconds=0.3 if gpu else 0.5, triton=triton)
                 if "direct_ms" not in r:
-                    report(f"| {label} | {n} | {m} | {r['fast_ms']:.2f} | (too big) | | {r['fast_mib']:.1f} | | | |")
+                    report(f"| {label} | {n} | {m} | {r['fast_ms']:.2f} | (too big) | | {r['fast_mib']:.1f} | | | | "
+                           f"{r.get('triton_ms', float('nan')):.2f} | | | |")
                     continue
                 flag = " **target**" if (n, m) == (1024, 4096) else ""
+                tri = (f"{r['triton_ms']:.2f} | {r['triton_time_ratio']:.3f} | {r['triton_memory_ratio']:.4f} | "
+                       f"{r['triton_value_diff']:.1e}" if triton else " | | ")
                 report(f"| {label} | {n} | {m} | {r['fast_ms']:.2f} | {r['direct_ms']:.2f} | {r['time_ratio']:.3f} | "
                        f"{r['fast_mib']:.1f} | {r['direct_mib']:.1f} | {r['memory_ratio']:.4f}{flag} | "
-                       f"{r['value_diff']:.1e} |")
+                       f"{r['value_diff']:.1e} | {tri} |")
     report(f"targets at N=1024, M=4096: time × ≤ {TARGETS['sigreg_time']}, memory × ≤ {TARGETS['sigreg_memory']}")
 
 

@@ -45,6 +45,10 @@ def fast_loss(z, a):
     return SIGReg(num_slices=a.shape[1], knots=KNOTS)(z, directions=a)
 
 
+def triton_loss(z, a):
+    return SIGReg(num_slices=a.shape[1], knots=KNOTS, kernel="triton")(z, directions=a)
+
+
 def direct_loss(z, a):
     return epps_pulley_direct(z @ a, knots=KNOTS).mean()
 
@@ -77,11 +81,17 @@ def direct_fits(n: int, m: int, device) -> bool:
     return need < room / 2
 
 
-def compare(n: int, m: int, device, autocast: torch.dtype | None, min_seconds: float = 3.0) -> dict:
+def compare(n: int, m: int, device, autocast: torch.dtype | None, min_seconds: float = 3.0,
+            triton: bool = False) -> dict:
+    """Time and peak memory of ours (``fast``), the direct formula and, with ``triton``, the fused
+    Triton kernels, interleaved; ratios to the direct formula, relative differences of values and
+    gradients."""
     gen = torch.Generator(device).manual_seed(0)
     z = torch.randn(V, n, K, generator=gen, device=device, requires_grad=True)
     a = sample_directions(K, m, seed=0, device=device)
     runs = {"fast": lambda: forward_backward(fast_loss, z, a, autocast)}
+    if triton:
+        runs["triton"] = lambda: forward_backward(triton_loss, z, a, autocast)
     if direct_fits(n, m, device):
         runs["direct"] = lambda: forward_backward(direct_loss, z, a, autocast)
     out = {name: run() for name, run in runs.items()}  # warm-up, and the values to compare
@@ -101,6 +111,12 @@ def compare(n: int, m: int, device, autocast: torch.dtype | None, min_seconds: f
         row["memory_ratio"] = row["fast_mib"] / row["direct_mib"]
         row["value_diff"] = float((fast - direct).abs() / direct.abs())
         row["grad_diff"] = float((fast_grad - direct_grad).abs().max() / direct_grad.abs().max())
+        if triton:
+            value, grad = out["triton"]
+            row["triton_time_ratio"] = row["triton_ms"] / row["direct_ms"]
+            row["triton_memory_ratio"] = row["triton_mib"] / row["direct_mib"]
+            row["triton_value_diff"] = float((value - direct).abs() / direct.abs())
+            row["triton_grad_diff"] = float((grad - direct_grad).abs().max() / direct_grad.abs().max())
     return row
 
 

@@ -115,6 +115,8 @@ class LossConfig(_Section):
     num_slices: int = Field(1024, ge=1, description="number M of random 1-D projections")
     knots: int = Field(17, ge=3, description="quadrature knots on [0, t_max] (odd)")
     t_max: float = Field(3.0, gt=0.0, description="upper end of the integration range")
+    kernel: Literal["torch", "triton"] = Field("torch", description="SIGReg's implementation: torch (any device) "
+                                               "or triton (two fused CUDA kernels; needs the triton package)")
 
     @field_validator("knots")
     @classmethod

@@ -117,18 +117,29 @@ def _statistic(cf: Tensor, n: int, t_max: float, knots: int) -> Tensor:
     return n * torch.einsum("bkm,k->bm", dev, weight)
 
 
-def _characteristic(x: Tensor, t_max: float, knots: int) -> Tensor:
+KERNELS = ("torch", "triton")
+"""Implementations of φ̂: ``torch`` (the rotation above, any device) and ``triton`` (two fused
+kernels, :mod:`lejepa.sigreg_triton`; CUDA float32 only, needs the ``triton`` package)."""
+
+
+def _characteristic(x: Tensor, t_max: float, knots: int, kernel: str = "torch") -> Tensor:
     """φ̂ at t_1..t_{knots−1} as (B, knots−1, M, 2) for x (..., N, M), rows B = prod(...)."""
     _check_grid(t_max, knots)
     if x.dim() < 2 or x.shape[-2] == 0:
         raise ValueError(f"expected samples shaped (..., N, M) with N >= 1, got {tuple(x.shape)}")
     x = x.to(_accumulation_dtype(x)).reshape(-1, *x.shape[-2:])
+    if kernel == "triton" and x.dtype == torch.float32:
+        from lejepa.sigreg_triton import TritonCharacteristic
+
+        return TritonCharacteristic.apply(x, t_max / (knots - 1), knots - 1)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown SIGReg kernel {kernel!r}; choose from {', '.join(KERNELS)}")
     return _GridCharacteristic.apply(x, t_max / (knots - 1), knots - 1)
 
 
-def epps_pulley(x: Tensor, t_max: float = 3.0, knots: int = 17) -> Tensor:
+def epps_pulley(x: Tensor, t_max: float = 3.0, knots: int = 17, kernel: str = "torch") -> Tensor:
     """Epps–Pulley statistic of each column of x (..., N, M) against N(0, 1) → (..., M)."""
-    cf = _characteristic(x, t_max, knots)
+    cf = _characteristic(x, t_max, knots, kernel)
     return _statistic(cf, x.shape[-2], t_max, knots).reshape(*x.shape[:-2], x.shape[-1])
 
 
@@ -194,9 +205,12 @@ class SIGReg(nn.Module):
     waits for the GPU to read it: set it with :meth:`set_step` or ``load_state_dict``.
     """
 
-    def __init__(self, num_slices: int = 1024, knots: int = 17, t_max: float = 3.0):
+    def __init__(self, num_slices: int = 1024, knots: int = 17, t_max: float = 3.0, kernel: str = "torch"):
         super().__init__()
         _check_grid(t_max, knots)
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown SIGReg kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+        self.kernel = kernel
         if num_slices < 1:
             raise ValueError(f"num_slices must be >= 1, got {num_slices}")
         self.num_slices, self.knots, self.t_max = int(num_slices), int(knots), float(t_max)
@@ -213,7 +227,7 @@ class SIGReg(nn.Module):
         self._host_step = None  # read once from the loaded buffer
 
     def extra_repr(self) -> str:
-        return f"num_slices={self.num_slices}, knots={self.knots}, t_max={self.t_max}"
+        return f"num_slices={self.num_slices}, knots={self.knots}, t_max={self.t_max}, kernel={self.kernel}"
 
     def _agree(self, n: int, device) -> tuple[int, int]:
         """(step, global N) agreed over ranks with one MAX all-reduce; refuses unequal N."""
@@ -247,7 +261,7 @@ class SIGReg(nn.Module):
             )
         with torch.autocast(device_type=z.device.type, enabled=False):
             x = z.to(dtype) @ directions.to(dtype)
-            cf = _characteristic(x, self.t_max, self.knots)
+            cf = _characteristic(x, self.t_max, self.knots, self.kernel)
             if _distributed():
                 cf = _AllReduceMean.apply(cf)
             return _statistic(cf, n_global, self.t_max, self.knots).mean()

@@ -78,6 +78,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
@@ -113,7 +119,9 @@ class Trainer:
         if use_channels_last(cfg.train.channels_last, self.rt.device, backbone):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.probe = probe.to(self.rt.device)
-        self.sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max).to(self.rt.device)
+        if cfg.loss.kernel == "triton" and (self.rt.device.type != "cuda" or not _has_triton()):
+            raise ConfigError("loss.kernel=triton needs a CUDA device and the triton package; use loss.kernel=torch")
+        self.sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, cfg.loss.kernel).to(self.rt.device)
         # SIGReg sees the global batch (its statistics are all-reduced under DDP)
         self.collapsed_ep = collapsed_ep(cfg.optim.batch_size, cfg.loss.t_max, cfg.loss.knots)
         if self.rt.distributed:

@@ -199,3 +199,44 @@ def test_step_counter_is_mirrored_on_the_host_and_set_explicitly():
     loaded.load_state_dict({"step": torch.tensor(41)})
     torch.testing.assert_close(loaded(z), sigreg(z, directions=sample_directions(24, 50, 41)))
     assert int(loaded.step) == 42
+
+
+_TRITON_CHECK = """
+import torch
+from lejepa.sigreg import SIGReg, epps_pulley, epps_pulley_direct, sample_directions
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for shape, knots in [((3, 50, 40), 17), ((2, 17, 33), 9), ((1, 64, 7), 13), ((2, 300, 5), 17)]:
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(shape[0], shape[2], generator=g)
+    a = (epps_pulley(x, 3.0, knots, kernel="triton") * w).sum()
+    (ga,) = torch.autograd.grad(a, x)
+    b = (epps_pulley_direct(x.double(), 3.0, knots) * w.double()).sum()
+    (gb,) = torch.autograd.grad(b, x)
+    worst = max(worst, float((a.detach() - b.detach()).abs() / b.detach().abs()),
+                float((ga - gb).abs().max() / gb.abs().max()))
+z = torch.randn(4, 64, 16, generator=g)
+d = sample_directions(16, 128, 3)
+same = float((SIGReg(128, kernel="triton")(z, directions=d) - SIGReg(128)(z, directions=d)).abs())
+print(worst, same)
+"""
+
+
+def test_triton_kernels_match_the_direct_formula_under_the_interpreter():
+    """loss.kernel=triton: the fused forward and backward kernels, run by Triton's interpreter on
+    the CPU (TRITON_INTERPRET=1), against the direct formula in float64 (values and gradients,
+    knot counts whose P is and is not a power of two, N not a multiple of the block)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    worst, same = map(float, done.stdout.split())
+    assert worst < 1e-5 and same < 1e-5

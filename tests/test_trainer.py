@@ -270,3 +270,8 @@ def test_throughput_options_resolve_per_device():
     assert use_channels_last(None, cuda, cnn) and not use_channels_last(None, cuda, vit)
     assert not use_channels_last(None, cpu, cnn) and use_channels_last(True, cpu, vit)
     assert adamw_kernel(None, cuda) == {"fused": True} and adamw_kernel(None, cpu) == {"foreach": True}
+
+
+def test_triton_sigreg_kernel_is_refused_off_cuda_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="loss.kernel=triton needs a CUDA device"):
+        Trainer(tiny_cfg(tmp_path, "loss.kernel=triton", "train.device=cpu"), [], run_dir=tmp_path / "t")
