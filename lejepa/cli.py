@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -189,8 +190,20 @@ def _unavailable(sub: argparse._SubParsersAction, name: str, exc: Exception) -> 
     parser.set_defaults(func=fail)
 
 
+def _stop_on_sigterm_as_on_sigint() -> None:
+    """A scheduler's preemption (SIGTERM: SLURM, Kubernetes, ``kill``) stops a command as Ctrl-C
+    does: the signal is re-raised as SIGINT, so training ends between steps with its checkpoints
+    consistent and its MLflow run KILLED, and a sweep stops through Ray Tune's own SIGINT handler;
+    ``--resume`` continues both."""
+    def as_sigint(signum, frame) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, as_sigint)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command; user errors → one line on stderr and their exit code."""
+    _stop_on_sigterm_as_on_sigint()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 from mlflow import MlflowClient
 
@@ -97,3 +100,45 @@ def test_train_warns_once_in_the_collapse_region(tmp_path, tiny_overrides):
     warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
     assert warnings == ["lejepa: warning: λ=0.005 × batch 64 = 0.32 lies in the collapse region λ·N < 1 "
                         "(benchmarks/results/collapse_map): raise loss.lam to ≥ 0.016 or the batch size"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
+    """SIGTERM (a scheduler's preemption) during an epoch: exit 130 with one line, the MLflow run
+    KILLED, the last checkpoint intact; --resume finishes with every epoch logged once."""
+    import signal
+    import time
+
+    from conftest import LEJEPA, REPO, TINY
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO)
+    args = ["train", *TINY, f"train.out_dir={tmp_path}", "train.run_name=pre", "train.epochs=30"]
+    proc = subprocess.Popen(LEJEPA + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        checkpoints = tmp_path / "pre" / "checkpoints"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and len(list(checkpoints.glob("epoch_*"))) < 2:
+            time.sleep(0.2)
+        time.sleep(0.3)  # into the next epoch
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("lejepa").experiment_id])
+    assert run.info.status == "KILLED"
+    done = len(list(checkpoints.glob("epoch_*")))
+    assert 2 <= done < 30
+
+    target = max(4, done + 1)
+    resumed = subprocess.run(LEJEPA + ["train", "--resume", str(tmp_path / "pre"), f"train.epochs={target}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")]
+    assert epochs == sorted(set(epochs)) and len(epochs) == target
