@@ -132,11 +132,30 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving MLflow on {args.host}: anyone who can reach this address can read and "
               f"change your runs", file=sys.stderr)
+    _check_port_free(args.host, args.port)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", artifact_root(uri), "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {db}); Ctrl-C to stop", file=sys.stderr)
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover - execv does not return
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse in one line when something already listens on host:port (MLflow would only log it
+    in its server's output and keep running without a UI)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot serve on {host}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"port {port} on {host} is taken ({exc.strerror}): another `lejepa ui` or MLflow "
+                              f"server? pass --port <free port>") from None
 
 
 def _register_ui(sub: argparse._SubParsersAction) -> None:

@@ -52,3 +52,18 @@ def test_ui_without_a_store_is_one_line(tmp_path):
     proc = run_cli(["ui", "--out-dir", str(tmp_path / "nothing")], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no MLflow store at") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ui_on_a_taken_port_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mlflow.db").write_bytes(b"")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = run_cli(["ui", "--out-dir", str(tmp_path / "runs"), "--port", str(port)], tmp_path, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: port {port} on 127.0.0.1 is taken")
