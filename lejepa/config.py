@@ -176,6 +176,12 @@ class TrainConfig(_Section):
     def _compile_flag(cls, v: object) -> object:
         return {False: "eager", True: "default"}.get(v, v) if isinstance(v, bool) else v
 
+    @field_validator("run_name", mode="before")
+    @classmethod
+    def _number_as_name(cls, v: object) -> object:
+        """``train.run_name=2024`` is a folder name, though YAML reads it as a number."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
     @field_validator("run_name")
     @classmethod
     def _plain_name(cls, v: str | None) -> str | None:

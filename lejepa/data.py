@@ -132,7 +132,14 @@ def _digit_arrays() -> tuple[Tensor, Tensor]:
 
 
 def _split_indices(labels: Tensor, cfg: DataConfig) -> tuple[Tensor, Tensor]:
-    """Stratified train / test indices (``cfg.test_fraction``, ``cfg.seed``)."""
+    """Stratified train / test indices (``cfg.test_fraction``, ``cfg.seed``); both splits must
+    hold every class at least once."""
+    classes = int(labels.unique().numel())
+    n_test = int(np.ceil(cfg.test_fraction * len(labels)))
+    if n_test < classes or len(labels) - n_test < classes:
+        raise DataError(f"data.test_fraction={cfg.test_fraction} gives {n_test} test and {len(labels) - n_test} "
+                        f"training items of {len(labels)}: each split needs at least the {classes} classes once; "
+                        f"use a test_fraction between {classes / len(labels):.3g} and {1 - classes / len(labels):.3g}")
     train, test = train_test_split(np.arange(len(labels)), test_size=cfg.test_fraction,
                                    stratify=labels.numpy(), random_state=cfg.seed)
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))

@@ -64,3 +64,9 @@ def test_malformed_and_missing_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(listing)
+
+
+def test_a_numeric_run_name_is_a_folder_name():
+    from lejepa.config import load_config
+
+    assert load_config(None, ["train.run_name=2024"]).train.run_name == "2024"

@@ -335,3 +335,9 @@ def test_root_required_and_unknown_names():
     one_line_error(r"CIFAR-10 needs data\.root", name="cifar10")
     assert "'cifar10'" in one_line_error(r"unknown dataset 'cifar-10'.*did you mean", name="cifar-10")
     assert "'digits-shifted'" in one_line_error("did you mean", name="digit-shifted")
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.999])
+def test_a_test_fraction_that_leaves_a_class_out_is_one_line(fraction):
+    message = one_line_error("each split needs at least the 10 classes", name="digits", test_fraction=fraction)
+    assert f"data.test_fraction={fraction}" in message
