@@ -394,6 +394,7 @@ def _build(path: Path, spec: _SpecFile) -> SweepSpec:
     if spec.scheduler.type != "none" and any(p.key == "train.epochs" for p in space):
         raise fail("space.train.epochs", "cannot be swept together with a scheduler (its max_t is train.epochs)")
     _validate_values(base, space, fail)
+    _check_archs(base, space, fail)
     lam = next((p for p in space if p.key == "loss.lam"), None)
     if spec.score_alpha > 0 and any(float(v) <= 0 for v in (lam.probes() if lam else [build_config(base).loss.lam])):
         raise fail("space.loss.lam" if lam else "base.loss.lam",
@@ -518,6 +519,19 @@ def _arch_params_table(base: dict[str, Any], space: list[Param], rules: list[Arc
                 table[arch] = dict(rule.set)
                 break
     return table
+
+
+def _check_archs(base: dict[str, Any], space: list[Param], fail) -> None:
+    """Every architecture the sweep trains exists (``lejepa train``'s pre-flight, run on what the
+    spec expands to), so a typo is one line here, not a failure inside every trial."""
+    from lejepa.backbones import check_arch_name
+
+    where = "space.model.arch" if any(p.key == "model.arch" for p in space) else "base.model.arch"
+    for arch in _sweep_archs(base, space):
+        try:
+            check_arch_name(arch)
+        except LejepaError as exc:
+            raise fail(where, str(exc)) from None
 
 
 def _sweep_archs(base: dict[str, Any], space: list[Param]) -> list[str]:

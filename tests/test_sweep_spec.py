@@ -144,6 +144,8 @@ def test_multi_worker_trials_reserve_only_a_driver_in_tune(tmp_path):
     ({"space": {"model.arch": {"catalog": {"famly": "vit"}}}}, "space.model.arch.catalog: unknown query field 'famly'"),
     ({"space": {"model.arch": {"catalog": {"family": "resnte"}}}}, "unknown architecture family 'resnte'"),
     ({"tracking": {"uri": "file:./mlruns"}}, "tracking.uri: MLflow 3 refuses file: stores"),
+    ({"base": {"model": {"arch": "resnet_nope"}}}, "base.model.arch: unknown architecture 'resnet_nope'; closest"),
+    ({"space": {"model.arch": ["resnet10t", "resnet_nope"]}}, "space.model.arch: unknown architecture 'resnet_nope'"),
     ({"arch_overrides": [{"set": {"optim.lr": 1e-3}}]}, "arch_overrides[0]: a rule needs a condition"),
     ({"arch_overrides": [{"pattern": "*", "set": {}}]}, "arch_overrides[0]: a rule needs at least one key under set"),
     ({"arch_overrides": [{"pattern": "*", "set": {"optim.lr": 5}}]},
