@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lejepa.errors import LejepaError, did_you_mean
-from lejepa.preflight import check_tracking_uri
+from lejepa.preflight import check_tracking_uri, check_writable
 
 if TYPE_CHECKING:  # pandas and MLflow load when the command runs, not with every `lejepa` command
     import pandas as pd
@@ -74,6 +74,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
                           f"choose one of: {', '.join(LABELS)}")
     if args.last_k < 1 or args.bootstrap < 0 or args.sample_size < 2 or args.lidar_images < 2:
         raise LejepaError("--last-k, --sample-size and --lidar-images must be ≥ 1, 2 and 2; --bootstrap ≥ 0")
+    if args.out:  # before any work: a file in the way is one line, not a traceback at the end
+        check_writable(args.out, "--out")
     uri = args.tracking_uri or default_tracking_uri("runs")
     _check_store(uri)
     sweep = load_sweep(args.sweep, uri)
@@ -97,6 +99,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         raise LejepaError(f"no checkpoint of sweep {sweep.name!r} is healthy (and on the compared loss scale): "
                           f"nothing to select; raise loss.lam or optim.batch_size (see the ruled-out runs above)")
     out = Path(args.out or f"selection-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep.name)}").resolve()
+    check_writable(out, "report folder")
     report = write_report(analysis, out)
     print(terminal_table(analysis))
     if not args.no_log:

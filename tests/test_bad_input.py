@@ -108,6 +108,10 @@ CASES = [
     # --- selection, catalog, the command line itself
     ("select-unknown-sweep", ["select", "nope", "--tracking-uri", "{store}"], {}, "no sweep, parent run or experiment named 'nope'"),
     ("select-unknown-score", ["select", "x", "--score", "rankm"], {}, "unknown score 'rankm' (did you mean 'rankme'"),
+    ("select-out-is-a-file", ["select", "x", "--out", "taken.txt", "--tracking-uri", "{store}"], {"taken.txt": "x"},
+     "taken.txt is not writable"),
+    ("select-out-under-a-file", ["select", "x", "--out", "taken.txt/report", "--tracking-uri", "{store}"],
+     {"taken.txt": "x"}, "taken.txt is not a folder"),
     ("archs-unknown-family", ["archs", "--family", "vti"], {}, "unknown architecture family 'vti' (did you mean 'vit'"),
     # an empty listing is an error: a filter that matches nothing is almost always a typo (e.g. no '*')
     ("archs-filter-matches-nothing", ["archs", "--pattern", "resnet"], {}, "no catalog architecture matches pattern='resnet'"),
