@@ -181,7 +181,9 @@ def run_sweep(spec: SweepSpec, *, storage: str | Path | None = None, name: str |
                           f"or choose another --name")
     uri = tracking_uri_for(spec, tracking_uri)
     preflight(root, uri, address)
+    check_grantable(spec, address)
     with _ray(address):
+        check_grantable(spec)
         path.mkdir(parents=True)
         try:
             (path / RESOLVED_SPEC).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False))
@@ -192,6 +194,33 @@ def run_sweep(spec: SweepSpec, *, storage: str | Path | None = None, name: str |
             raise
         _check_shared(sweep)
         return _execute(spec, sweep, _new_tuner(spec, sweep))
+
+
+def check_grantable(spec: SweepSpec, address: str | None = None) -> None:
+    """Refuse, before anything is created, a sweep whose trials need more CPUs or GPUs than the
+    whole Ray cluster has (Ray would keep them pending forever, its autoscaler printing that no
+    node type can fulfil the request). Before a local Ray starts, the machine's own CPUs and
+    CUDA devices are counted (so the refusal comes before Ray's start-up lines); in a running or
+    joined Ray, its cluster resources."""
+    import ray
+
+    if ray.is_initialized():
+        total = ray.cluster_resources()
+        have = {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
+        where = "this machine" if len(ray.nodes()) <= 1 else "the Ray cluster"
+    elif not (address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        where = "this machine"
+    else:
+        return  # checked once joined
+    for arch, res in sorted(spec.arch_resources.items()):
+        for kind, need in zip(("CPU", "GPU"), res.total()):
+            if need > have[kind] + 1e-9:
+                raise ConfigError(f"a {arch} trial needs {need:g} {kind}{'s' if need != 1 else ''} but {where} has "
+                                  f"{have[kind]:g}: lower resources.{'cpus' if kind == 'CPU' else 'gpus'}_per_trial "
+                                  f"(or workers_per_trial), or join a cluster that has them (--address)")
 
 
 def resume_sweep(name: str, *, storage: str | Path | None = None, address: str | None = None) -> SweepOutcome:
@@ -205,7 +234,9 @@ def resume_sweep(name: str, *, storage: str | Path | None = None, address: str |
     sweep = Sweep.load(path)
     spec = load_spec(path / RESOLVED_SPEC)
     preflight(path, sweep.tracking_uri, address)
+    check_grantable(spec, address)
     with _ray(address):
+        check_grantable(spec)
         client = MlflowClient(sweep.tracking_uri)
         client.update_run(sweep.parent_run_id, status="RUNNING")
         client.set_tag(sweep.parent_run_id, "lejepa.resumed_at", datetime.now().isoformat(timespec="seconds"))

@@ -105,6 +105,8 @@ CASES = [
      {"s.yaml": spec()}, "is not writable"),
     ("sweep-dead-ray-address", ["sweep", "s.yaml", "--address", "127.0.0.1:{port}", "--tracking-uri", "{store}"],
      {"s.yaml": spec()}, "cannot reach the Ray cluster at 127.0.0.1:{port}"),
+    ("sweep-gpu-trials-on-a-cpu-machine", ["sweep", "s.yaml", "--tracking-uri", "{store}"],
+     {"s.yaml": spec(resources={"cpus_per_trial": 1, "gpus_per_trial": 1})}, "needs 1 GPU but this machine has 0"),
     # --- selection, catalog, the command line itself
     ("select-unknown-sweep", ["select", "nope", "--tracking-uri", "{store}"], {}, "no sweep, parent run or experiment named 'nope'"),
     ("select-unknown-score", ["select", "x", "--score", "rankm"], {}, "unknown score 'rankm' (did you mean 'rankme'"),

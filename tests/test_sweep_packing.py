@@ -51,3 +51,13 @@ def test_fractional_gpus_run_that_many_trials_at_once(tmp_path, ray_with_one_gpu
         alive += delta
         peak = max(peak, alive)
     assert peak == at_once
+
+
+def test_trials_the_cluster_can_never_grant_are_refused_before_anything_starts(tmp_path, ray_with_one_gpu):
+    from lejepa.errors import ConfigError
+
+    base = tiny_base()
+    spec = load_spec(write_spec(tmp_path, {"name": "big", "base": base, "resources": {"gpus_per_trial": 2}}))
+    with pytest.raises(ConfigError, match="a test_resnet trial needs 2 GPUs but this machine has 1"):
+        run_sweep(spec, storage=tmp_path / "sweeps", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "sweeps").exists() or not any((tmp_path / "sweeps").iterdir())
