@@ -57,8 +57,7 @@ def _check_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         if not Path(uri[len("sqlite:///"):]).is_file():
             raise LejepaError(f"no MLflow store at {uri[len('sqlite:///'):]}: pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
-    else:
-        check_tracking_uri(uri)
+    check_tracking_uri(uri)  # a truncated or foreign SQLite file, a server that is not MLflow: one line
 
 
 def _cmd_select(args: argparse.Namespace) -> int:

@@ -129,6 +129,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     db = Path(uri[len("sqlite:///"):])
     if not db.is_file():
         raise ConfigError(f"no MLflow store at {db}: train something first, or pass --out-dir/--tracking-uri")
+    from lejepa.preflight import check_tracking_uri
+
+    check_tracking_uri(uri)  # a truncated or foreign SQLite file: one line, not MLflow's traceback
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving MLflow on {args.host}: anyone who can reach this address can read and "
               f"change your runs", file=sys.stderr)

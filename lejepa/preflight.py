@@ -9,6 +9,7 @@ there), a tracking server by one short HTTP request, a Ray address by one TCP co
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -61,6 +62,8 @@ def check_tracking_uri(uri: str) -> None:
             raise PreflightError(f"tracking store {uri}: {db} is not readable and writable; fix its permissions "
                                  f"or pass another --tracking-uri")
         check_writable(db.parent, f"tracking store {uri}: the folder")
+        if db.is_file() and db.stat().st_size > 0:
+            _check_sqlite_store(db, uri)
         return
     scheme = urlsplit(uri).scheme.lower()
     if scheme in ("http", "https"):
@@ -70,19 +73,59 @@ def check_tracking_uri(uri: str) -> None:
         raise PreflightError(f"tracking URI {uri!r} is not a URI: use sqlite:///<path> or http://host:port")
 
 
-def _check_server(uri: str) -> None:
-    """One GET of ``<uri>/health``: any HTTP answer means the server is up (auth is MLflow's business)."""
-    url = uri.rstrip("/") + "/health"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite_store(db: Path, uri: str) -> None:
+    """A non-empty store file must be a whole SQLite database holding MLflow's tables: the header's
+    magic, its page size × page count against the file's size (a truncated copy), then the
+    table names, read-only."""
+    import sqlite3
+
+    fix = "restore it from a backup, or pass another --tracking-uri (a new file is created empty)"
+    with open(db, "rb") as f:
+        header = f.read(100)
+    if not header.startswith(SQLITE_MAGIC):
+        raise PreflightError(f"tracking store {uri}: {db} is not a SQLite database; {fix}")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    size = db.stat().st_size
+    if len(header) == 100 and header[24:28] == header[92:96] and size < page_size * pages:
+        raise PreflightError(f"tracking store {uri}: {db} is truncated ({size} of {page_size * pages} bytes); {fix}")
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=TIMEOUT_S):
+        with sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=TIMEOUT_S) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise PreflightError(f"tracking store {uri}: {db} cannot be read ({exc}); {fix}") from None
+    if tables and "experiments" not in tables:
+        raise PreflightError(f"tracking store {uri}: {db} is a SQLite database but not an MLflow store "
+                             f"(tables: {', '.join(sorted(tables)[:4])}); pass the store's own file")
+
+
+def _check_server(uri: str) -> None:
+    """One GET of MLflow's experiment search: a JSON answer (or an auth refusal, which is MLflow's
+    or its proxy's business) means an MLflow server; no answer, or a page that is not MLflow's
+    JSON, is refused."""
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=TIMEOUT_S) as answer:
+            body, status = answer.read(65536), answer.status
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
             return
-    except urllib.error.HTTPError:
-        return
+        body, status = exc.read(65536), exc.code
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
         raise PreflightError(f"MLflow tracking server {uri} does not answer ({text.splitlines()[0]}): start it "
                              f"(mlflow server --host 127.0.0.1 --port PORT) or pass another --tracking-uri") from None
+    try:
+        json.loads(body)
+    except ValueError:
+        raise PreflightError(f"{uri} answers HTTP but is not an MLflow tracking server (GET "
+                             f"/api/2.0/mlflow/experiments/search gave {status}, not MLflow's JSON): check the "
+                             f"host and port, or pass another --tracking-uri") from None
 
 
 def check_ray_address(address: str | None) -> None:

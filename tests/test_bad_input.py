@@ -10,6 +10,7 @@ seconds, before anything is created.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import time
@@ -289,3 +290,54 @@ def test_check_ray_address():
     with pytest.raises(PreflightError, match="cannot reach the Ray cluster"):
         check_ray_address(f"ray://127.0.0.1:{free_port()}")
     assert time.monotonic() - start < 5
+
+
+def _sqlite_bytes(tables: dict[str, int]) -> bytes:
+    """A real SQLite file with ``tables`` (name → rows of 1 kB), as bytes."""
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.db"
+        con = sqlite3.connect(path)
+        for name, rows in tables.items():
+            con.execute(f"CREATE TABLE {name} (v TEXT)")
+            con.executemany(f"INSERT INTO {name} VALUES (?)", [("x" * 1000,)] * rows)
+        con.commit()
+        con.close()
+        return path.read_bytes()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"this is not a database at all, just text", "is not a SQLite database"),
+    ("truncated", "is truncated"),
+    (_sqlite_bytes({"inventory": 3}), "is a SQLite database but not an MLflow store (tables: inventory)"),
+])
+def test_broken_tracking_stores_are_one_line(tmp_path, store_template, content, fragment):
+    db = tmp_path / "mlflow.db"
+    if content == "truncated":  # a real MLflow store cut in half (a copy interrupted, a full disk)
+        whole = store_template.read_bytes()
+        content = whole[: len(whole) // 2]
+    db.write_bytes(content)
+    with pytest.raises(PreflightError, match=re.escape(fragment)):
+        check_tracking_uri(f"sqlite:///{db}")
+    proc = run_cli(["train", *TINY, f"train.out_dir={tmp_path / 'runs'}", "--tracking-uri", f"sqlite:///{db}"],
+                   tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: tracking store") and fragment in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_an_http_server_that_is_not_mlflow_is_refused_and_a_real_one_passes(tmp_path, mlflow_server):
+    import http.server
+    import threading
+
+    check_tracking_uri(mlflow_server.url)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(PreflightError, match="answers HTTP but is not an MLflow tracking server"):
+            check_tracking_uri(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
