@@ -27,7 +27,7 @@ def ray_with_one_gpu():
         ray.shutdown()
 
 
-@pytest.mark.parametrize("gpus, at_once", [(0.25, 4), (0.5, 2)])
+@pytest.mark.parametrize("gpus, at_once", [(0.25, 4)])
 def test_fractional_gpus_run_that_many_trials_at_once(tmp_path, ray_with_one_gpu, gpus, at_once):
     base = tiny_base()
     base["train"]["epochs"] = 1
