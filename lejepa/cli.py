@@ -37,11 +37,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lejepa.config import CONFIG_FILE, load_config  # torch loads after the config is known to be valid
 
     config_path, overrides = split_config_args(args.items)
-    run_dir = None
+    run_dir = resume = None
     if args.resume:
-        run_dir = Path(args.resume).expanduser().resolve()
+        run_dir = resume = Path(args.resume).expanduser().resolve()
         if not run_dir.is_dir():
             raise ConfigError(f"--resume {args.resume}: no such run folder")
+        if run_dir.parent.name == "checkpoints" and (run_dir.parent.parent / CONFIG_FILE).is_file():
+            # one checkpoint of a run: continue that run (its folder, config, MLflow run) from it
+            run_dir = run_dir.parent.parent
+            print(f"lejepa: resuming run {run_dir} from its checkpoint {resume.name}", file=sys.stderr)
         if config_path is None and (run_dir / CONFIG_FILE).is_file():
             config_path = str(run_dir / CONFIG_FILE)
     cfg = load_config(config_path, overrides)
@@ -57,7 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if risk is not None:
         print(f"lejepa: warning: {risk}", file=sys.stderr)
     callbacks = [] if args.quiet else [ConsoleProgress()]
-    trainer = Trainer(cfg, callbacks=callbacks, run_dir=run_dir, resume=run_dir)
+    trainer = Trainer(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume)
     if uri is not None and trainer.rt.is_main:
         from lejepa.tracking import MLflowCallback
         experiment = args.experiment or cfg.tracking.experiment

@@ -142,3 +142,19 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
     assert run.info.status == "FINISHED"
     epochs = [m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")]
     assert epochs == sorted(set(epochs)) and len(epochs) == target
+
+
+def test_resume_from_one_checkpoint_folder_continues_its_run(tmp_path):
+    """--resume <run>/checkpoints/epoch_NNNN continues that run from that checkpoint (its folder and
+    config), instead of starting a new run inside the checkpoint folder."""
+    from conftest import TINY
+
+    first = run_cli(["train", "--no-tracking", *TINY, f"train.out_dir={tmp_path}", "train.run_name=a",
+                     "train.epochs=1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoint = tmp_path / "a" / "checkpoints" / "epoch_0001"
+    again = run_cli(["train", "--no-tracking", "--resume", str(checkpoint), "train.epochs=2"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming run {tmp_path / 'a'} from its checkpoint epoch_0001" in again.stderr
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    assert [p.name for p in checkpoint.iterdir() if p.is_dir()] == []  # nothing written inside the checkpoint
