@@ -370,6 +370,13 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 # --------------------------------------------------------------------------- internals
+MAX_TRIALS = 10_000
+"""The most trials one spec may expand to (counted, never materialised, before anything else)."""
+VALIDATED_COMBINATIONS = 1_000
+"""Grid combinations checked together at load (each value is also checked alone): cross-field
+rules such as views.local_size ≤ data.resolution."""
+
+
 def _build(path: Path, spec: _SpecFile) -> SweepSpec:
     def fail(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{path}: {key}: {problem}")
@@ -393,6 +400,12 @@ def _build(path: Path, spec: _SpecFile) -> SweepSpec:
                                              f"write {{choice: [...]}} instead")
     if spec.scheduler.type != "none" and any(p.key == "train.epochs" for p in space):
         raise fail("space.train.epochs", "cannot be swept together with a scheduler (its max_t is train.epochs)")
+    grid = [p for p in space if p.is_grid]
+    trials = math.prod(len(p.values) for p in grid) * (1 if spec.search.algo == "optuna" else spec.num_samples)
+    if trials > MAX_TRIALS:
+        sizes = " × ".join(f"{len(p.values)} {p.key}" for p in grid)
+        raise fail("space", f"expands to {trials:,} trials ({sizes}{f' × {spec.num_samples} samples' if spec.num_samples > 1 else ''}); "
+                            f"the limit is {MAX_TRIALS:,}: sample some keys ({{choice: [...]}}, num_samples) or split the sweep")
     _validate_values(base, space, fail)
     _check_archs(base, space, fail)
     lam = next((p for p in space if p.key == "loss.lam"), None)
@@ -486,7 +499,7 @@ def _validate_values(base: dict[str, Any], space: list[Param], fail) -> None:
     grid = [p for p in space if p.is_grid]
     if len(grid) > 1:
         sampled = {p.key: p.probes()[0] for p in space if not p.is_grid}
-        for combo in itertools.islice(itertools.product(*(p.values for p in grid)), 5000):
+        for combo in itertools.islice(itertools.product(*(p.values for p in grid)), VALIDATED_COMBINATIONS):
             _check(base, {**sampled, **{p.key: v for p, v in zip(grid, combo)}}, "space", fail)
 
 
