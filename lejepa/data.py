@@ -355,7 +355,9 @@ def _load_image(path: str, size: int) -> Tensor:
         with Image.open(path) as image:
             image.draft("RGB", (size, size))
             rgb = image.convert("RGB")
-    except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {path} is too large to decode ({_first_line(exc)}): resize or remove it") from None
+    except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError; so is a truncated file
         raise DataError(f"cannot decode image {path}: {_first_line(exc)}") from None
     tensor = TF.resize(TF.pil_to_tensor(rgb), [size], antialias=True)
     return TF.center_crop(tensor, [size, size])

@@ -17,6 +17,16 @@ class LejepaError(Exception):
 
     exit_code = 2
 
+    def one_line(self) -> str:
+        """The message as one line. Raised in a DataLoader worker, PyTorch re-raises the error in
+        the main process with the worker's traceback as its message; its last line is ours."""
+        text = str(self).strip()
+        if "Original Traceback" in text:
+            last = text.splitlines()[-1]
+            prefix = f"{type(self).__module__}.{type(self).__name__}: "
+            return last.removeprefix(prefix).removeprefix(f"{type(self).__name__}: ")
+        return " ".join(text.splitlines())
+
 
 class ConfigError(LejepaError):
     """A config file, override or sweep spec is malformed or has a bad value."""

@@ -341,3 +341,32 @@ def test_root_required_and_unknown_names():
 def test_a_test_fraction_that_leaves_a_class_out_is_one_line(fraction):
     message = one_line_error("each split needs at least the 10 classes", name="digits", test_fraction=fraction)
     assert f"data.test_fraction={fraction}" in message
+
+
+def test_an_image_above_the_decompression_limit_is_one_line(tmp_path):
+    write_folder(tmp_path, classes=("cat", "dog"), per_class=1)
+    Image.new("1", (14000, 14000)).save(tmp_path / "train" / "dog" / "bomb.png")  # 196 M pixels, a few kB
+    splits = build(name="imagefolder", root=str(tmp_path))
+    index = [i for i, (path, _) in enumerate(splits.train.samples) if path.endswith("bomb.png")][0]
+    with pytest.raises(DataError, match="image .*bomb.png is too large to decode .*resize or remove it") as info:
+        splits.train[index]
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_truncated_jpeg_read_in_a_dataloader_worker_is_one_error_line(tmp_path):
+    """Decoding happens in DataLoader workers (train.num_workers); PyTorch re-raises a worker's
+    error with the worker's traceback: `lejepa train` still prints one line naming the file."""
+    from conftest import TINY, run_cli
+
+    write_folder(tmp_path / "data", classes=("cat", "dog"), per_class=40)
+    jpeg = tmp_path / "data" / "train" / "dog" / "1.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    args = [a for a in TINY if not a.startswith("data.")] + [
+        "data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.resolution=16", "train.num_workers=1",
+        "optim.batch_size=16", f"train.out_dir={tmp_path / 'runs'}", "train.epochs=1"]
+    proc = run_cli(["train", "--no-tracking", *args], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lines[-1].startswith("error: cannot decode image ") and "1.jpg" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
