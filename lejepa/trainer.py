@@ -31,6 +31,7 @@ from lejepa.config import CONFIG_FILE, Config
 from lejepa.data import DatasetSplits, batch_collate, build_datasets
 from lejepa.errors import CheckpointError, ConfigError, LejepaError
 from lejepa.health import COLLAPSED, HEALTH_METRICS, VERDICTS, batch_health, collapsed_ep, verdict
+from lejepa.locks import ProcessLock
 from lejepa.model import LeJEPAModel
 from lejepa.objective import lejepa_loss
 from lejepa.probes import OnlineProbe, knn_accuracy, linear_probe
@@ -76,6 +77,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+RUN_LOCK = ".lock"
+"""The run folder's lock file (held by the process training it)."""
 
 
 def _has_triton() -> bool:
@@ -412,7 +417,17 @@ class Trainer:
         tmp.replace(path)
 
     def fit(self) -> dict[str, float]:
-        """Train the remaining epochs, checkpoint each, evaluate; returns the final metrics."""
+        """Train the remaining epochs, checkpoint each, evaluate; returns the final metrics. The run
+        folder is locked for the call (:mod:`lejepa.locks`): a second writer is refused in one line."""
+        lock = ProcessLock(self.run_dir / RUN_LOCK, f"run folder {self.run_dir}")
+        if self.rt.is_main:
+            lock.acquire()
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> dict[str, float]:
         if self.rt.is_main:
             self._write_config()
         info = RunInfo(self.cfg, self.run_dir, self.epoch, self.step, self.steps_per_epoch, self.total_steps,

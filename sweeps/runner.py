@@ -38,6 +38,7 @@ from ray import tune
 
 from lejepa.errors import ConfigError, LejepaError
 from lejepa.health import COLLAPSED, DIVERGED, HEALTHY, VERDICTS
+from lejepa.locks import ProcessLock
 from lejepa.preflight import check_ray_address, check_tracking_uri, check_writable
 from lejepa.tracking import HEALTH_TAG, PARENT_TAG, default_tracking_uri, get_or_create_experiment
 from sweeps.spec import SCORE_METRIC, SweepSpec, check_name, format_table, load_spec
@@ -182,6 +183,21 @@ def run_sweep(spec: SweepSpec, *, storage: str | Path | None = None, name: str |
     uri = tracking_uri_for(spec, tracking_uri)
     preflight(root, uri, address)
     check_grantable(spec, address)
+    with _sweep_lock(root, sweep_name):
+        if path.exists():  # created by a driver that held the lock a moment ago
+            raise ConfigError(f"sweep {sweep_name!r} was just created in {root} by another `lejepa sweep`: "
+                              f"continue it with --resume {sweep_name}, or choose another --name")
+        return _run_new(spec, sweep_name, path, address, uri)
+
+
+def _sweep_lock(root: Path, name: str) -> ProcessLock:
+    """One driver per sweep name: a lock file beside the sweep's folder (it may not exist yet),
+    removed when released."""
+    root.mkdir(parents=True, exist_ok=True)
+    return ProcessLock(root / f".{name}.lock", f"sweep {name!r} in {root}", remove=True)
+
+
+def _run_new(spec: SweepSpec, sweep_name: str, path: Path, address: str | None, uri: str) -> SweepOutcome:
     with _ray(address):
         check_grantable(spec)
         path.mkdir(parents=True)
@@ -227,6 +243,14 @@ def resume_sweep(name: str, *, storage: str | Path | None = None, address: str |
     """Continue the interrupted sweep ``name``: finished trials stay, the others resume from their checkpoints."""
     root = _storage(storage, None)
     path = root / check_name(name, "--resume")
+    if not root.is_dir():
+        raise ConfigError(f"--resume {name}: no resumable sweep at {path} (no storage folder {root}); "
+                          f"pass --storage where it lives")
+    with _sweep_lock(root, path.name):
+        return _resume(name, root, path, address)
+
+
+def _resume(name: str, root: Path, path: Path, address: str | None) -> SweepOutcome:
     if not (path / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(path):
         known = sorted(p.name for p in root.iterdir() if (p / SWEEP_FILE).is_file()) if root.is_dir() else []
         hint = f"; sweeps there: {', '.join(known[-10:])}" if known else "; pass --storage where it lives"
