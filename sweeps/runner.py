@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 import shutil
 import sys
 import time
@@ -295,6 +296,10 @@ def _ray(address: str | None):
                               f"(start one with `ray start --head`)") from None
     else:  # a fresh local instance, never a cluster that happens to run on this machine
         ray.init(address="local", include_dashboard=False)
+    if threading.current_thread() is threading.main_thread():
+        from lejepa.cli import _stop_on_sigterm_as_on_sigint
+
+        _stop_on_sigterm_as_on_sigint()  # Ray's driver replaced the CLI's SIGTERM handler when it connected
     try:
         yield
     finally:

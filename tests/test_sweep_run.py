@@ -138,9 +138,9 @@ class SweepCLI:
 
 
 def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):
-    """SIGINT to the driver stops the sweep cleanly; --resume runs only what had not finished.
-    (SIGTERM to the driver still aborts it: Ray's driver installs its own SIGTERM handler when it
-    connects, replacing the CLI's; issue 19.)"""
+    """SIGTERM to the driver (a scheduler's preemption; re-raised as SIGINT, Ctrl-C's signal, also
+    after Ray's driver installed its own handler) stops the sweep cleanly; --resume runs only what
+    had not finished."""
     spec_path = write_spec(tmp_path, spec_body(space={"loss.lam": [0.02, 0.1, 0.3]}, max_concurrent_trials=2))
     cli = SweepCLI(tmp_path, ray_address)
     uri, storage = cli.uri, cli.storage
@@ -153,7 +153,7 @@ def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):
             if parent and any(r.info.status == "FINISHED" for r in child_runs(uri, parent.info.run_id)):
                 break
             time.sleep(1.0)
-        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=300)
     finally:
         first.kill()
