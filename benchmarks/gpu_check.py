@@ -51,6 +51,7 @@ import train_throughput  # noqa: E402  (benchmarks/train_throughput.py)
 from lejepa.callbacks import Callback  # noqa: E402
 from lejepa.config import load_config  # noqa: E402
 from lejepa.data import DatasetSplits, TensorImageDataset  # noqa: E402
+from lejepa.sigreg import triton_available  # noqa: E402
 from lejepa.trainer import Trainer  # noqa: E402
 
 SECTIONS = ("device", "sigreg", "bf16", "tests", "packing", "trainer")
@@ -85,12 +86,6 @@ def _config(out: Path, *overrides: str):
                               "train.online_eval_images=64", *overrides])
 
 
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 def section_device(report: Report, gpu: bool, quick: bool) -> None:
     report(f"torch {torch.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     if gpu:
@@ -99,7 +94,7 @@ def section_device(report: Report, gpu: bool, quick: bool) -> None:
                f"compute capability {props.major}.{props.minor}, CUDA {torch.version.cuda}")
     else:
         report(f"device: CPU only ({torch.get_num_threads()} threads); reduced check")
-    report(f"triton: {'installed' if _has_triton() else 'not installed (loss.kernel=triton unavailable)'}")
+    report(f"triton: {'installed' if triton_available() else 'not installed (loss.kernel=triton unavailable)'}")
 
 
 def section_sigreg(report: Report, gpu: bool, quick: bool) -> None:
@@ -108,7 +103,7 @@ def section_sigreg(report: Report, gpu: bool, quick: bool) -> None:
     precisions = ((None, "fp32"), (torch.bfloat16, "bf16")) if gpu else ((None, "fp32"),)
     report(f"V={sigreg_bench.V} views, K={sigreg_bench.K}, {sigreg_bench.KNOTS} knots; forward + backward, "
            "best of repeats; peak = tensor bytes allocated above the inputs")
-    triton = gpu and _has_triton()
+    triton = gpu and triton_available()
     report("ours = loss.kernel=torch; triton = loss.kernel=triton (fused kernels" +
            ("" if triton else "; not measured: needs CUDA and the triton package") + ")")
     report("| precision | N | M | ours ms | direct ms | time × | ours MiB | direct MiB | memory × | value rel | "

@@ -122,6 +122,13 @@ KERNELS = ("torch", "triton")
 kernels, :mod:`lejepa.sigreg_triton`; CUDA float32 only, needs the ``triton`` package)."""
 
 
+def triton_available() -> bool:
+    """Whether ``loss.kernel=triton`` can be imported here (the package; CUDA is checked by the caller)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def _characteristic(x: Tensor, t_max: float, knots: int, kernel: str = "torch") -> Tensor:
     """φ̂ at t_1..t_{knots−1} as (B, knots−1, M, 2) for x (..., N, M), rows B = prod(...)."""
     _check_grid(t_max, knots)

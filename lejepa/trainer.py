@@ -37,7 +37,7 @@ from lejepa.objective import lejepa_loss
 from lejepa.probes import OnlineProbe, knn_accuracy, linear_probe
 from lejepa.runtime import Runtime, adamw_kernel, compile_mode, seed_everything, setup_runtime, use_channels_last
 from lejepa.schedule import warmup_cosine
-from lejepa.sigreg import SIGReg
+from lejepa.sigreg import SIGReg, triton_available
 from lejepa.views import ViewSampler, eval_images
 
 
@@ -83,12 +83,6 @@ RUN_LOCK = ".lock"
 """The run folder's lock file (held by the process training it)."""
 
 
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
@@ -124,7 +118,7 @@ class Trainer:
         if use_channels_last(cfg.train.channels_last, self.rt.device, backbone):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.probe = probe.to(self.rt.device)
-        if cfg.loss.kernel == "triton" and (self.rt.device.type != "cuda" or not _has_triton()):
+        if cfg.loss.kernel == "triton" and (self.rt.device.type != "cuda" or not triton_available()):
             raise ConfigError("loss.kernel=triton needs a CUDA device and the triton package; use loss.kernel=torch")
         self.sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, cfg.loss.kernel).to(self.rt.device)
         # SIGReg sees the global batch (its statistics are all-reduced under DDP)
