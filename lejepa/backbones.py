@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -128,8 +128,7 @@ def build_backbone(
     if plan.fixed:
         plan, fixed = _fit_fixed(arch, plan, resolution)
     for probe_device in ("meta", "cpu"):  # the CPU only for forwards that meta tensors cannot run
-        with torch.device(probe_device):
-            shape_model = _create(arch, plan)
+        shape_model = _create(arch, plan, probe_device)
         min_input, embed_dim = _min_input(shape_model, fixed or resolution, plan.multiple)
         if min_input is not None:
             break
@@ -145,8 +144,7 @@ def build_backbone(
         notes.append(f"views under {min_input} px upsampled")
     if plan.multiple > 1:
         notes.append(f"sides rounded up to a multiple of {plan.multiple}")
-    with torch.device(device or "cpu"):
-        model = _create(arch, plan)
+    model = _create(arch, plan, device or "cpu")
     return Backbone(model, arch, embed_dim, fixed_input=fixed, min_input=min_input, multiple=plan.multiple,
                     small_stem=plan.small_stem, adaptation=", ".join(notes))
 
@@ -166,8 +164,7 @@ def check_arch_name(arch: str) -> None:
 
 def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Plan:
     """Decide the timm kwargs and the stem of ``arch`` at ``resolution`` from its class."""
-    with torch.device("meta"):
-        default = timm.create_model(arch, pretrained=False, num_classes=0)
+    default = _create(arch, Plan(), "meta")
     params = init_params(type(default))
     if "dynamic_img_size" in params:
         kwargs: dict[str, Any] = {"img_size": resolution, "dynamic_img_size": True}
@@ -299,11 +296,35 @@ def _native_side(model: nn.Module) -> int:
     return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
 
 
-def _create(arch: str, plan: Plan) -> nn.Module:
-    model = timm.create_model(arch, pretrained=False, num_classes=0, **plan.kwargs)
+def _create(arch: str, plan: Plan, device: str | torch.device = "cpu") -> nn.Module:
+    """``arch`` built by ``plan`` on ``device`` (headless: ``num_classes=0``)."""
+    model = on_device(lambda: timm.create_model(arch, pretrained=False, num_classes=0, **plan.kwargs), device)
+    drop_empty_head(model)
     if plan.small_stem:
         apply_small_stem(model)
     return model
+
+
+def on_device(build: Callable[[], nn.Module], device: str | torch.device) -> nn.Module:
+    """``build()`` with ``device`` as the default device; a meta build whose constructor runs an
+    operator that has no meta kernel (``torch.unique`` in some timm versions' RegNet width
+    schedule) is built on the CPU instead."""
+    try:
+        with torch.device(device):
+            return build()
+    except NotImplementedError:
+        if torch.device(device).type != "meta":
+            raise
+    with torch.device("cpu"):
+        return build()
+
+
+def drop_empty_head(model: nn.Module) -> None:
+    """Make a headless model's output its pooled features: some timm versions (InceptionNeXt
+    before 1.0.31) keep a 0-output ``nn.Linear`` as the classifier when ``num_classes=0``, so
+    the model returns [B, 0]; ``reset_classifier(0)`` replaces it by the identity."""
+    if any(isinstance(m, nn.Linear) and m.out_features == 0 for m in model.modules()):
+        model.reset_classifier(0)
 
 
 def _probe(model: nn.Module, side: int) -> int | None:
@@ -340,8 +361,7 @@ def _fit_fixed(arch: str, plan: Plan, resolution: int) -> tuple[Plan, int]:
     for side in [resolution] + [s for s in PROBE_SIDES if s > resolution]:
         sized = replace(plan, kwargs={**plan.kwargs, "img_size": side})
         try:
-            with torch.device("meta"):
-                model = _create(arch, sized)
+            model = _create(arch, sized, "meta")
         except Exception:  # the arch rejects this img_size at construction
             continue
         if _probe(model, side) is not None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from torch import nn
 
-from lejepa.backbones import build_backbone, small_patch
+from lejepa.backbones import build_backbone, drop_empty_head, on_device, small_patch
 from lejepa.errors import ArchitectureError
 
 
@@ -175,3 +176,26 @@ def test_unknown_arch_names_closest_in_one_line():
         build_backbone("resnet181", 32)
     message = str(err.value)
     assert "'resnet181'" in message and "resnet18" in message and "\n" not in message
+
+
+def test_a_meta_build_that_runs_an_operator_without_meta_kernel_is_built_on_the_cpu():
+    # timm 1.0.29's RegNet computes its stage widths with torch.unique while being built: under a
+    # meta default device that raised NotImplementedError and every RegNet failed on the H200.
+    def build():
+        return nn.Linear(int(torch.unique(torch.tensor([3, 3, 4, 5])).numel()), 2)
+
+    with pytest.raises(NotImplementedError), torch.device("meta"):
+        build()
+    model = on_device(build, "meta")
+    assert model.in_features == 3 and model.weight.device.type == "cpu"
+    assert on_device(lambda: nn.Linear(3, 2), "meta").weight.device.type == "meta"
+
+
+def test_an_empty_classifier_is_dropped_so_the_model_returns_its_pooled_features():
+    # timm before 1.0.31 left InceptionNeXt's head a Linear(…, 0) under num_classes=0: features [B, 0].
+    model = timm.create_model("inception_next_atto", pretrained=False, num_classes=0).eval()
+    width = model(torch.zeros(1, 3, 32, 32)).shape[1]
+    model.head.fc2 = nn.Linear(model.head.fc2.in_features if isinstance(model.head.fc2, nn.Linear) else width, 0)
+    assert model(torch.zeros(1, 3, 32, 32)).shape[1] == 0
+    drop_empty_head(model)
+    assert model(torch.zeros(1, 3, 32, 32)).shape[1] == width > 0
