@@ -29,6 +29,7 @@ report wrote: ``--walk part1/stability.csv stability_walk2 --seeds part1/seeds.c
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -158,21 +159,28 @@ def outcome(row) -> str:
     return "learns" if row.learns else "no gain"
 
 
-def update_catalog(walk: pd.DataFrame, path: Path | None = None) -> int:
+def update_catalog(walk: pd.DataFrame, path: Path | None = None, budget: str = "") -> int:
     """Write each walked architecture's outcome and gain into the catalog CSV (default: the
-    packaged one; other columns and rows untouched); returns how many rows changed."""
+    packaged one; other columns and rows untouched): the ``walk_*`` columns, or ``gpu_walk_*``
+    with ``budget="gpu"``; returns how many rows changed."""
     from dataclasses import replace
 
-    from lejepa.catalog import CATALOG_CSV, load_catalog
+    from lejepa.catalog import CATALOG_CSV, ArchInfo, load_catalog
     from lejepa.catalog.build import write_csv
 
     results = {r.arch: r for r in walk.itertuples()}
     entries, changed = [], 0
-    for a in load_catalog():
+    if path is not None and path.is_file():  # that file's rows, not the packaged catalog's
+        with path.open(newline="") as fh:
+            current = [ArchInfo.from_row(row) for row in csv.DictReader(fh)]
+    else:
+        current = load_catalog()
+    for a in current:
         r = results.get(a.name)
         if r is not None:
             gain = round(float(r.gain), 4) if np.isfinite(r.gain) else None
-            a, changed = replace(a, walk_outcome=outcome(r), walk_gain=gain), changed + 1
+            prefix = f"{budget}_walk" if budget else "walk"
+            a, changed = replace(a, **{f"{prefix}_outcome": outcome(r), f"{prefix}_gain": gain}), changed + 1
         entries.append(a)
     write_csv(entries, path or CATALOG_CSV)
     return changed

@@ -144,8 +144,9 @@ def run(tasks: list[tuple[str, int]], overrides: list[str], workers: int, deadli
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
 
-def report(trials: pd.DataFrame, out: Path, title: str, note: str) -> str:
-    """The walk's CSV, Markdown page and plot, as ``benchmarks/stability.py`` writes them."""
+def report(trials: pd.DataFrame, out: Path, title: str, note: str) -> tuple[str, pd.DataFrame]:
+    """The walk's CSV, Markdown page and plot, as ``benchmarks/stability.py`` writes them;
+    returns (page, one row per architecture)."""
     trials = trials.copy()
     for col in ("loss", "collapse_ratio", "proj_rank", "init_probe", "probe", "init_knn", "knn", "images_per_s",
                 "wall_s", "lr"):
@@ -158,7 +159,7 @@ def report(trials: pd.DataFrame, out: Path, title: str, note: str) -> str:
     page = stability.markdown(walk, spread, strict, seeds, f"# {title}\n\n{note}")
     (out / "stability.md").write_text(page)
     stability.plot(walk, spread, out / "stability.png")
-    return page
+    return page, walk
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep <out>/trials.csv: train only the trials not "
                    "finished there (failed ones again), then report on all")
     p.add_argument("--report-only", action="store_true", help="write the report from <out>/trials.csv, train nothing")
+    p.add_argument("--update-catalog", choices=("cpu", "gpu"), help="write each finished architecture's outcome and "
+                   "gain into the catalog's walk_* (cpu) or gpu_walk_* (gpu) columns; failed trials are left out")
     args = p.parse_args(argv)
     trials_csv = args.out / "trials.csv"
     previous = pd.DataFrame(columns=TRIAL_COLUMNS)
@@ -207,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
             f"`{' '.join(args.set) or 'none'}`): {len(trials)} of {len(tasks)} trials"
             + (f"; this part {len(todo)} trials in {wall:.0f} s wall." if todo else "."))
     try:
-        page = report(trials, args.out, args.title, note)
+        page, walk = report(trials, args.out, args.title, note)
     except LejepaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(page.split("## Per architecture")[0])
+    if args.update_catalog:
+        finished = walk[walk["status"] == "finished"]
+        changed = stability.update_catalog(finished, budget="" if args.update_catalog == "cpu" else "gpu")
+        print(f"catalog: {changed} architectures' {args.update_catalog} walk outcome updated "
+              f"({len(walk) - len(finished)} failed, left out)")
     print(f"wrote {args.out}/trials.csv, stability.csv, stability.md, stability.png")
     return 0
 

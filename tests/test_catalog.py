@@ -133,10 +133,12 @@ def test_round_robin_order_takes_each_family_in_turn_smallest_first():
 
 
 def test_walk_outcome_columns_round_trip():
-    entry = replace(CATALOG[0], walk_outcome="learns", walk_gain=0.0123)
+    entry = replace(CATALOG[0], walk_outcome="learns", walk_gain=0.0123, gpu_walk_outcome="no gain", gpu_walk_gain=-0.01)
     assert ArchInfo.from_row(entry.to_row()) == entry
-    row = {k: v for k, v in CATALOG[0].to_row().items() if not k.startswith("walk_")}  # an older catalog file
-    assert ArchInfo.from_row(row).walk_outcome == "" and ArchInfo.from_row(row).walk_gain is None
+    row = {k: v for k, v in CATALOG[0].to_row().items() if "walk_" not in k}  # an older catalog file
+    old = ArchInfo.from_row(row)
+    assert old.walk_outcome == old.gpu_walk_outcome == "" and old.walk_gain is None and old.gpu_walk_gain is None
+    assert "gpu walk" in format_table([entry]) and "no gain -0.01" in format_table([entry])
 
 
 def test_query_errors_are_one_line():

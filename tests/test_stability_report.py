@@ -52,6 +52,14 @@ def test_spread_over_seeds_and_learning_needs_more_gain_than_that(tmp_path):
     assert rows["resnet10t"]["walk_outcome"] == "learns" and float(rows["resnet10t"]["walk_gain"]) == pytest.approx(0.05)
     assert rows["mobilenetv2_050"]["walk_outcome"] == "no gain"
     assert rows["vit_tiny_patch16_224"]["walk_outcome"] == "diverged" and rows["vit_tiny_patch16_224"]["walk_gain"] == ""
+    gpu_before = rows["vit_tiny_patch16_224"]["gpu_walk_outcome"]  # the GPU budget's columns are apart
+    assert stability.update_catalog(walk[walk["arch"] == "mobilenetv2_050"], catalog, budget="gpu") == 1
+    after = {r["name"]: r for r in csv.DictReader(catalog.open())}
+    assert after["mobilenetv2_050"]["gpu_walk_outcome"] == "no gain"
+    assert float(after["mobilenetv2_050"]["gpu_walk_gain"]) == pytest.approx(0.02)
+    assert after["vit_tiny_patch16_224"]["gpu_walk_outcome"] == gpu_before
+    assert {(n, k): v for n in after for k, v in after[n].items() if not k.startswith("gpu_")} == \
+        {(n, k): v for n in rows for k, v in rows[n].items() if not k.startswith("gpu_")}
     from lejepa.catalog import get_arch
 
     assert rows["resnet18"] == get_arch("resnet18").to_row()  # not in this walk: untouched

@@ -45,6 +45,8 @@ class ArchInfo:
     (``benchmarks/stability.py``: λ = 0.05, a short budget on fashion-mnist-shifted at
     ``SMALL_RESOLUTION`` px): ``learns``, ``no gain``, or the health verdict of a run that went
     wrong; the frozen-probe gain over the arch's own random init. Empty where not walked.
+    ``gpu_walk_outcome``/``gpu_walk_gain``: the same at the GPU budget (195 steps of batch 256,
+    ``benchmarks/stability_direct.py --update-catalog``).
     """
 
     name: str
@@ -59,6 +61,8 @@ class ArchInfo:
     notes: str = ""
     walk_outcome: str = ""
     walk_gain: float | None = None
+    gpu_walk_outcome: str = ""
+    gpu_walk_gain: float | None = None
 
     def to_row(self) -> dict[str, str]:
         """The CSV row (booleans as true/false, None as empty)."""
@@ -84,6 +88,8 @@ class ArchInfo:
             notes=row["notes"],
             walk_outcome=row.get("walk_outcome") or "",
             walk_gain=float(row["walk_gain"]) if row.get("walk_gain") else None,
+            gpu_walk_outcome=row.get("gpu_walk_outcome") or "",
+            gpu_walk_gain=float(row["gpu_walk_gain"]) if row.get("gpu_walk_gain") else None,
         )
 
 
@@ -221,14 +227,18 @@ def format_params(n: int) -> str:
     return f"{n / 10**3:.0f}k"
 
 
+def _outcome(outcome: str, gain: float | None) -> str:
+    return outcome + (f" {gain:+.2f}" if gain is not None else "")
+
+
 def format_table(entries: list[ArchInfo]) -> str:
     """A fixed-width text table of ``entries`` (for ``lejepa archs``), with a count line."""
     header = ["name", "family", "params", "embed", "min_px", "fixed_px", "small_stem", "gpu_scale", "runs_small",
-              "walk", "notes"]
+              "walk", "gpu walk", "notes"]
     rows = [
         [a.name, a.family, format_params(a.params), str(a.embed_dim), str(a.min_input), str(a.fixed_input or ""),
          "yes" if a.small_stem else "", "yes" if a.gpu_scale else "", "yes" if a.runs_small else "NO",
-         a.walk_outcome + (f" {a.walk_gain:+.2f}" if a.walk_gain is not None else ""), a.notes]
+         _outcome(a.walk_outcome, a.walk_gain), _outcome(a.gpu_walk_outcome, a.gpu_walk_gain), a.notes]
         for a in entries
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]

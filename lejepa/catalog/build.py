@@ -16,8 +16,9 @@ ones on the meta device (shapes only); a failure is recorded (``runs_small=false
 error), never dropped. The same step is what ``tests/test_catalog.py`` and
 ``benchmarks/architectures.py`` run.
 
-The stability walk's outcome columns (``walk_outcome``, ``walk_gain``) are written by
-``benchmarks/stability.py --update-catalog`` and carried over by a rebuild.
+The stability walk's outcome columns (``walk_*`` from ``benchmarks/stability.py
+--update-catalog``, ``gpu_walk_*`` from ``benchmarks/stability_direct.py --update-catalog``) are
+carried over by a rebuild.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ GPU_SCALE_PARAMS = 50_000_000
 
 SLOW_STEP_S = 5.0
 """A CPU walk step slower than this (B=4, 2+2 views) is noted as slow."""
+WALK_COLUMNS = ("walk_outcome", "walk_gain", "gpu_walk_outcome", "gpu_walk_gain")
+"""Measured, not built: kept from the current catalog by a rebuild."""
 
 FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # family: (timm modules, name globs)
@@ -204,7 +207,7 @@ def build(log: Callable[[str], None] = print) -> list[ArchInfo]:
             notes.append(f"does not run small: {problem}")
         elif not info.gpu_scale and seconds > SLOW_STEP_S:
             notes.append(f"slow on CPU (~{seconds:.0f} s per B=4 step)")
-        outcome = {"walk_outcome": walked[name].walk_outcome, "walk_gain": walked[name].walk_gain} if name in walked else {}
+        outcome = {k: getattr(walked[name], k) for k in WALK_COLUMNS} if name in walked else {}
         entries.append(ArchInfo(**{**vars(info), "runs_small": runs, "notes": "; ".join(notes), **outcome}))
         log(f"{name:40s} {family:15s} {format_params(info.params):>7s} {'ok' if runs else 'FAIL':4s} {seconds:6.1f}s {problem}")
     family_rank = {f: i for i, f in enumerate(FAMILIES)}
