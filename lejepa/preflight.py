@@ -69,6 +69,10 @@ def check_tracking_uri(uri: str) -> None:
     if scheme in ("http", "https"):
         _check_server(uri)
         return
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        raise PreflightError(f"tracking URI {uri!r} is a file store, which MLflow no longer writes to (maintenance "
+                             f"mode): use sqlite:///<folder>/mlflow.db (`mlflow migrate-filestore` moves old runs), "
+                             f"or set MLFLOW_ALLOW_FILE_STORE=true to use it anyway")
     if "://" not in uri and not uri.startswith(URI_SCHEMES_WITHOUT_SLASHES):
         raise PreflightError(f"tracking URI {uri!r} is not a URI: use sqlite:///<path> or http://host:port")
 

@@ -82,6 +82,8 @@ CASES = [
      "MLflow tracking server http://127.0.0.1:{port} does not answer"),
     ("train-unwritable-sqlite-store", ["train", "--tracking-uri", "sqlite:///{unwritable}/mlflow.db"], {}, "is not writable"),
     ("train-unwritable-out-dir", ["train", "train.out_dir={unwritable}"], {}, "train.out_dir {unwritable} is not writable"),
+    ("train-file-tracking-store", ["train", "--tracking-uri", "file://{tmp}/mlruns"], {},
+     "is a file store, which MLflow no longer writes to"),
     ("train-resume-other-arch", ["train", "--resume", "{run}", "model.arch=test_vit"], {},
      "is for architecture 'test_resnet', the config asks for 'test_vit'"),
     ("train-resume-missing-folder", ["train", "--resume", "{tmp}/nope"], {}, "no such run folder"),
@@ -267,13 +269,17 @@ def test_check_writable_leaves_nothing_behind(tmp_path, restore_modes):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"] + (["ro"] if os.geteuid() != 0 else [])
 
 
-def test_check_tracking_uri_local_and_remote(tmp_path):
+def test_check_tracking_uri_local_and_remote(tmp_path, monkeypatch):
     check_tracking_uri(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
     assert not (tmp_path / "new").exists()
     with pytest.raises(PreflightError, match="is a folder, not a SQLite file"):
         check_tracking_uri(f"sqlite:///{tmp_path}")
     with pytest.raises(PreflightError, match="is not a URI"):
         check_tracking_uri("mlruns")
+    with pytest.raises(PreflightError, match="use sqlite:///<folder>/mlflow.db"):
+        check_tracking_uri(f"file://{tmp_path}/mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out is honoured
+    check_tracking_uri(f"file://{tmp_path}/mlruns")
     start = time.monotonic()
     with pytest.raises(PreflightError, match="does not answer"):
         check_tracking_uri(f"http://127.0.0.1:{free_port()}")
