@@ -97,16 +97,33 @@ def batch_collate(batch):
 def build_datasets(cfg: DataConfig) -> DatasetSplits:
     """The train / test splits named by ``cfg.name`` (see :data:`BUILDERS`), each cut to a
     stratified, seeded subset when ``cfg.train_size`` / ``cfg.test_size`` ask for one."""
-    builder = BUILDERS.get(cfg.name)
-    if builder is None:
-        raise DataError(f"unknown dataset {cfg.name!r}{did_you_mean(cfg.name, BUILDERS)}; "
-                        f"choose one of: {', '.join(BUILDERS)}")
-    splits = builder(cfg)
+    splits = _builder(cfg.name)(cfg)
     if cfg.name.endswith("-shifted"):  # the builder subsets source images, before placing them
         return splits
     splits.train = _limit(splits.train, cfg.train_size, cfg.seed, "data.train_size")
     splits.test = _limit(splits.test, cfg.test_size, cfg.seed, "data.test_size")
     return splits
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Pre-flight without reading an image (a sweep runs it on every data config it expands to,
+    before any trial): the dataset name is known and its files or folders are where ``cfg``
+    says. Raises the one-line :class:`DataError` its builder would."""
+    _builder(cfg.name)
+    if cfg.name in ("cifar10", "cifar100"):
+        _require_files(cfg, *_cifar_files(_CIFAR10 if cfg.name == "cifar10" else _CIFAR100, cfg.name))
+    elif cfg.name == "stl10":
+        _require_files(cfg, *_stl10_files())
+    elif cfg.name in _FOLDER_HELP:
+        _folder_splits(cfg)
+    elif cfg.name.removesuffix("-shifted") in _IDX_HELP:
+        idx_files(*_idx_root(cfg))
+
+
+def _builder(name: str) -> Callable[[DataConfig], DatasetSplits]:
+    if name not in BUILDERS:
+        raise DataError(f"unknown dataset {name!r}{did_you_mean(name, BUILDERS)}; choose one of: {', '.join(BUILDERS)}")
+    return BUILDERS[name]
 
 
 def _limit(dataset: Dataset, size: int | None, seed: int, what: str) -> Dataset:
@@ -230,13 +247,19 @@ def _root(cfg: DataConfig, title: str) -> Path:
     return Path(cfg.root).expanduser()
 
 
-def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], Dataset], files: Sequence[str],
-                       how: str) -> tuple[Dataset, Dataset]:
-    """Load train and test with a torchvision class; map every failure to one DataError line."""
+def _require_files(cfg: DataConfig, title: str, files: Sequence[str], how: str) -> tuple[Path, list[str]]:
+    """(root, files missing under it); raises when some are missing and ``data.download`` is off."""
     root = _root(cfg, title)
     missing = [f for f in files if not (root / f).is_file()]
     if missing and not cfg.download:
         raise DataError(f"{title} not found under {root} ({missing[0]} is missing): {how}")
+    return root, missing
+
+
+def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], Dataset], files: Sequence[str],
+                       how: str) -> tuple[Dataset, Dataset]:
+    """Load train and test with a torchvision class; map every failure to one DataError line."""
+    root, missing = _require_files(cfg, title, files, how)
     try:
         return make(True), make(False)
     except DataError:
@@ -282,17 +305,20 @@ def _read_cifar(folder: Path, names: Sequence[str]) -> TensorImageDataset:
     return TensorImageDataset(torch.from_numpy(data), torch.as_tensor(labels, dtype=torch.long))
 
 
-def _cifar(cfg: DataConfig, cls: type, title: str, num_classes: int) -> DatasetSplits:
+def _cifar_files(cls: type, name: str) -> tuple[str, list[str], str]:
+    """(title, files under data.root, how to get them) of CIFAR-10 or CIFAR-100."""
+    base = cls.base_folder
+    files = [f"{base}/{n}" for n, _ in cls.train_list + cls.test_list] + [f"{base}/{cls.meta['filename']}"]
+    return ("CIFAR-10" if name == "cifar10" else "CIFAR-100", files,
+            f"pass data.download=true or put {base} there (https://www.cs.toronto.edu/~kriz/cifar.html, {cls.filename})")
+
+
+def _cifar(cfg: DataConfig, cls: type, num_classes: int) -> DatasetSplits:
     """CIFAR-10/100 from their python batches, read with the restricted unpickler (torchvision's
     reader unpickles with ``pickle.load``, which runs whatever a crafted file names)."""
+    title, files, how = _cifar_files(cls, cfg.name)
     base = cls.base_folder
-    files = [f"{base}/{name}" for name, _ in cls.train_list + cls.test_list] + [f"{base}/{cls.meta['filename']}"]
-    how = (f"pass data.download=true or put {base} there "
-           f"(https://www.cs.toronto.edu/~kriz/cifar.html, {cls.filename})")
-    root = _root(cfg, title)
-    missing = [f for f in files if not (root / f).is_file()]
-    if missing and not cfg.download:
-        raise DataError(f"{title} not found under {root} ({missing[0]} is missing): {how}")
+    root, missing = _require_files(cfg, title, files, how)
     try:
         if missing:
             tvd.utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
@@ -304,14 +330,17 @@ def _cifar(cfg: DataConfig, cls: type, title: str, num_classes: int) -> DatasetS
     return _splits(cfg.name, cfg, train, test, num_classes)
 
 
-def _stl10(cfg: DataConfig) -> DatasetSplits:
+def _stl10_files() -> tuple[str, list[str], str]:
     base = _STL10.base_folder
-    files = [f"{base}/{name}" for name, _ in _STL10.train_list + _STL10.test_list]
-    how = (f"pass data.download=true or put {base} there "
-           f"(https://cs.stanford.edu/~acoates/stl10/, stl10_binary.tar.gz)")
-    root = _root(cfg, "STL-10")
+    return ("STL-10", [f"{base}/{name}" for name, _ in _STL10.train_list + _STL10.test_list],
+            f"pass data.download=true or put {base} there (https://cs.stanford.edu/~acoates/stl10/, stl10_binary.tar.gz)")
+
+
+def _stl10(cfg: DataConfig) -> DatasetSplits:
+    title, files, how = _stl10_files()
+    root = _root(cfg, title)
     train, test = _torchvision_split(
-        "STL-10", cfg, lambda t: _STL10(str(root), split="train" if t else "test", download=cfg.download),
+        title, cfg, lambda t: _STL10(str(root), split="train" if t else "test", download=cfg.download),
         files, how)
     parts = [TensorImageDataset(torch.from_numpy(np.ascontiguousarray(d.data)),
                                 torch.from_numpy(d.labels.astype(np.int64))) for d in (train, test)]
@@ -363,15 +392,21 @@ def _load_image(path: str, size: int) -> Tensor:
     return TF.center_crop(tensor, [size, size])
 
 
-def _image_folder(cfg: DataConfig) -> DatasetSplits:
-    """Lazy class-per-folder splits root/train and root/val (or root/test) (torchvision
-    ImageFolder: any PIL-readable extension it lists), decoded per item at
-    ``round(resolution / 0.875)`` px so crops see some context and eval centre-crops."""
+def _folder_splits(cfg: DataConfig) -> tuple[str, str, Path, Path]:
+    """(title, how, root, test folder) of an image-folder dataset: root/train and root/val or root/test."""
     title, how = _FOLDER_HELP[cfg.name]
     root = _root(cfg, title)
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"{title} not found under {root}: expected {how}")
+    return title, how, root, test_dir
+
+
+def _image_folder(cfg: DataConfig) -> DatasetSplits:
+    """Lazy class-per-folder splits root/train and root/val (or root/test) (torchvision
+    ImageFolder: any PIL-readable extension it lists), decoded per item at
+    ``round(resolution / 0.875)`` px so crops see some context and eval centre-crops."""
+    title, how, root, test_dir = _folder_splits(cfg)
     size = max(cfg.resolution, round(cfg.resolution / FOLDER_CROP))
     loader = functools.partial(_load_image, size=size)
     try:
@@ -418,12 +453,17 @@ def _idx_file(root: Path, stem: str, title: str, how: str) -> Path:
     return found[0]
 
 
+def idx_files(root: Path, title: str = "IDX dataset", how: str = "") -> dict[str, Path]:
+    """The four files of an MNIST-style folder, by part (``train images``, …), unread."""
+    if not root.is_dir():
+        raise DataError(f"{title} not found: {root} is not a folder: {how}")
+    return {part: _idx_file(root, stem, title, how) for part, stem in IDX_PARTS.items()}
+
+
 def idx_arrays(root: Path, title: str = "IDX dataset", how: str = "") -> dict[str, np.ndarray]:
     """The four arrays of an MNIST-style folder: ``train images`` uint8 [N, H, W], ``train
     labels`` int64 [N], and the same for ``test``; shapes checked against each other."""
-    if not root.is_dir():
-        raise DataError(f"{title} not found: {root} is not a folder: {how}")
-    arrays = {part: read_idx(_idx_file(root, stem, title, how)) for part, stem in IDX_PARTS.items()}
+    arrays = {part: read_idx(path) for part, path in idx_files(root, title, how).items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split} images"], arrays[f"{split} labels"]
         if images.ndim != 3 or images.dtype != np.uint8:
@@ -488,6 +528,16 @@ def _fit(gray: Tensor, resolution: int, fit: str) -> Tensor:
     return gray
 
 
+def _idx_root(cfg: DataConfig) -> tuple[Path, str, str]:
+    """(folder, title, how to get it) of an IDX dataset; Fashion-MNIST defaults to Debian's copy."""
+    family = cfg.name.removesuffix("-shifted")
+    title, how = _IDX_HELP[family]
+    root = Path(cfg.root).expanduser() if cfg.root else (Path(FASHION_MNIST_DIR) if family == "fashion-mnist" else None)
+    if root is None:
+        raise DataError(f"{title} needs data.root: {how}")
+    return root, title, how
+
+
 def _idx_dataset(cfg: DataConfig, shifted: bool = False) -> DatasetSplits:
     """An MNIST-style IDX folder: the official train / test split, optionally a stratified
     subset of each (``data.train_size``, ``data.test_size``), grey kept as 3 channels.
@@ -496,11 +546,7 @@ def _idx_dataset(cfg: DataConfig, shifted: bool = False) -> DatasetSplits:
     ``data.resolution``; placements of one source stay in its split. ``sources`` holds each
     item's index in the official files, test indices offset by the train size."""
     family = cfg.name.removesuffix("-shifted")
-    title, how = _IDX_HELP[family]
-    root = Path(cfg.root).expanduser() if cfg.root else (Path(FASHION_MNIST_DIR) if family == "fashion-mnist" else None)
-    if root is None:
-        raise DataError(f"{title} needs data.root: {how}")
-    arrays = idx_arrays(root, title, how)
+    arrays = idx_arrays(*_idx_root(cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     num_classes = int(max(arrays["train labels"].max(), arrays["test labels"].max())) + 1
     parts, offset = [], 0
@@ -532,8 +578,8 @@ def _first_line(exc: BaseException) -> str:
 BUILDERS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
     "digits": _digits,
     "digits-shifted": _digits_shifted,
-    "cifar10": lambda cfg: _cifar(cfg, _CIFAR10, "CIFAR-10", 10),
-    "cifar100": lambda cfg: _cifar(cfg, _CIFAR100, "CIFAR-100", 100),
+    "cifar10": lambda cfg: _cifar(cfg, _CIFAR10, 10),
+    "cifar100": lambda cfg: _cifar(cfg, _CIFAR100, 100),
     "stl10": _stl10,
     **{name: _image_folder for name in _FOLDER_HELP},
     **{name: _idx_dataset for name in _IDX_HELP},

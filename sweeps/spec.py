@@ -408,6 +408,7 @@ def _build(path: Path, spec: _SpecFile) -> SweepSpec:
                             f"the limit is {MAX_TRIALS:,}: sample some keys ({{choice: [...]}}, num_samples) or split the sweep")
     _validate_values(base, space, fail)
     _check_archs(base, space, fail)
+    _check_data(base, space, fail)
     lam = next((p for p in space if p.key == "loss.lam"), None)
     if spec.score_alpha > 0 and any(float(v) <= 0 for v in (lam.probes() if lam else [build_config(base).loss.lam])):
         raise fail("space.loss.lam" if lam else "base.loss.lam",
@@ -545,6 +546,26 @@ def _check_archs(base: dict[str, Any], space: list[Param], fail) -> None:
             check_arch_name(arch)
         except LejepaError as exc:
             raise fail(where, str(exc)) from None
+
+
+DATA_LOCATION_KEYS = ("data.name", "data.root", "data.download")
+"""The keys that decide where a trial's dataset files are (``lejepa.data.check_data``)."""
+
+
+def _check_data(base: dict[str, Any], space: list[Param], fail) -> None:
+    """The dataset of every data configuration the sweep trains is there (``lejepa train``'s
+    pre-flight, on this machine), so missing files are one line here, not a failure inside every trial."""
+    from lejepa.data import check_data
+
+    swept = [p for p in space if p.key in DATA_LOCATION_KEYS]
+    for values in itertools.product(*(p.probes() for p in swept)):
+        tree = copy.deepcopy(base)
+        for p, value in zip(swept, values):
+            set_dotted(tree, p.key, value)
+        try:
+            check_data(build_config(tree).data)
+        except LejepaError as exc:
+            raise fail(f"space.{swept[0].key}" if swept else "base.data", str(exc)) from None
 
 
 def _sweep_archs(base: dict[str, Any], space: list[Param]) -> list[str]:

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from lejepa.config import is_plain_name
+from lejepa.data import FASHION_MNIST_DIR
 from lejepa.errors import ConfigError
 from lejepa.preflight import PreflightError, check_ray_address, check_tracking_uri, check_writable
 from sweeps.spec import check_name, sanitize_name
@@ -94,6 +95,13 @@ CASES = [
     ("sweep-empty-catalog-query", ["sweep", "s.yaml"],
      {"s.yaml": spec(space={"model.arch": {"catalog": {"family": "vit", "max_params": "1k"}}})},
      "no catalog architecture matches family=vit max_params=1k"),
+    ("sweep-missing-dataset-files-in-base", ["sweep", "s.yaml"],
+     {"empty/": "", "s.yaml": spec(base={**SPEC["base"], "data": {"name": "cifar10", "root": "empty"}})},
+     "CIFAR-10 not found under empty"),
+    ("sweep-missing-dataset-files-in-space", ["sweep", "s.yaml", "--dry-run"],
+     {"empty/": "", "s.yaml": spec(base={**SPEC["base"], "data": {"name": "fashion-mnist"}},
+                                   space={"data.root": [FASHION_MNIST_DIR, "empty"]})},
+     "space.data.root: Fashion-MNIST not found under empty"),
     ("sweep-zero-trials", ["sweep", "s.yaml"], {"s.yaml": spec(space={"loss.lam": []})}, "expected a non-empty list"),
     ("sweep-name-dotdot", ["sweep", "s.yaml", "--name", "../x", "--storage", "{tmp}/storage"], {"s.yaml": spec()},
      "--name '../x' is not a plain folder name"),

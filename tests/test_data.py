@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 
 from lejepa.config import DataConfig
-from lejepa.data import TensorImageDataset, batch_collate, build_datasets
+from lejepa.data import TensorImageDataset, batch_collate, build_datasets, check_data
 from lejepa.errors import DataError
 
 DIGITS = load_digits()
@@ -322,7 +322,26 @@ def test_image_folder_problems_are_one_line(tmp_path):
     ("galaxy10", r"Galaxy10 not found under .*Galaxy10_DECals\.h5"),
 ])
 def test_missing_dataset_says_how_to_get_it(tmp_path, name, needle):
-    one_line_error(needle, name=name, root=str(tmp_path / "nowhere"))
+    line = one_line_error(needle, name=name, root=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError) as info:  # a sweep's pre-flight says the same, before any trial
+        check_data(DataConfig(name=name, root=str(tmp_path / "nowhere")))
+    assert str(info.value) == line
+
+
+def test_the_pre_flight_finds_every_format_and_reads_no_image(tmp_path):
+    write_cifar10(tmp_path / "c10")
+    write_cifar100(tmp_path / "c100")
+    write_stl10(tmp_path / "stl")
+    write_folder(tmp_path / "folder")
+    for name, root in [("cifar10", "c10"), ("cifar100", "c100"), ("stl10", "stl"), ("imagefolder", "folder")]:
+        check_data(DataConfig(name=name, root=str(tmp_path / root)))
+    check_data(DataConfig(name="digits-shifted"))
+    for batch in (tmp_path / "c10" / "cifar-10-batches-py").iterdir():
+        batch.write_bytes(b"not a pickle")  # present but unreadable: only training would find out
+    check_data(DataConfig(name="cifar10", root=str(tmp_path / "c10")))
+    one_line_error("files are malformed", name="cifar10", root=str(tmp_path / "c10"))
+    with pytest.raises(DataError, match="unknown dataset 'cifar-10'"):
+        check_data(DataConfig(name="cifar-10"))
 
 
 def test_partial_download_names_the_missing_file(tmp_path):
