@@ -252,7 +252,7 @@ def resume_sweep(name: str, *, storage: str | Path | None = None, address: str |
 
 
 def _resume(name: str, root: Path, path: Path, address: str | None) -> SweepOutcome:
-    if not (path / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(path):
+    if not (path / SWEEP_FILE).is_file():
         known = sorted(p.name for p in root.iterdir() if (p / SWEEP_FILE).is_file()) if root.is_dir() else []
         hint = f"; sweeps there: {', '.join(known[-10:])}" if known else "; pass --storage where it lives"
         raise ConfigError(f"--resume {name}: no resumable sweep at {path}{hint}")
@@ -260,12 +260,19 @@ def _resume(name: str, root: Path, path: Path, address: str | None) -> SweepOutc
     spec = load_spec(path / RESOLVED_SPEC)
     preflight(path, sweep.tracking_uri, address)
     check_grantable(spec, address)
+    # Stopped after the sweep's folder and parent run were made but before Ray Tune saved its first
+    # state (a Ctrl-C in the first seconds): no trial has a result, so the sweep starts over in place.
+    restart = not tune.Tuner.can_restore(path)
     with _ray(address):
         check_grantable(spec)
         client = MlflowClient(sweep.tracking_uri)
         client.update_run(sweep.parent_run_id, status="RUNNING")
-        client.set_tag(sweep.parent_run_id, "lejepa.resumed_at", datetime.now().isoformat(timespec="seconds"))
+        client.set_tag(sweep.parent_run_id, "lejepa.restarted_at" if restart else "lejepa.resumed_at",
+                       datetime.now().isoformat(timespec="seconds"))
         _check_shared(sweep)
+        if restart:
+            print(f"sweep {name!r} was stopped before its first trial was recorded: starting it again", flush=True)
+            return _execute(spec, sweep, _new_tuner(spec, sweep))
         trainable = _trainable(spec, sweep)
         return _execute(spec, sweep, tune.Tuner.restore(str(path), trainable, resume_errored=True))
 

@@ -183,6 +183,34 @@ def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):
         assert _result_lines(storage / "r1", trial_id) == results_before[trial_id]
 
 
+def test_a_sweep_stopped_before_its_first_trial_starts_over_on_resume(tmp_path, ray_address):
+    """A Ctrl-C in a sweep's first seconds leaves its folder and parent run but no Ray Tune state.
+    A new sweep of that name is refused with "--resume", and --resume starts it over in place (it
+    used to say there was nothing to resume: two messages contradicting each other)."""
+    import yaml
+
+    from sweeps.runner import RESOLVED_SPEC, Sweep, _create_parent
+
+    spec_path = write_spec(tmp_path, spec_body(space={"loss.lam": [0.05, 0.1]}, max_concurrent_trials=2))
+    cli = SweepCLI(tmp_path, ray_address)
+    spec = load_spec(spec_path)
+    path = cli.storage / "early"
+    path.mkdir(parents=True)  # what run_sweep has made when the first trial has not started yet
+    (path / RESOLVED_SPEC).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False))
+    Sweep("early", path, cli.uri, spec.tracking.experiment, _create_parent(spec, "early", path, cli.uri)).save()
+
+    again = cli.start(spec_path, "early", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode != 0 and "continue it with --resume early" in err
+
+    resumed = cli.resume("early")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "starting it again" in resumed.stdout and "2 trials (2 finished)" in resumed.stdout
+    parent = _parent(cli.uri)
+    assert parent.info.status == "FINISHED" and "lejepa.restarted_at" in parent.data.tags
+    assert sorted(r.info.status for r in child_runs(cli.uri, parent.info.run_id)) == ["FINISHED", "FINISHED"]
+
+
 def _parent(uri: str):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("lejepa-sweeps")
