@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import NoReturn
 
-from lejepa.errors import ConfigError, LejepaError
+from lejepa.errors import ConfigError, LejepaError, out_of_memory
 
 
 def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -240,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        message = out_of_memory(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

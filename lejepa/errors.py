@@ -9,6 +9,7 @@ what is allowed; the CLI prints it as ``error: <message>`` and exits with ``exit
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -60,3 +61,27 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
     if not found:
         return ""
     return " (did you mean " + " or ".join(repr(f) for f in found) + "?)"
+
+
+_ALLOCATOR_MESSAGES = ("can't allocate memory", "CUDA out of memory", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """One line for an allocator failure (a CPU ``MemoryError`` or allocator ``RuntimeError``, or
+    CUDA's ``OutOfMemoryError``) naming the size asked for and what to lower; None for any other error."""
+    text = str(exc).strip()
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and any(m in text for m in _ALLOCATOR_MESSAGES))):
+        return None
+    size = ""
+    if found := re.search(r"allocate (\d+) bytes", text):
+        n, unit = float(found.group(1)), "B"
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+            if n < 1024:
+                break
+            n /= 1024
+        size = f" (an allocation of {n:.1f} {unit})"
+    elif found := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGTP]i?B)", text):
+        size = f" (an allocation of {found.group(1)})"
+    return (f"out of memory{size}: the model, batch and views do not fit; lower optim.batch_size, data.resolution, "
+            f"views.local_views or model.proj_hidden / model.proj_dim, or choose a smaller model.arch")

@@ -83,6 +83,9 @@ CASES = [
      "MLflow tracking server http://127.0.0.1:{port} does not answer"),
     ("train-unwritable-sqlite-store", ["train", "--tracking-uri", "sqlite:///{unwritable}/mlflow.db"], {}, "is not writable"),
     ("train-unwritable-out-dir", ["train", "train.out_dir={unwritable}"], {}, "train.out_dir {unwritable} is not writable"),
+    # 8 x 2^43 float32 weights: 256 TiB, beyond any machine's address space, refused at allocation
+    ("train-projector-beyond-memory", ["train", "model.arch=test_resnet", "data.resolution=16", "model.proj_hidden=8",
+                                       "model.proj_dim=8796093022208"], {}, "out of memory (an allocation of 256.0 TiB)"),
     ("train-file-tracking-store", ["train", "--tracking-uri", "file://{tmp}/mlruns"], {},
      "is a file store, which MLflow no longer writes to"),
     ("train-resume-other-arch", ["train", "--resume", "{run}", "model.arch=test_vit"], {},
@@ -355,3 +358,18 @@ def test_an_http_server_that_is_not_mlflow_is_refused_and_a_real_one_passes(tmp_
             check_tracking_uri(f"http://127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
+
+
+def test_allocator_failures_are_named_with_their_size_and_others_are_not():
+    import torch
+
+    from lejepa.errors import out_of_memory
+
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139 GiB")
+    assert out_of_memory(cuda).startswith("out of memory (an allocation of 20.00 GiB): ")
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: refused by the CPU allocator
+    assert out_of_memory(cpu.value).startswith("out of memory (an allocation of 1.0 PiB)")
+    assert out_of_memory(MemoryError()).startswith("out of memory: ")
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert out_of_memory(ValueError("out of memory")) is None
