@@ -5,10 +5,16 @@ tensors and plain values, loadable with ``torch.load(weights_only=True)``) and `
 (epoch, step, arch, and the SHA-256 of ``state.pt``). It is written into a hidden temporary
 directory and renamed into place, so a crash never leaves a half-written checkpoint under its
 final name; loading verifies the checksum, so a truncated or corrupted file is detected.
+
+Before writing, the free space under the folder must exceed the checkpoint's estimated size (the
+last checkpoint's ``state.pt``, or the bytes of the state's tensors, whichever is larger) plus
+:data:`SPACE_MARGIN`; a disk that fills up anyway (ENOSPC, or ``torch.save``'s failed write) is a
+one-line :class:`DiskFullError` with the temporary directory removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,10 +24,12 @@ from typing import Any
 
 import torch
 
-from lejepa.errors import CheckpointError
+from lejepa.errors import CheckpointError, DiskFullError
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SPACE_MARGIN = 16 * 2**20
+"""Bytes that must stay free beyond a checkpoint's estimated size."""
 
 
 def _sha256(path: Path) -> str:
@@ -37,24 +45,86 @@ def checkpoint_name(epoch: int) -> str:
 
 
 def save_checkpoint(folder: Path, epoch: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` as checkpoint ``epoch`` under ``folder`` atomically; keep the newest ``keep``."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` as checkpoint ``epoch`` under ``folder`` atomically; keep the newest ``keep``.
+    Raises :class:`DiskFullError` (nothing left behind) when it does not fit."""
     final = folder / checkpoint_name(epoch)
     tmp = folder / f".{checkpoint_name(epoch)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / STATE_FILE)
-    meta = {**meta, "epoch": epoch, "sha256": _sha256(tmp / STATE_FILE)}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    for f in (tmp / STATE_FILE, tmp / META_FILE):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    need = checkpoint_bytes(folder, tensor_bytes(state))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        check_free_space(folder, need, f"checkpoint {final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(state, tmp / STATE_FILE)
+        meta = {**meta, "epoch": epoch, "sha256": _sha256(tmp / STATE_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for f in (tmp / STATE_FILE, tmp / META_FILE):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc, folder, need):
+            raise disk_full(folder, need, f"checkpoint {final.name}") from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def tensor_bytes(tree: Any) -> int:
+    """Bytes of every tensor in a nested dict / list / tuple."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
+
+
+def checkpoint_bytes(folder: Path, state_bytes: int) -> int:
+    """Estimated size of the next checkpoint under ``folder``: the last one's ``state.pt`` or
+    ``state_bytes``, whichever is larger, plus :data:`SPACE_MARGIN`."""
+    previous = list_checkpoints(folder)
+    last = previous[-1] / STATE_FILE if previous else None
+    return max(last.stat().st_size if last is not None and last.is_file() else 0, state_bytes) + SPACE_MARGIN
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Raise :class:`DiskFullError` unless ``need`` bytes are free on ``folder``'s file system
+    (its nearest existing ancestor when it does not exist yet)."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if shutil.disk_usage(probe).free < need:
+        raise disk_full(folder, need, what)
+
+
+def is_disk_full(exc: BaseException, folder: Path, need: int) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, or a write error (``torch.save``
+    raises RuntimeError) while less than ``need`` bytes are free."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        return shutil.disk_usage(folder).free < need
+    except OSError:
+        return False
+
+
+def disk_full(folder: Path, need: int, what: str) -> DiskFullError:
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = 0
+    return DiskFullError(f"no room for {what} in {folder}: {_mib(free)} free, about {_mib(need)} needed; free some "
+                         f"space (or train elsewhere: train.out_dir), then --resume continues from the last checkpoint")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

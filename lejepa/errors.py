@@ -45,6 +45,11 @@ class CheckpointError(LejepaError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
+class DiskFullError(LejepaError):
+    """A run's folder has no room for the next checkpoint or file (checked before writing, or
+    ENOSPC while writing); the last complete checkpoint stays the latest."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The up to ``n`` candidates closest to ``name`` (difflib ratio), best first."""
     candidates = list(candidates)

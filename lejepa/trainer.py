@@ -26,7 +26,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lejepa.backbones import build_backbone
 from lejepa.callbacks import Callback, CallbackList, RunInfo
-from lejepa.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from lejepa.checkpoint import (
+    check_free_space, checkpoint_bytes, disk_full, is_disk_full, latest_valid_checkpoint, load_checkpoint,
+    save_checkpoint,
+)
 from lejepa.config import CONFIG_FILE, Config
 from lejepa.data import DatasetSplits, batch_collate, build_datasets
 from lejepa.errors import CheckpointError, ConfigError, LejepaError
@@ -404,11 +407,22 @@ class Trainer:
             return {k.replace("eval/", "eval/init_"): v for k, v in self._final_eval(online=False).items()}
 
     def _write_config(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """``config.yaml`` written whole or not at all; before it, the run's folder must have room for
+        a checkpoint (the last one's size, else weights and AdamW's two moments)."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        check_free_space(self.run_dir, checkpoint_bytes(self.run_dir / "checkpoints", 3 * params),
+                         "this run's checkpoints")
         path = self.run_dir / CONFIG_FILE
         tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
-        tmp.replace(path)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc, self.run_dir, 0):
+                raise disk_full(self.run_dir, 2**20, CONFIG_FILE) from None
+            raise
 
     def fit(self) -> dict[str, float]:
         """Train the remaining epochs, checkpoint each, evaluate; returns the final metrics. The run
