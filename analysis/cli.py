@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING
 
 from lejepa.errors import LejepaError, did_you_mean
 from lejepa.preflight import check_tracking_uri, check_writable
+from lejepa.record import (
+    ARCH_TAG, CHECKPOINT_ARTIFACT, CHECKPOINTS_DIR, MODEL_EPOCH_TAG, MODEL_LAM_TAG, MODEL_SCORE_TAG, TRIAL_ID_TAG,
+    sqlite_path,
+)
 
 if TYPE_CHECKING:  # pandas and MLflow load when the command runs, not with every `lejepa` command
     import pandas as pd
@@ -37,26 +41,26 @@ def register_checkpoint(tracking_uri: str, row: pd.Series, name: str, score: str
 
     client = MlflowClient(tracking_uri)
     if isinstance(row.get("checkpoint_uri"), str):
-        artifact = "checkpoint"
+        artifact = CHECKPOINT_ARTIFACT
     else:
         folder = Path(row["checkpoint"])
-        artifact = f"checkpoints/{folder.name}"
+        artifact = f"{CHECKPOINTS_DIR}/{folder.name}"
         client.log_artifacts(row["run_id"], str(folder), artifact_path=artifact)
     try:
         client.create_registered_model(name, description="LeJEPA checkpoints chosen by `lejepa select`")
     except MlflowException as exc:
         if "already exists" not in str(exc).lower():
             raise
-    tags = {"lejepa.score": score, "lejepa.epoch": str(row["epoch"]), "arch": str(row["arch"]),
-            "lejepa.trial_id": str(row["trial"]), "loss.lam": str(row["lam"])}
+    tags = {MODEL_SCORE_TAG: score, MODEL_EPOCH_TAG: str(row["epoch"]), ARCH_TAG: str(row["arch"]),
+            TRIAL_ID_TAG: str(row["trial"]), MODEL_LAM_TAG: str(row["lam"])}
     return client.create_model_version(name, f"runs:/{row['run_id']}/{artifact}", run_id=row["run_id"], tags=tags)
 
 
 def _check_store(uri: str) -> None:
     """A SQLite store must exist (reading must not create an empty one); a server must answer."""
-    if uri.startswith("sqlite:///"):
-        if not Path(uri[len("sqlite:///"):]).is_file():
-            raise LejepaError(f"no MLflow store at {uri[len('sqlite:///'):]}: pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    db = sqlite_path(uri)
+    if db is not None and not Path(db).is_file():
+        raise LejepaError(f"no MLflow store at {db}: pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
     check_tracking_uri(uri)  # a truncated or foreign SQLite file, a server that is not MLflow: one line
 
 

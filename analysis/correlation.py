@@ -26,7 +26,10 @@ import pandas as pd
 from scipy import stats
 from sklearn.model_selection import KFold
 
-FIXED_ALPHA = 0.4
+from lejepa.record import SCORE_ALPHA, label_free_score
+
+FIXED_ALPHA = SCORE_ALPHA
+"""The paper's fixed α (:data:`lejepa.record.SCORE_ALPHA`, also a sweep's default ``score_alpha``)."""
 ALPHA_GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
 
 LABELS = {
@@ -138,10 +141,12 @@ def correlation_table(runs: pd.DataFrame, scores: list[str], acc: str, by: str =
 
 # --------------------------------------------------------------------------- loss-based scores
 def lambda_scaled(loss, lam, alpha: float | np.ndarray):
-    """L / λ^α; NaN where λ ≤ 0 (the scaling is undefined without SIGReg)."""
+    """L / λ^α (:func:`lejepa.record.label_free_score`, element-wise); NaN where λ ≤ 0 (the scaling is
+    undefined without SIGReg)."""
     lam = np.asarray(lam, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(lam > 0, np.asarray(loss, dtype=float) / np.power(np.where(lam > 0, lam, 1.0), alpha), np.nan)
+        return np.where(lam > 0, label_free_score(np.asarray(loss, dtype=float), np.where(lam > 0, lam, 1.0), alpha),
+                        np.nan)
 
 
 def add_loss_scores(epochs: pd.DataFrame, last_k: int = 3, alpha: float = FIXED_ALPHA) -> pd.DataFrame:

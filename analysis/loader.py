@@ -40,21 +40,28 @@ from mlflow.exceptions import MlflowException
 
 from lejepa.checkpoint import checkpoint_name
 from lejepa.errors import LejepaError, did_you_mean
+from lejepa.record import (
+    ARCH_TAG, CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, CHECKPOINTS_DIR, COLLAPSE_RATIO, DATASET_TAG, DIVERGED_STEP_TAG,
+    EPOCH, EPOCH_IMAGES_PER_SEC, EPOCH_INVARIANCE, EPOCH_LOSS, EPOCH_SIGREG, FAMILY_TAG, FEATURE_RANK, FINISHED,
+    INIT_KNN_ACC, INIT_LINEAR_PROBE_ACC, KIND_SWEEP, KIND_TAG, KNN_ACC, LINEAR_PROBE_ACC, ONLINE_PROBE_ACC,
+    ONLINE_TEST_ACC, ONLINE_TRAIN_ACC, PARENT_TAG, PROJ_RANK, PROJ_STD_SPREAD, RUN_DIR_TAG, STATUS_COLLAPSED,
+    STATUS_DIVERGED, STATUS_FINISHED, STATUS_PRUNED, STATUS_TAG, SWEEP_TAG, TRAIN_SCORE, TRIAL_ID_TAG, VERDICT,
+)
 
 EPOCH_METRICS = {
-    "epoch/loss": "loss", "epoch/invariance": "invariance", "epoch/sigreg": "sigreg",
-    "probe/online_test_acc": "online_acc", "probe/online_train_acc": "online_train_acc",
-    "epoch/images_per_sec": "images_per_sec", "train/score": "train_score",
-    "health/collapse_ratio": "collapse_ratio", "health/proj_rank": "proj_rank",
-    "health/proj_std_spread": "proj_std_spread", "health/feature_rank": "feature_rank",
-    "health/verdict": "verdict_code",
+    EPOCH_LOSS: "loss", EPOCH_INVARIANCE: "invariance", EPOCH_SIGREG: "sigreg",
+    ONLINE_TEST_ACC: "online_acc", ONLINE_TRAIN_ACC: "online_train_acc",
+    EPOCH_IMAGES_PER_SEC: "images_per_sec", TRAIN_SCORE: "train_score",
+    COLLAPSE_RATIO: "collapse_ratio", PROJ_RANK: "proj_rank",
+    PROJ_STD_SPREAD: "proj_std_spread", FEATURE_RANK: "feature_rank",
+    VERDICT: "verdict_code",
 }
-FINAL_METRICS = {"eval/linear_probe_acc": "linear_probe_acc", "eval/knn_acc": "knn_acc",
-                 "eval/online_probe_acc": "online_probe_acc", "eval/init_linear_probe_acc": "init_linear_probe_acc",
-                 "eval/init_knn_acc": "init_knn_acc"}
+"""Per-epoch metrics (:mod:`lejepa.record`) → their column in :attr:`Sweep.epochs`."""
+FINAL_METRICS = {LINEAR_PROBE_ACC: "linear_probe_acc", KNN_ACC: "knn_acc", ONLINE_PROBE_ACC: "online_probe_acc",
+                 INIT_LINEAR_PROBE_ACC: "init_linear_probe_acc", INIT_KNN_ACC: "init_knn_acc"}
+"""Final metrics → their column (on a run's last epoch only)."""
 NUMERIC_PARAMS = {"loss.lam": "lam", "optim.lr": "lr", "optim.weight_decay": "weight_decay",
                   "loss.num_slices": "num_slices"}
-PARENT_TAG = "mlflow.parentRunId"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -100,7 +107,7 @@ def _experiment_ids(client: MlflowClient) -> list[str]:
 
 
 def _sweep_parents(client: MlflowClient, name: str | None = None) -> list[Run]:
-    where = "tags.`lejepa.kind` = 'sweep'" + (f" and tags.`lejepa.sweep` = '{name}'" if name else "")
+    where = f"tags.`{KIND_TAG}` = '{KIND_SWEEP}'" + (f" and tags.`{SWEEP_TAG}` = '{name}'" if name else "")
     return _search(client, _experiment_ids(client), where)
 
 
@@ -120,7 +127,7 @@ def resolve(client: MlflowClient, ref: str) -> tuple[str, str | None, list[Run],
         except MlflowException:
             parent = None
         if parent is not None:
-            return parent.data.tags.get("lejepa.sweep", parent.info.run_name), ref, _children(client, ref), []
+            return parent.data.tags.get(SWEEP_TAG, parent.info.run_name), ref, _children(client, ref), []
     parents = _sweep_parents(client, ref)
     notes = [f"{len(parents)} sweep runs are named {ref!r}: using the newest"] if len(parents) > 1 else []
     every: list[Run] = []
@@ -128,15 +135,15 @@ def resolve(client: MlflowClient, ref: str) -> tuple[str, str | None, list[Run],
         experiment = client.get_experiment_by_name(ref)
         if experiment is not None:
             runs = _search(client, [experiment.experiment_id])
-            return ref, None, [r for r in runs if r.data.tags.get("lejepa.kind") != "sweep"], []
+            return ref, None, [r for r in runs if r.data.tags.get(KIND_TAG) != KIND_SWEEP], []
         every = _sweep_parents(client)
-        parents = [r for r in every if r.data.tags.get("lejepa.sweep", "").startswith(ref)]
+        parents = [r for r in every if r.data.tags.get(SWEEP_TAG, "").startswith(ref)]
         if parents:
             notes.append(f"no sweep is named {ref!r}: using the newest of the {len(parents)} whose name starts so")
     if parents:
         parent = max(parents, key=lambda r: r.info.start_time)
-        return parent.data.tags["lejepa.sweep"], parent.info.run_id, _children(client, parent.info.run_id), notes
-    known = sorted({r.data.tags.get("lejepa.sweep", "") for r in every} - {""})
+        return parent.data.tags[SWEEP_TAG], parent.info.run_id, _children(client, parent.info.run_id), notes
+    known = sorted({r.data.tags.get(SWEEP_TAG, "") for r in every} - {""})
     hint = did_you_mean(ref, known) or (f"; known sweeps: {', '.join(known[:10])}" if known else "; no sweeps logged")
     raise LejepaError(f"no sweep, parent run or experiment named {ref!r} in {client.tracking_uri}{hint}")
 
@@ -165,24 +172,24 @@ def _wall_s(run: Run) -> float:
 
 def _exclusion(run: Run) -> str | None:
     tags = run.data.tags
-    if tags.get("lejepa.status") == "diverged":
-        return f"diverged at step {tags.get('lejepa.diverged_step', '?')}"
-    if run.info.status != "FINISHED":
+    if tags.get(STATUS_TAG) == STATUS_DIVERGED:
+        return f"diverged at step {tags.get(DIVERGED_STEP_TAG, '?')}"
+    if run.info.status != FINISHED:
         return run.info.status.lower()
     return None
 
 
 def _rows(client: MlflowClient, run: Run) -> list[dict]:
     tags, params, run_id = run.data.tags, run.data.params, run.info.run_id
-    epochs = _history(client, run_id, "epoch")
+    epochs = _history(client, run_id, EPOCH)
     histories = {col: _history(client, run_id, key) for key, col in EPOCH_METRICS.items()}
-    run_dir = tags.get("lejepa.run_dir")
+    run_dir = tags.get(RUN_DIR_TAG)
     last = max(epochs, default=None)
     base = {
-        "run_id": run_id, "run_name": run.info.run_name, "trial": tags.get("lejepa.trial_id", run.info.run_name),
-        "arch": tags.get("arch", params.get("model.arch")), "family": tags.get("family"),
-        "dataset": tags.get("dataset", params.get("data.name")), "run_dir": run_dir,
-        "status": tags.get("lejepa.status", "finished"),
+        "run_id": run_id, "run_name": run.info.run_name, "trial": tags.get(TRIAL_ID_TAG, run.info.run_name),
+        "arch": tags.get(ARCH_TAG, params.get("model.arch")), "family": tags.get(FAMILY_TAG),
+        "dataset": tags.get(DATASET_TAG, params.get("data.name")), "run_dir": run_dir,
+        "status": tags.get(STATUS_TAG, STATUS_FINISHED),
         **{col: _number(params.get(key)) for key, col in NUMERIC_PARAMS.items()},
         **{f"params.{k}": v for k, v in params.items()},
     }
@@ -190,13 +197,14 @@ def _rows(client: MlflowClient, run: Run) -> list[dict]:
     for step, epoch in sorted(epochs.items()):
         epoch = int(epoch)
         is_final = step == last
-        folder = Path(run_dir) / "checkpoints" / checkpoint_name(epoch) if run_dir else None
+        folder = Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(epoch) if run_dir else None
         row = {**base, "epoch": epoch, "step": step, "is_final": is_final,
                **{col: hist.get(step, np.nan) for col, hist in histories.items()},
                **{col: run.data.metrics.get(key, np.nan) if is_final else np.nan for key, col in FINAL_METRICS.items()},
                "wall_s": _wall_s(run) if is_final else np.nan,
                "checkpoint": str(folder) if folder is not None and folder.is_dir() else None,
-               "checkpoint_uri": f"runs:/{run_id}/checkpoint" if is_final and "lejepa.checkpoint" in tags else None}
+               "checkpoint_uri": (f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}" if is_final and CHECKPOINT_TAG in tags
+                                  else None)}
         rows.append(row)
     return rows
 
@@ -209,18 +217,18 @@ def load_sweep(ref: str, tracking_uri: str) -> Sweep:
     excluded: list[dict] = []
     for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id)):
         reason = _exclusion(run)
-        label = run.data.tags.get("lejepa.trial_id", run.info.run_name)
+        label = run.data.tags.get(TRIAL_ID_TAG, run.info.run_name)
         found = _rows(client, run) if reason is None else []
         if reason is None and not found:
             reason = "no epoch logged"
         if reason is not None:
             notes.append(f"excluded {label} ({run.info.run_id[:8]}): {reason}")
             excluded.append({"run_id": run.info.run_id, "trial": label,
-                             "arch": run.data.tags.get("arch", run.data.params.get("model.arch")),
-                             "status": run.data.tags.get("lejepa.status") or reason})
+                             "arch": run.data.tags.get(ARCH_TAG, run.data.params.get("model.arch")),
+                             "status": run.data.tags.get(STATUS_TAG) or reason})
             continue
-        elif run.data.tags.get("lejepa.status") in ("pruned", "collapsed"):
-            why = "pruned" if run.data.tags["lejepa.status"] == "pruned" else "stopped as collapsed"
+        elif run.data.tags.get(STATUS_TAG) in (STATUS_PRUNED, STATUS_COLLAPSED):
+            why = "pruned" if run.data.tags[STATUS_TAG] == STATUS_PRUNED else "stopped as collapsed"
             notes.append(f"{label} was {why} at epoch {found[-1]['epoch']}: kept as a candidate, no final probe")
         rows += found
     if not rows:

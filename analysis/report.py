@@ -23,12 +23,15 @@ from analysis.criteria import cost_table
 from analysis.health import SAFE, add_health, add_safe_scores, exclusions, main_group
 from analysis.loader import Sweep
 from analysis.selection import EVIDENCE, evidence_column, random_regret, selection_table
+from lejepa.record import (
+    SELECTED_CHECKPOINT_TAG, SELECTED_EPOCH_TAG, SELECTED_RUN_ID_TAG, SELECTED_SCORE_TAG, SELECTION_ARTIFACT,
+)
 
 LABELS = {**corr.LABELS, **CRITERIA_LABELS}
 NO_LABELS = ("no probe accuracy is logged for these runs: the picks are label-free and valid, "
              "but the evidence (correlation with accuracy, regret) needs labels")
 REPORT = "report.md"
-ARTIFACT_DIR = "selection"
+ARTIFACT_DIR = SELECTION_ARTIFACT
 
 
 @dataclass
@@ -274,7 +277,7 @@ def log_report(a: Analysis, out_dir: Path | str, pick_score: str | None = None) 
     client.log_artifacts(a.sweep.parent_run_id, str(out_dir), artifact_path=ARTIFACT_DIR)
     if pick_score is not None and len(a.selection):
         pick = a.selection.set_index("score").loc[pick_score]
-        for key, value in (("lejepa.selected.score", pick_score), ("lejepa.selected.run_id", pick.run_id),
-                           ("lejepa.selected.epoch", pick.epoch), ("lejepa.selected.checkpoint", pick.checkpoint)):
+        for key, value in ((SELECTED_SCORE_TAG, pick_score), (SELECTED_RUN_ID_TAG, pick.run_id),
+                           (SELECTED_EPOCH_TAG, pick.epoch), (SELECTED_CHECKPOINT_TAG, pick.checkpoint)):
             client.set_tag(a.sweep.parent_run_id, key, str(value))
     return True

@@ -51,6 +51,8 @@ import train_throughput  # noqa: E402  (benchmarks/train_throughput.py)
 from lejepa.callbacks import Callback  # noqa: E402
 from lejepa.config import load_config  # noqa: E402
 from lejepa.data import DatasetSplits, TensorImageDataset  # noqa: E402
+from lejepa.errors import first_line  # noqa: E402
+from lejepa.record import TRAIN_LOSS  # noqa: E402
 from lejepa.sigreg import triton_available  # noqa: E402
 from lejepa.trainer import Trainer  # noqa: E402
 
@@ -148,9 +150,8 @@ def _throughput(report: Report, arch: str, res: int, batch: int, steps: int, rou
                 bare.append(train_throughput.bare_images_per_sec(trainer, steps))
                 ours.append(train_throughput.trainer_images_per_sec(trainer, steps))
         except Exception as exc:  # one configuration failing (a compiler error) leaves the others
-            text = str(exc).strip()
             report(f"| {arch} | {res} | {batch} | {mode} | FAILED: {type(exc).__name__}: "
-                   f"{text.splitlines()[0][:200] if text else ''} | | | |")
+                   f"{first_line(exc, '')[:200]} | | | |")
             continue
         results[f"{mode}_bare"], results[f"{mode}_trainer"] = statistics.median(bare), statistics.median(ours)
         report(f"| {arch} | {res} | {batch} | {mode} | {results[f'{mode}_bare']:.0f} | "
@@ -190,7 +191,7 @@ class _Losses(Callback):
         self.values: list[float] = []
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        self.values.append(metrics["train/loss"])
+        self.values.append(metrics[TRAIN_LOSS])
 
 
 def section_bf16(report: Report, gpu: bool, quick: bool) -> None:
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 globals()[f"section_{name}"](report, gpu, args.quick)
         except Exception as exc:  # a failing section is reported, the others still run
             failed.append(name)
-            report(f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            report(f"FAILED: {type(exc).__name__}: {first_line(exc, '')}")
             traceback.print_exc()
         report(f"({time.perf_counter() - start:.0f} s)")
         report.save(args.out / "gpu_check.md")  # after each section: a check cut off at its time limit keeps them

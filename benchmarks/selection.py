@@ -34,8 +34,12 @@ from analysis.health import SAFE, replay_pruning  # noqa: E402
 from analysis.report import analyse, health_comparison, markdown_table, terminal_table, write_report  # noqa: E402
 from analysis.selection import select  # noqa: E402
 from lejepa.config import load_config  # noqa: E402
+from lejepa.errors import TrainingDiverged  # noqa: E402
+from lejepa.record import (  # noqa: E402
+    FINISHED, KIND_SWEEP, KIND_TAG, KIND_TRIAL, SWEEP_TAG, TRACKING_DB, TRIAL_ID_TAG, sqlite_uri,
+)
 from lejepa.tracking import MLflowCallback, get_or_create_experiment  # noqa: E402
-from lejepa.trainer import Trainer, TrainingDiverged  # noqa: E402
+from lejepa.trainer import Trainer  # noqa: E402
 
 # Small enough for 24 runs on a 2-core CPU in about half an hour: the timm test_* nets at 16 px
 # with their standard 4x stem, one thread per run (two threads thrash a busy 2-core machine).
@@ -55,18 +59,18 @@ def train_sweep(name: str, trials: list[list[str]], tracking_uri: str, out_dir: 
                 callback=MLflowCallback, log=print) -> str:
     """Train every override list of ``trials`` as a child run of a new sweep parent run; its id.
 
-    Tags follow the sweep layer's schema (``lejepa.kind``, ``lejepa.sweep``, ``lejepa.trial_id``);
+    Tags follow the sweep layer's schema (:mod:`lejepa.record`: kind, sweep and trial id);
     the trial overrides are logged on the parent as ``spec.yaml``. Diverged trials are kept (the
     callback tags them) and the sweep goes on.
     """
     client = MlflowClient(tracking_uri)
     exp = get_or_create_experiment(client, experiment, tracking_uri)
-    parent = client.create_run(exp, run_name=name, tags={"lejepa.kind": "sweep", "lejepa.sweep": name}).info.run_id
+    parent = client.create_run(exp, run_name=name, tags={KIND_TAG: KIND_SWEEP, SWEEP_TAG: name}).info.run_id
     client.log_dict(parent, {"name": name, "trials": trials}, "spec.yaml")
     for i, overrides in enumerate(trials):
         trial = f"{i:03d}"
         cfg = load_config(None, [*overrides, f"train.out_dir={out_dir}", f"train.run_name={name}-{trial}"])
-        tags = {"lejepa.kind": "trial", "lejepa.sweep": name, "lejepa.trial_id": trial}
+        tags = {KIND_TAG: KIND_TRIAL, SWEEP_TAG: name, TRIAL_ID_TAG: trial}
         tracker = callback(tracking_uri, experiment, run_name=f"{name}-{trial}", parent_run_id=parent, tags=tags)
         start = time.perf_counter()
         try:
@@ -74,7 +78,7 @@ def train_sweep(name: str, trials: list[list[str]], tracking_uri: str, out_dir: 
             log(f"[{i + 1}/{len(trials)}] {' '.join(overrides[-3:])}: {final} ({time.perf_counter() - start:.0f}s)")
         except TrainingDiverged as exc:
             log(f"[{i + 1}/{len(trials)}] {' '.join(overrides[-3:])}: {exc}")
-    client.set_terminated(parent, "FINISHED")
+    client.set_terminated(parent, FINISHED)
     return parent
 
 
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+    uri = args.tracking_uri or sqlite_uri(out / TRACKING_DB)
     name = args.sweep
     if name is None:
         name = f"bench-selection-{datetime.now():%Y%m%d-%H%M%S}"

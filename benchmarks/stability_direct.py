@@ -38,7 +38,11 @@ for path in (HERE, ROOT):
 import stability  # noqa: E402  (benchmarks/stability.py: the report)
 
 from lejepa.catalog import query  # noqa: E402
-from lejepa.errors import LejepaError  # noqa: E402
+from lejepa.errors import LejepaError, first_line  # noqa: E402
+from lejepa.record import (  # noqa: E402
+    COLLAPSE_RATIO, EPOCH_IMAGES_PER_SEC, EPOCH_LOSS, INIT_KNN_ACC, INIT_LINEAR_PROBE_ACC, KNN_ACC, LINEAR_PROBE_ACC,
+    PROJ_RANK, STATUS_FAILED, STATUS_FINISHED, VERDICT, VERDICTS,
+)
 
 BASE = ROOT / "sweeps" / "stability_base.yaml"
 SEED_ARCHS = ("ghostnet_050", "levit_128s", "mobilenetv2_050", "regnetx_002")
@@ -52,7 +56,6 @@ def train_one(arch: str, seed: int, overrides: list[str], out: Path) -> dict:
     error's first line when training raised)."""
     from lejepa.callbacks import Callback
     from lejepa.config import load_config
-    from lejepa.health import VERDICTS
     from lejepa.trainer import Trainer
 
     class Epochs(Callback):
@@ -62,7 +65,7 @@ def train_one(arch: str, seed: int, overrides: list[str], out: Path) -> dict:
 
         def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
             self.last = metrics
-            self.speeds.append(metrics["epoch/images_per_sec"])
+            self.speeds.append(metrics[EPOCH_IMAGES_PER_SEC])
 
     row: dict = {"arch": arch, "seed": seed}
     start = time.perf_counter()
@@ -73,15 +76,14 @@ def train_one(arch: str, seed: int, overrides: list[str], out: Path) -> dict:
         epochs = Epochs()
         final = Trainer(cfg, [epochs], run_dir=out / f"{arch}-s{seed}").fit()
         last = epochs.last
-        row.update(status="finished", verdict=VERDICTS[int(last["health/verdict"])], loss=last["epoch/loss"],
-                   collapse_ratio=last["health/collapse_ratio"], proj_rank=last["health/proj_rank"],
-                   init_probe=final.get("eval/init_linear_probe_acc"), probe=final["eval/linear_probe_acc"],
-                   init_knn=final.get("eval/init_knn_acc"), knn=final["eval/knn_acc"],
+        row.update(status=STATUS_FINISHED, verdict=VERDICTS[int(last[VERDICT])], loss=last[EPOCH_LOSS],
+                   collapse_ratio=last[COLLAPSE_RATIO], proj_rank=last[PROJ_RANK],
+                   init_probe=final.get(INIT_LINEAR_PROBE_ACC), probe=final[LINEAR_PROBE_ACC],
+                   init_knn=final.get(INIT_KNN_ACC), knn=final[KNN_ACC],
                    images_per_s=statistics.median(epochs.speeds))
     except Exception as exc:  # one architecture failing is an outcome of the walk, not its end
-        text = str(exc).strip()
-        row.update(status="failed", verdict="failed",
-                   error=f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300])
+        row.update(status=STATUS_FAILED, verdict=STATUS_FAILED,
+                   error=f"{type(exc).__name__}: {first_line(exc, '')}"[:300])
     row["wall_s"] = time.perf_counter() - start
     return row
 

@@ -37,6 +37,7 @@ import yaml
 
 from lejepa.callbacks import Callback
 from lejepa.config import build_config
+from lejepa.record import EPOCH_IMAGES_PER_SEC, EPOCH_TIME_S, sqlite_uri
 from lejepa.tracking import MLflowCallback
 from lejepa.trainer import Trainer
 from sweeps.spec import SweepSpec, load_spec, trial_tree
@@ -53,7 +54,7 @@ class EpochClock(Callback):
         self.ends: list[float] = []
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        self.images_per_sec.append(metrics["epoch/images_per_sec"])
+        self.images_per_sec.append(metrics[EPOCH_IMAGES_PER_SEC])
         self.ends.append(time.time())
 
 
@@ -79,7 +80,7 @@ class TimedMLflow(MLflowCallback):
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
         self.epoch_end_seconds += elapsed
-        self.loop_seconds += metrics["epoch/time_s"]  # includes the per-step hooks, not the epoch end
+        self.loop_seconds += metrics[EPOCH_TIME_S]  # includes the per-step hooks, not the epoch end
 
 
 def trial_tree_of(spec: SweepSpec, epochs: int) -> dict:
@@ -105,11 +106,12 @@ def inside(tree: dict, cpus: float, work: Path, name: str) -> tuple[list[float],
 
     spec_path = work / f"{name}.yaml"
     spec_path.write_text(yaml.safe_dump({"name": name, "base": tree, "resources": {"cpus_per_trial": cpus}}))
-    uri = f"sqlite:///{work / 'inside.db'}"
+    uri = sqlite_uri(work / "inside.db")
     outcome = run_sweep(load_spec(spec_path), storage=work / "sweeps", name=name, tracking_uri=uri)
     (trial,) = outcome.trials
     client = MlflowClient(uri)
-    images = [m.value for m in sorted(client.get_metric_history(trial.run_id, "epoch/images_per_sec"), key=lambda m: m.step)]
+    history = client.get_metric_history(trial.run_id, EPOCH_IMAGES_PER_SEC)
+    images = [m.value for m in sorted(history, key=lambda m: m.step)]
     ends = [m.timestamp / 1000 for m in sorted(client.get_metric_history(trial.run_id, "epoch"), key=lambda m: m.step)]
     return images, [b - a for a, b in zip(ends, ends[1:])]
 
@@ -139,7 +141,7 @@ def side_by_side(tree: dict, cpus: float, threads: int, work: Path, name: str) -
 def logging_cost(tree: dict, threads: int, work: Path) -> TimedMLflow:
     cfg = build_config(tree)
     cfg.train.threads = threads
-    uri = f"sqlite:///{work / 'logging.db'}"
+    uri = sqlite_uri(work / "logging.db")
     tracking = TimedMLflow(uri, experiment="benchmark", log_checkpoint=False)
     Trainer(cfg, [tracking], run_dir=work / "logging").fit()
     return tracking
@@ -147,7 +149,7 @@ def logging_cost(tree: dict, threads: int, work: Path) -> TimedMLflow:
 
 def quickstart(work: Path) -> tuple[float, subprocess.CompletedProcess]:
     cmd = [sys.executable, "-m", "lejepa", "sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--storage",
-           str(work / "quickstart"), "--tracking-uri", f"sqlite:///{work / 'quickstart.db'}"]
+           str(work / "quickstart"), "--tracking-uri", sqlite_uri(work / "quickstart.db")]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     return time.perf_counter() - start, proc

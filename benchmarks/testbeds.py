@@ -27,6 +27,7 @@ from torch import nn
 from lejepa.callbacks import ConsoleProgress
 from lejepa.config import load_config
 from lejepa.probes import knn_accuracy
+from lejepa.record import KNN_ACC, LINEAR_PROBE_ACC
 from lejepa.trainer import Trainer
 from train_quality import Clock, pixels, probe
 
@@ -91,7 +92,7 @@ def measure(name: str, overrides: list[str], baselines_only: bool, supervised: b
     if baselines_only:
         return row
     final = trainer.fit()
-    row.update(lejepa=final["eval/linear_probe_acc"], lejepa_knn=final["eval/knn_acc"],
+    row.update(lejepa=final[LINEAR_PROBE_ACC], lejepa_knn=final[KNN_ACC],
                lejepa_seconds=round(clock.elapsed), supervised=float("nan"))
     if not supervised:
         return row

@@ -20,6 +20,7 @@ import torch
 from lejepa.callbacks import Callback, ConsoleProgress
 from lejepa.config import load_config
 from lejepa.probes import knn_accuracy, linear_probe
+from lejepa.record import KNN_ACC, LINEAR_PROBE_ACC
 from lejepa.trainer import Trainer
 from lejepa.views import eval_images
 
@@ -64,8 +65,8 @@ def main() -> None:
     print("| --- | --- | --- |")
     print(f"| raw pixels | {raw:.3f} | |")
     print(f"| random-init {cfg.model.arch} | {rand:.3f} | {rand_knn:.3f} |")
-    print(f"| LeJEPA {cfg.model.arch} | {final['eval/linear_probe_acc']:.3f} | {final['eval/knn_acc']:.3f} |")
-    ok = final["eval/linear_probe_acc"] >= 0.75 and clock.elapsed <= 600
+    print(f"| LeJEPA {cfg.model.arch} | {final[LINEAR_PROBE_ACC]:.3f} | {final[KNN_ACC]:.3f} |")
+    ok = final[LINEAR_PROBE_ACC] >= 0.75 and clock.elapsed <= 600
     print(f"target (>= 0.75 within 600 s): {'met' if ok else 'NOT met'}")
 
 

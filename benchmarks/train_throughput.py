@@ -17,6 +17,7 @@ import torch
 
 from lejepa.config import load_config
 from lejepa.objective import lejepa_loss
+from lejepa.record import EPOCH_IMAGES_PER_SEC
 from lejepa.trainer import Trainer
 
 
@@ -46,7 +47,7 @@ def bare_images_per_sec(trainer: Trainer, steps: int) -> float:
 def trainer_images_per_sec(trainer: Trainer, steps: int) -> float:
     """The Trainer's own epoch loop (as `lejepa train` runs it), cut at ``steps`` steps."""
     trainer.cfg.train.max_steps = trainer.step + steps
-    return trainer._run_epoch()["epoch/images_per_sec"]
+    return trainer._run_epoch()[EPOCH_IMAGES_PER_SEC]
 
 
 def main() -> None:

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from lejepa.health import VERDICTS
+from lejepa.record import (
+    COLLAPSE_RATIO, EPOCH_IMAGES_PER_SEC, EPOCH_INVARIANCE, EPOCH_LOSS, EPOCH_SIGREG, EPOCH_TIME_S, EVAL_PREFIX,
+    ONLINE_TEST_ACC, PROJ_RANK, TRAIN_LOSS, TRAIN_LR, VERDICT, VERDICTS,
+)
 
 
 @dataclass
@@ -86,10 +89,10 @@ class CallbackList(Callback):
 
 def health_text(metrics: dict[str, float]) -> str:
     """``  collapse 0.12  rank 0.85  healthy`` from an epoch's health metrics ('' without them)."""
-    if "health/verdict" not in metrics:
+    if VERDICT not in metrics:
         return ""
-    return (f"  collapse {metrics['health/collapse_ratio']:.2f}  rank {metrics['health/proj_rank']:.2f}  "
-            f"{VERDICTS[int(metrics['health/verdict'])]}")
+    return (f"  collapse {metrics[COLLAPSE_RATIO]:.2f}  rank {metrics[PROJ_RANK]:.2f}  "
+            f"{VERDICTS[int(metrics[VERDICT])]}")
 
 
 class ConsoleProgress(Callback):
@@ -122,19 +125,20 @@ class ConsoleProgress(Callback):
             return
         self._last = now
         total = self._info.total_steps
-        self._print(f"  step {step}/{total} ({100 * step / total:.0f}%)  loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}")
+        self._print(f"  step {step}/{total} ({100 * step / total:.0f}%)  loss {metrics[TRAIN_LOSS]:.4f}  "
+                    f"lr {metrics[TRAIN_LR]:.2e}")
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self._last = time.monotonic()
         total = self._info.config.train.epochs if self._info else "?"
-        probe = metrics.get("probe/online_test_acc")
+        probe = metrics.get(ONLINE_TEST_ACC)
         probe_txt = f"  probe {100 * probe:.1f}%" if probe is not None else ""
         self._print(
-            f"epoch {epoch}/{total}  loss {metrics['epoch/loss']:.4f}  inv {metrics['epoch/invariance']:.4f}  "
-            f"sigreg {metrics['epoch/sigreg']:.4f}{probe_txt}{health_text(metrics)}  "
-            f"{metrics['epoch/images_per_sec']:.0f} img/s  {metrics['epoch/time_s']:.1f}s"
+            f"epoch {epoch}/{total}  loss {metrics[EPOCH_LOSS]:.4f}  inv {metrics[EPOCH_INVARIANCE]:.4f}  "
+            f"sigreg {metrics[EPOCH_SIGREG]:.4f}{probe_txt}{health_text(metrics)}  "
+            f"{metrics[EPOCH_IMAGES_PER_SEC]:.0f} img/s  {metrics[EPOCH_TIME_S]:.1f}s"
         )
 
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        parts = [f"{k.split('/')[-1]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("eval/")]
+        parts = [f"{k.split('/')[-1]} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith(EVAL_PREFIX)]
         self._print("final: " + "  ".join(parts) + (f"\ncheckpoint: {checkpoint}" if checkpoint else ""))

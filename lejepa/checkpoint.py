@@ -24,10 +24,8 @@ from typing import Any
 
 import torch
 
-from lejepa.errors import CheckpointError, DiskFullError
-
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
+from lejepa.errors import CheckpointError, DiskFullError, first_line
+from lejepa.record import META_FILE, STATE_FILE
 SPACE_MARGIN = 16 * 2**20
 """Bytes that must stay free beyond a checkpoint's estimated size."""
 
@@ -155,7 +153,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     try:
         state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first_line(exc)}") from None
     return state, meta
 
 

@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import NoReturn
 
-from lejepa.errors import ConfigError, LejepaError, out_of_memory
+from lejepa.errors import ConfigError, LejepaError, first_line, out_of_memory
 
 
 def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -65,7 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if uri is not None and trainer.rt.is_main:
         from lejepa.tracking import MLflowCallback
         experiment = args.experiment or cfg.tracking.experiment
-        trainer.callbacks.callbacks.append(MLflowCallback(uri, experiment=experiment, flush_every=cfg.tracking.flush_every))
+        trainer.add_callback(MLflowCallback(uri, experiment=experiment, flush_every=cfg.tracking.flush_every))
     metrics = trainer.fit()
     if trainer.rt.is_main and args.quiet:
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -125,12 +125,14 @@ def _register_archs(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- ui
 def _cmd_ui(args: argparse.Namespace) -> int:
+    from lejepa.record import sqlite_path
     from lejepa.tracking import artifact_root, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.out_dir)
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_path(uri)
+    if path is None:
         raise ConfigError(f"lejepa ui serves a local SQLite store; {uri!r} is already a server: open it in a browser")
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(path)
     if not db.is_file():
         raise ConfigError(f"no MLflow store at {db}: train something first, or pass --out-dir/--tracking-uri")
     from lejepa.preflight import check_tracking_uri
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _unavailable(sub: argparse._SubParsersAction, name: str, exc: Exception) -> None:
     """Register ``name`` as a command that reports, in one line, why its plug-in could not be loaded."""
-    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    reason = f"{type(exc).__name__}: {first_line(exc, '')}".rstrip(": ")
 
     def fail(_args: argparse.Namespace) -> int:
         raise LejepaError(f"the '{name}' command is unavailable: its plug-in failed to load ({reason}); "

@@ -15,10 +15,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from lejepa.errors import ConfigError, did_you_mean
-
-CONFIG_FILE = "config.yaml"
-"""The resolved config a run folder keeps (``lejepa train --resume`` reads it back)."""
+from lejepa.errors import ConfigError, did_you_mean, first_line
+from lejepa.record import CONFIG_FILE as CONFIG_FILE  # re-exported: where it has always been imported from
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 """A name safe as one folder: never ``..``, a hidden name, an option-like ``-x`` or a path."""
@@ -290,7 +288,7 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         return {}

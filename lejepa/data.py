@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import datasets as tvd
 
 from lejepa.config import DataConfig
-from lejepa.errors import DataError, did_you_mean
+from lejepa.errors import DataError, did_you_mean, first_line
 from lejepa.idx import read_idx
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -266,7 +266,7 @@ def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], Datas
         raise
     except Exception as exc:  # download errors, unpickling, reshape: all one line
         what = "download failed" if missing else "files are malformed"
-        raise DataError(f"{title} under {root}: {what}: {_first_line(exc)}") from None
+        raise DataError(f"{title} under {root}: {what}: {first_line(exc)}") from None
 
 
 _ARRAY_PICKLE_GLOBALS = frozenset({
@@ -326,7 +326,7 @@ def _cifar(cfg: DataConfig, cls: type, num_classes: int) -> DatasetSplits:
         test = _read_cifar(root / base, [name for name, _ in cls.test_list])
     except Exception as exc:  # download errors, refused or malformed pickles, reshape: all one line
         what = "download failed" if missing and not (root / files[0]).is_file() else "files are malformed"
-        raise DataError(f"{title} under {root}: {what}: {_first_line(exc)}") from None
+        raise DataError(f"{title} under {root}: {what}: {first_line(exc)}") from None
     return _splits(cfg.name, cfg, train, test, num_classes)
 
 
@@ -385,9 +385,9 @@ def _load_image(path: str, size: int) -> Tensor:
             image.draft("RGB", (size, size))
             rgb = image.convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise DataError(f"image {path} is too large to decode ({_first_line(exc)}): resize or remove it") from None
+        raise DataError(f"image {path} is too large to decode ({first_line(exc)}): resize or remove it") from None
     except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError; so is a truncated file
-        raise DataError(f"cannot decode image {path}: {_first_line(exc)}") from None
+        raise DataError(f"cannot decode image {path}: {first_line(exc)}") from None
     tensor = TF.resize(TF.pil_to_tensor(rgb), [size], antialias=True)
     return TF.center_crop(tensor, [size, size])
 
@@ -413,7 +413,7 @@ def _image_folder(cfg: DataConfig) -> DatasetSplits:
         train, test = (tvd.ImageFolder(str(d), loader=loader)
                        for d in (root / "train", test_dir))
     except FileNotFoundError as exc:
-        raise DataError(f"{title} under {root}: {_first_line(exc)} (expected {how})") from None
+        raise DataError(f"{title} under {root}: {first_line(exc)} (expected {how})") from None
     if train.classes != test.classes:
         extra = sorted(set(train.classes) ^ set(test.classes))
         raise DataError(f"{title} under {root}: train/ and {test_dir.name}/ have different class folders "
@@ -568,11 +568,6 @@ def _idx_dataset(cfg: DataConfig, shifted: bool = False) -> DatasetSplits:
             gray = _fit(images.contiguous(), cfg.resolution, cfg.fit)
         parts.append(TensorImageDataset(_gray_rgb(gray), labels, sources))
     return _splits(cfg.name, cfg, parts[0], parts[1], num_classes)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 BUILDERS: dict[str, Callable[[DataConfig], DatasetSplits]] = {

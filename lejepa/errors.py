@@ -50,6 +50,38 @@ class DiskFullError(LejepaError):
     ENOSPC while writing); the last complete checkpoint stays the latest."""
 
 
+class TrainingDiverged(LejepaError):
+    """The loss became NaN or infinite."""
+
+    exit_code = 3
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"training diverged at step {step}: loss is {value}")
+        self.step = step
+        self.value = value
+
+
+class TrainingCollapsed(LejepaError):
+    """The run stayed collapsed for ``train.collapse_patience`` epochs (label-free pruning)."""
+
+    exit_code = 4
+
+    def __init__(self, epoch: int, ratio: float, patience: int) -> None:
+        super().__init__(f"training stopped at epoch {epoch}: collapsed for {patience} epoch(s) in a row "
+                         f"(collapse ratio {ratio:.2f}; raise loss.lam or optim.batch_size)")
+        self.epoch = epoch
+        self.ratio = ratio
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of ``exc``'s message (stripped); for an empty message ``default``, or the
+    exception's type name when ``default`` is None."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if default is None else default
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The up to ``n`` candidates closest to ``name`` (difflib ratio), best first."""
     candidates = list(candidates)

@@ -29,13 +29,12 @@ import torch
 from scipy.special import entr
 from torch import Tensor
 
+from lejepa.record import COLLAPSED, DIMENSIONAL, DIVERGED, HEALTHY
+from lejepa.record import HEALTH_METRICS as HEALTH_METRICS  # the epoch metrics these measures are logged as
+from lejepa.record import VERDICTS as VERDICTS  # verdict names; ``health/verdict`` is the index here
 from lejepa.sigreg import epps_pulley
 
 EPS = 1e-7
-
-HEALTHY, DIMENSIONAL, COLLAPSED, DIVERGED = "healthy", "dimensional collapse", "collapsed", "diverged"
-VERDICTS = (HEALTHY, DIMENSIONAL, COLLAPSED, DIVERGED)
-"""Verdict names; a verdict is logged as the metric ``health/verdict`` = its index here."""
 
 COLLAPSED_RATIO = 0.375
 """Collapse ratio at or above which an epoch is ``collapsed``: what every slice would score if the
@@ -51,9 +50,6 @@ LAMBDA_BATCH_MIN = 1.0
 (resnet10t, fashion-mnist-shifted, 2 global views, 60 steps): every cell with λ·N ≤ 0.64 ended
 unhealthy, every cell with λ·N ≥ 0.77 healthy. SIGReg is N times a distance between
 characteristic functions, so its pull against the invariance term grows with λ·N."""
-HEALTH_METRICS = ("health/collapse_ratio", "health/proj_rank", "health/proj_std_spread", "health/feature_rank")
-"""Epoch metrics the trainer logs: collapse ratio, projector effective rank / min(batch, dimension),
-spread of the projector's per-dimension stds, backbone-feature effective rank / min(batch, width)."""
 
 
 @functools.lru_cache(maxsize=256)

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lejepa.errors import LejepaError
+from lejepa.record import sqlite_path
 
 TIMEOUT_S = 3.0
 """How long a tracking server or Ray address may take to answer."""
@@ -53,8 +54,9 @@ def check_tracking_uri(uri: str) -> None:
     """Raise unless the MLflow tracking store ``uri`` is usable: a SQLite file that can be created
     or written, or an http(s) server that answers within :data:`TIMEOUT_S`. Other schemes
     (databases, Databricks) are left to MLflow."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).expanduser()
+    path = sqlite_path(uri)
+    if path is not None:
+        db = Path(path).expanduser()
         if db.is_dir():
             raise PreflightError(f"tracking store {uri}: {db} is a folder, not a SQLite file; "
                                  f"use sqlite:///<folder>/mlflow.db")

@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from lejepa.callbacks import Callback, RunInfo
-from lejepa.health import COLLAPSED, DIVERGED, VERDICTS
-
-RUN_FILE = "mlflow_run.json"
-PARENT_TAG = "mlflow.parentRunId"
-HEALTH_TAG = "lejepa.health"
-"""The run's health verdict (:mod:`lejepa.health`): its last epoch's, or diverged / collapsed."""
+from lejepa.errors import TrainingCollapsed, TrainingDiverged, first_line
+from lejepa.record import (
+    ARCH_TAG, ARTIFACTS_DIR, CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, COLLAPSED, COLLAPSED_AT_EPOCH_TAG, CONFIG_FILE,
+    DATASET_TAG, DIVERGED, DIVERGED_STEP_TAG, EPOCH, ERROR_TAG, FAILED, FAMILY_TAG, FINISHED, HEALTH_TAG, KILLED,
+    NUM_PARAMS_PARAM, OUTCOME_TAGS, PARENT_TAG, PREVIOUS_ERROR_TAG, RESUMED_FROM_EPOCH_TAG, RUN_DIR_TAG, RUN_FILE,
+    RUNNING, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_TAG, TRACKING_DB, VERDICT, VERDICTS, sqlite_path, sqlite_uri,
+)
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:
@@ -41,15 +43,13 @@ def default_tracking_uri(out_dir: str | Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return "sqlite:///" + str(Path(out_dir).expanduser().resolve() / "mlflow.db")
+    return sqlite_uri(Path(out_dir).expanduser().resolve() / TRACKING_DB)
 
 
 def artifact_root(tracking_uri: str) -> str | None:
     """For a SQLite store, the artifact folder beside the database; servers choose their own."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        return (db.parent / "mlartifacts").as_uri()
-    return None
+    db = sqlite_path(tracking_uri)
+    return (Path(db).parent / ARTIFACTS_DIR).as_uri() if db is not None else None
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -148,7 +148,7 @@ class MetricSender:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as exc:  # noqa: BLE001 - tracking must never kill training
                 if not warned:
-                    print(f"warning: MLflow unreachable ({str(exc).splitlines()[0][:120]}); metrics are kept "
+                    print(f"warning: MLflow unreachable ({first_line(exc)[:120]}); metrics are kept "
                           f"and retried", file=sys.stderr)
                     warned = True
                 with self.cond:
@@ -204,7 +204,9 @@ class MLflowCallback(Callback):
         """Wait up to ``retry_for`` s for every queued metric to reach MLflow; True when none is left."""
         return self.sender is None or self.sender.drain(retry_for)
 
-    def _close(self, timeout: float) -> None:
+    def close(self, timeout: float) -> None:
+        """Deliver the queued metrics (waiting up to ``timeout`` s) and stop the sender thread; the run
+        stays as it is (the hooks end it). Safe to call twice."""
         if self.sender is not None:
             self.sender.close(timeout)
             self.sender = None
@@ -213,15 +215,20 @@ class MLflowCallback(Callback):
         """Reopen the run: RUNNING again, the outcome tags of the failed attempt cleared (its error kept
         as ``lejepa.previous_error``), the resume epoch tagged, and the steps it holds remembered."""
         run = self.client.get_run(self.run_id)
-        self.client.update_run(self.run_id, status="RUNNING")
+        self.client.update_run(self.run_id, status=RUNNING)
         tags = run.data.tags
-        if "lejepa.error" in tags:
-            self.client.set_tag(self.run_id, "lejepa.previous_error", tags["lejepa.error"])
-        for key in ("lejepa.error", "lejepa.status", "lejepa.diverged_step", "lejepa.collapsed_at_epoch", HEALTH_TAG):
+        if ERROR_TAG in tags:
+            self.client.set_tag(self.run_id, PREVIOUS_ERROR_TAG, tags[ERROR_TAG])
+        for key in OUTCOME_TAGS:
             if key in tags:
                 self.client.delete_tag(self.run_id, key)
-        self.client.set_tag(self.run_id, "lejepa.resumed_from_epoch", str(info.start_epoch))
-        self._logged = {m.key: int(m.step) for m in getattr(run.data, "_metric_objs", [])}
+        self.client.set_tag(self.run_id, RESUMED_FROM_EPOCH_TAG, str(info.start_epoch))
+        self._logged = self.logged_steps(self.run_id, run.data.metrics)
+
+    def logged_steps(self, run_id: str, keys: Iterable[str]) -> dict[str, int]:
+        """The highest step run ``run_id`` holds for each metric of ``keys`` (the keys it has logged)."""
+        return {key: max((int(m.step) for m in self.client.get_metric_history(run_id, key)), default=-1)
+                for key in keys}
 
     def _start(self, info: RunInfo) -> None:
         cfg = info.config
@@ -234,8 +241,8 @@ class MLflowCallback(Callback):
             self._continue(info)
             return
         exp_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
-        tags = {"arch": cfg.model.arch, "family": arch_family(cfg.model.arch), "dataset": cfg.data.name,
-                "lejepa.run_dir": str(info.run_dir), **self.tags}
+        tags = {ARCH_TAG: cfg.model.arch, FAMILY_TAG: arch_family(cfg.model.arch), DATASET_TAG: cfg.data.name,
+                RUN_DIR_TAG: str(info.run_dir), **self.tags}
         if self.parent_run_id:
             tags[PARENT_TAG] = self.parent_run_id
         run = self.client.create_run(exp_id, run_name=self.run_name or info.run_dir.name,
@@ -244,7 +251,7 @@ class MLflowCallback(Callback):
         params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start:start + 100])
-        self.client.log_batch(self.run_id, params=[Param("model.num_params", str(info.num_params))])
+        self.client.log_batch(self.run_id, params=[Param(NUM_PARAMS_PARAM, str(info.num_params))])
         info.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}))
@@ -263,35 +270,34 @@ class MLflowCallback(Callback):
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self._last_step = step
-        self.sender.add(self._metrics({**metrics, "epoch": epoch}, step), wake=True)
-        if "health/verdict" in metrics:  # tagged at the end: a slow server must not stall an epoch
-            self._verdict = VERDICTS[int(metrics["health/verdict"])]
+        self.sender.add(self._metrics({**metrics, EPOCH: epoch}, step), wake=True)
+        if VERDICT in metrics:  # tagged at the end: a slow server must not stall an epoch
+            self._verdict = VERDICTS[int(metrics[VERDICT])]
 
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         self.sender.add(self._metrics(metrics, self._last_step))
-        self._close(timeout=60.0)
-        if self.run_dir is not None and (self.run_dir / "config.yaml").is_file():
-            self.client.log_artifact(self.run_id, str(self.run_dir / "config.yaml"))
+        self.close(timeout=60.0)
+        if self.run_dir is not None and (self.run_dir / CONFIG_FILE).is_file():
+            self.client.log_artifact(self.run_id, str(self.run_dir / CONFIG_FILE))
         if self.log_checkpoint and checkpoint is not None:
-            self.client.log_artifacts(self.run_id, str(checkpoint), artifact_path="checkpoint")
-            self.client.set_tag(self.run_id, "lejepa.checkpoint", str(checkpoint))
+            self.client.log_artifacts(self.run_id, str(checkpoint), artifact_path=CHECKPOINT_ARTIFACT)
+            self.client.set_tag(self.run_id, CHECKPOINT_TAG, str(checkpoint))
         if self._verdict is not None:
             self.client.set_tag(self.run_id, HEALTH_TAG, self._verdict)
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, FINISHED)
 
     def on_failure(self, error: BaseException) -> None:
         if self.run_id is None:
             return
         try:
-            self._close(timeout=10.0)
-            from lejepa.trainer import TrainingCollapsed, TrainingDiverged
-            tags: dict[str, Any] = {"lejepa.error": f"{type(error).__name__}: {error}"[:5000]}
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            self.close(timeout=10.0)
+            tags: dict[str, Any] = {ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]}
+            status = KILLED if isinstance(error, KeyboardInterrupt) else FAILED
             if isinstance(error, TrainingDiverged):
-                tags.update({"lejepa.status": "diverged", "lejepa.diverged_step": error.step, HEALTH_TAG: DIVERGED})
+                tags.update({STATUS_TAG: STATUS_DIVERGED, DIVERGED_STEP_TAG: error.step, HEALTH_TAG: DIVERGED})
             elif isinstance(error, TrainingCollapsed):  # label-free pruning: an outcome, not an error
-                tags = {"lejepa.status": "collapsed", "lejepa.collapsed_at_epoch": error.epoch, HEALTH_TAG: COLLAPSED}
-                status = "FINISHED"
+                tags = {STATUS_TAG: STATUS_COLLAPSED, COLLAPSED_AT_EPOCH_TAG: error.epoch, HEALTH_TAG: COLLAPSED}
+                status = FINISHED
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             self.client.set_terminated(self.run_id, status)
         except Exception:  # noqa: BLE001 - never mask the original error

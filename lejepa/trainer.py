@@ -30,41 +30,26 @@ from lejepa.checkpoint import (
     check_free_space, checkpoint_bytes, disk_full, is_disk_full, latest_valid_checkpoint, load_checkpoint,
     save_checkpoint,
 )
-from lejepa.config import CONFIG_FILE, Config
+from lejepa.config import Config
 from lejepa.data import DatasetSplits, batch_collate, build_datasets
-from lejepa.errors import CheckpointError, ConfigError, LejepaError
-from lejepa.health import COLLAPSED, HEALTH_METRICS, VERDICTS, batch_health, collapsed_ep, verdict
+from lejepa.errors import CheckpointError, ConfigError, first_line
+from lejepa.errors import TrainingCollapsed as TrainingCollapsed  # re-exported: raised by fit()
+from lejepa.errors import TrainingDiverged as TrainingDiverged
+from lejepa.health import batch_health, collapsed_ep, verdict
 from lejepa.locks import ProcessLock
 from lejepa.model import LeJEPAModel
 from lejepa.objective import lejepa_loss
 from lejepa.probes import OnlineProbe, knn_accuracy, linear_probe
+from lejepa.record import (
+    CHECKPOINTS_DIR, COLLAPSE_RATIO, COLLAPSED, CONFIG_FILE, EPOCH_IMAGES_PER_SEC, EPOCH_INVARIANCE, EPOCH_LOSS,
+    EPOCH_LR, EPOCH_PROBE_LOSS, EPOCH_SIGREG, EPOCH_TIME_S, HEALTH_METRICS, KNN_ACC, LINEAR_PROBE_ACC,
+    ONLINE_PROBE_ACC, ONLINE_TEST_ACC, ONLINE_TRAIN_ACC, TRAIN_INVARIANCE, TRAIN_LOSS, TRAIN_LR, TRAIN_PROBE_LOSS,
+    TRAIN_SIGREG, VERDICT, VERDICTS, init_metric,
+)
 from lejepa.runtime import Runtime, adamw_kernel, compile_mode, seed_everything, setup_runtime, use_channels_last
 from lejepa.schedule import warmup_cosine
 from lejepa.sigreg import SIGReg, triton_available
 from lejepa.views import ViewSampler, eval_images
-
-
-class TrainingDiverged(LejepaError):
-    """The loss became NaN or infinite."""
-
-    exit_code = 3
-
-    def __init__(self, step: int, value: float) -> None:
-        super().__init__(f"training diverged at step {step}: loss is {value}")
-        self.step = step
-        self.value = value
-
-
-class TrainingCollapsed(LejepaError):
-    """The run stayed collapsed for ``train.collapse_patience`` epochs (label-free pruning)."""
-
-    exit_code = 4
-
-    def __init__(self, epoch: int, ratio: float, patience: int) -> None:
-        super().__init__(f"training stopped at epoch {epoch}: collapsed for {patience} epoch(s) in a row "
-                         f"(collapse ratio {ratio:.2f}; raise loss.lam or optim.batch_size)")
-        self.epoch = epoch
-        self.ratio = ratio
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -152,6 +137,12 @@ class Trainer:
         if self.resume_path is not None:
             self._load(self.resume_path)
 
+    def add_callback(self, callback: Callback) -> None:
+        """Plug ``callback`` in after the ones given at construction (ignored off the main process,
+        as those are); call it before :meth:`fit`."""
+        if self.rt.is_main:
+            self.callbacks.callbacks.append(callback)
+
     # ------------------------------------------------------------------ set-up helpers
     def _agree_run_dir(self, run_dir: Path | None) -> Path:
         run_dir = run_dir or default_run_dir(self.cfg)
@@ -163,10 +154,10 @@ class Trainer:
 
     def _find_resume(self, path: Path) -> Path:
         path = path.expanduser().resolve()
-        if (path / "checkpoints").is_dir() or (path / CONFIG_FILE).is_file():
-            found = latest_valid_checkpoint(path / "checkpoints")
+        if (path / CHECKPOINTS_DIR).is_dir() or (path / CONFIG_FILE).is_file():
+            found = latest_valid_checkpoint(path / CHECKPOINTS_DIR)
             if found is None:
-                raise CheckpointError(f"no valid checkpoint to resume from under {path / 'checkpoints'}")
+                raise CheckpointError(f"no valid checkpoint to resume from under {path / CHECKPOINTS_DIR}")
             return found
         return path
 
@@ -220,8 +211,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"checkpoint {path} does not match this model/config: {first}") from None
+            raise CheckpointError(f"checkpoint {path} does not match this model/config: {first_line(exc)}") from None
         try:  # the online probe only measures; one from an older probe layout restarts
             _unwrap(self.probe).load_state_dict(state["probe"])
             self.probe_optimizer.load_state_dict(state["probe_optimizer"])
@@ -244,7 +234,7 @@ class Trainer:
             return None
         meta = {"step": self.step, "arch": self.cfg.model.arch, "metrics": metrics,
                 "config": self.cfg.model_dump(mode="json")}
-        return save_checkpoint(self.run_dir / "checkpoints", self.epoch, state, meta, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.run_dir / CHECKPOINTS_DIR, self.epoch, state, meta, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ training
     def _train_step(self, images: Tensor, labels: Tensor, measure: bool = False) -> tuple[Tensor | None, ...]:
@@ -286,7 +276,7 @@ class Trainer:
         except Exception as exc:
             if not first_compiled:
                 raise
-            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:300]
+            reason = f"{type(exc).__name__}: {first_line(exc, '')}"[:300]
             if self.cfg.train.compile != "auto":
                 raise ConfigError(f"train.compile={self.cfg.train.compile} failed for {self.cfg.model.arch} "
                                   f"({reason}); use train.compile=eager") from None
@@ -326,8 +316,8 @@ class Trainer:
             if self.step % self.cfg.train.log_every == 0:
                 self._check_finite(loss)
                 self.callbacks.on_step_end(self.step, {
-                    "train/loss": float(loss), "train/invariance": float(inv), "train/sigreg": float(reg),
-                    "train/probe_loss": float(probe_loss), "train/lr": self.scheduler.get_last_lr()[0],
+                    TRAIN_LOSS: float(loss), TRAIN_INVARIANCE: float(inv), TRAIN_SIGREG: float(reg),
+                    TRAIN_PROBE_LOSS: float(probe_loss), TRAIN_LR: self.scheduler.get_last_lr()[0],
                 })
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize(self.rt.device)  # the epoch's time includes its queued kernels
@@ -342,16 +332,16 @@ class Trainer:
         images_per_sec = seen * self.rt.world_size / max(elapsed, 1e-9)
         collapse = reg / steps / self.collapsed_ep
         metrics = {
-            "epoch/loss": loss / steps, "epoch/invariance": inv / steps, "epoch/sigreg": reg / steps,
-            "epoch/probe_loss": probe_loss / steps,
-            "probe/online_train_acc": correct / max(1, seen * self.num_global),
-            "epoch/images_per_sec": images_per_sec, "epoch/time_s": elapsed,
-            "epoch/lr": self.scheduler.get_last_lr()[0],
+            EPOCH_LOSS: loss / steps, EPOCH_INVARIANCE: inv / steps, EPOCH_SIGREG: reg / steps,
+            EPOCH_PROBE_LOSS: probe_loss / steps,
+            ONLINE_TRAIN_ACC: correct / max(1, seen * self.num_global),
+            EPOCH_IMAGES_PER_SEC: images_per_sec, EPOCH_TIME_S: elapsed,
+            EPOCH_LR: self.scheduler.get_last_lr()[0],
         }
         if measured:
             measured_means = (v / measured for v in (proj_rank, spread, feat_rank))
             metrics.update(zip(HEALTH_METRICS, (collapse, *measured_means)))
-            metrics["health/verdict"] = float(VERDICTS.index(verdict(collapse, proj_rank / measured)))
+            metrics[VERDICT] = float(VERDICTS.index(verdict(collapse, proj_rank / measured)))
         return metrics
 
     @torch.no_grad()
@@ -392,25 +382,25 @@ class Trainer:
         train_x, train_y = self.features(self.data.train)
         test_x, test_y = self.features(self.data.test)
         metrics = {
-            "eval/linear_probe_acc": linear_probe(train_x, train_y, test_x, test_y, self.data.num_classes,
+            LINEAR_PROBE_ACC: linear_probe(train_x, train_y, test_x, test_y, self.data.num_classes,
                                                   epochs=self.cfg.train.eval_probe_epochs, seed=self.cfg.train.seed),
-            "eval/knn_acc": knn_accuracy(train_x, train_y, test_x, test_y, k=self.cfg.train.eval_knn_k),
+            KNN_ACC: knn_accuracy(train_x, train_y, test_x, test_y, k=self.cfg.train.eval_knn_k),
         }
         if online:
-            metrics["eval/online_probe_acc"] = self._online_test_acc(test_x, test_y)
+            metrics[ONLINE_PROBE_ACC] = self._online_test_acc(test_x, test_y)
         return metrics
 
     def _init_eval(self) -> dict[str, float]:
         """The frozen probe and kNN of the untrained backbone, as ``eval/init_*``; the global RNG
         is left as it was, so a run trains identically with or without this baseline."""
         with torch.random.fork_rng(devices=[]):
-            return {k.replace("eval/", "eval/init_"): v for k, v in self._final_eval(online=False).items()}
+            return {init_metric(k): v for k, v in self._final_eval(online=False).items()}
 
     def _write_config(self) -> None:
         """``config.yaml`` written whole or not at all; before it, the run's folder must have room for
         a checkpoint (the last one's size, else weights and AdamW's two moments)."""
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        check_free_space(self.run_dir, checkpoint_bytes(self.run_dir / "checkpoints", 3 * params),
+        check_free_space(self.run_dir, checkpoint_bytes(self.run_dir / CHECKPOINTS_DIR, 3 * params),
                          "this run's checkpoints")
         path = self.run_dir / CONFIG_FILE
         tmp = path.with_suffix(".yaml.tmp")
@@ -454,16 +444,16 @@ class Trainer:
                 self.epoch += 1
                 if self.rt.is_main:
                     test_x, test_y = self.features(self._online_eval_split())
-                    metrics["probe/online_test_acc"] = self._online_test_acc(test_x, test_y)
+                    metrics[ONLINE_TEST_ACC] = self._online_test_acc(test_x, test_y)
                     self.callbacks.on_epoch_end(self.epoch, self.step, metrics)
                 checkpoint = self._checkpoint(metrics)
                 if checkpoint is not None:
                     self.callbacks.on_checkpoint(self.epoch, self.step, checkpoint, metrics)
-                collapsed = metrics.get("health/verdict") == VERDICTS.index(COLLAPSED)
+                collapsed = metrics.get(VERDICT) == VERDICTS.index(COLLAPSED)
                 collapsed_epochs = collapsed_epochs + 1 if collapsed else 0
                 patience = self.cfg.train.collapse_patience
                 if patience is not None and collapsed_epochs >= patience:
-                    raise TrainingCollapsed(self.epoch, metrics["health/collapse_ratio"], patience)
+                    raise TrainingCollapsed(self.epoch, metrics[COLLAPSE_RATIO], patience)
             final = {**self.init_eval, **self._final_eval()} if self.rt.is_main else {}
             if self.rt.distributed:
                 dist.barrier()

@@ -37,19 +37,24 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
-from lejepa.errors import ConfigError, LejepaError
-from lejepa.health import COLLAPSED, DIVERGED, HEALTHY, VERDICTS
+from lejepa.errors import ConfigError, LejepaError, first_line
 from lejepa.locks import ProcessLock
 from lejepa.preflight import check_ray_address, check_tracking_uri, check_writable
-from lejepa.tracking import HEALTH_TAG, PARENT_TAG, default_tracking_uri, get_or_create_experiment
+from lejepa.record import (
+    BEST_LINEAR_PROBE_ACC, BEST_SCORE, COLLAPSE_RATIO, COLLAPSED, COLLAPSED_FLAG, DIVERGED, DIVERGED_FLAG,
+    DIVERGED_STEP, EPOCH, EPOCH_LOSS, FAILED, FINISHED, HEALTH_TAG, HEALTHY, KILLED, KIND_SWEEP, KIND_TAG,
+    LINEAR_PROBE_ACC, NOTE_TAG, ONLINE_TEST_ACC, PARENT_TAG, PROJ_RANK, PRUNED_AT_EPOCH_TAG, RESTARTED_AT_TAG,
+    RESUMED_AT_TAG, RUNNING, SPEC_TAG, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_FAILED, STATUS_FINISHED,
+    STATUS_INTERRUPTED, STATUS_PENDING, STATUS_PRUNED, STATUS_TAG, STATUSES, STORAGE_TAG, SWEEP_FILE, SWEEP_TAG,
+    TRIAL_ID_TAG, VERDICT, VERDICTS, best_run_tag, best_trial_tag, sqlite_path, sqlite_uri, trials_metric,
+)
+from lejepa.tracking import default_tracking_uri, get_or_create_experiment
 from sweeps.spec import SCORE_METRIC, SweepSpec, check_name, format_table, load_spec
 from sweeps.trainable import TrialContext, run_trial
 
-SWEEP_FILE = "sweep.json"
 RESOLVED_SPEC = "resolved_spec.yaml"
-FINAL_METRIC = "eval/linear_probe_acc"
-ONLINE_METRIC = "probe/online_test_acc"
-STATUSES = ("finished", "pruned", "collapsed", "diverged", "failed", "interrupted", "pending")
+FINAL_METRIC = LINEAR_PROBE_ACC
+ONLINE_METRIC = ONLINE_TEST_ACC
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class SweepOutcome:
 
     @property
     def interrupted(self) -> bool:
-        return any(t.status in ("interrupted", "pending") for t in self.trials)
+        return any(t.status in (STATUS_INTERRUPTED, STATUS_PENDING) for t in self.trials)
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -113,7 +118,7 @@ class SweepOutcome:
     def best(self, attr: str, mode: str, healthy_only: bool = False) -> TrialSummary | None:
         """The finished trial (healthy too, with ``healthy_only``) with the lowest (``min``) or highest
         (``max``) ``attr``."""
-        done = [t for t in self.trials if t.status == "finished" and getattr(t, attr) is not None
+        done = [t for t in self.trials if t.status == STATUS_FINISHED and getattr(t, attr) is not None
                 and (not healthy_only or t.health == HEALTHY)]
         if not done:
             return None
@@ -127,7 +132,7 @@ class SweepOutcome:
                  t.health, t.online_acc, t.linear_acc] for t in sorted(self.trials, key=_score_order)]
         counts = ", ".join(f"{self.count(s)} {s}" for s in STATUSES if self.count(s))
         lines = [f"sweep {self.sweep.name}: {len(self.trials)} trials ({counts or 'none ran'})", format_table(header, rows)]
-        for label, attr, mode in (("label-free score (epoch/loss / λ^α) among healthy trials", "score", "min"),
+        for label, attr, mode in ((f"label-free score ({EPOCH_LOSS} / λ^α) among healthy trials", "score", "min"),
                                   ("linear probe accuracy", "linear_acc", "max")):
             best = self.best(attr, mode, healthy_only=attr == "score")
             if best is not None:
@@ -136,7 +141,7 @@ class SweepOutcome:
                              f"  MLflow run {best.run_id}")
         lines.append(f"MLflow: parent run {self.sweep.parent_run_id} in experiment {self.sweep.experiment!r} "
                      f"at {self.sweep.tracking_uri}")
-        if self.sweep.tracking_uri.startswith("sqlite:///"):
+        if sqlite_path(self.sweep.tracking_uri) is not None:
             lines.append(f"  browse: lejepa ui --tracking-uri {self.sweep.tracking_uri}")
         else:
             lines.append(f"  browse: {self.sweep.tracking_uri}")
@@ -156,8 +161,9 @@ def tracking_uri_for(spec: SweepSpec, override: str | None) -> str:
     """``override``, else the spec's, else the base config's, else the ``lejepa train`` default; made absolute."""
     cfg = spec.base_config
     uri = override or spec.tracking.uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
-    if uri.startswith("sqlite:///"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    db = sqlite_path(uri)
+    if db is not None:
+        return sqlite_uri(Path(db).expanduser().resolve())
     return uri  # anything else is checked by preflight()
 
 
@@ -266,8 +272,8 @@ def _resume(name: str, root: Path, path: Path, address: str | None) -> SweepOutc
     with _ray(address):
         check_grantable(spec)
         client = MlflowClient(sweep.tracking_uri)
-        client.update_run(sweep.parent_run_id, status="RUNNING")
-        client.set_tag(sweep.parent_run_id, "lejepa.restarted_at" if restart else "lejepa.resumed_at",
+        client.update_run(sweep.parent_run_id, status=RUNNING)
+        client.set_tag(sweep.parent_run_id, RESTARTED_AT_TAG if restart else RESUMED_AT_TAG,
                        datetime.now().isoformat(timespec="seconds"))
         _check_shared(sweep)
         if restart:
@@ -299,7 +305,7 @@ def _ray(address: str | None):
         try:
             ray.init(address=address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise LejepaError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]} "
+            raise LejepaError(f"cannot join the Ray cluster at {address}: {first_line(exc)} "
                               f"(start one with `ray start --head`)") from None
     else:  # a fresh local instance, never a cluster that happens to run on this machine
         ray.init(address="local", include_dashboard=False)
@@ -324,14 +330,15 @@ def _check_shared(sweep: Sweep) -> None:
     marker = sweep.path / f".shared-check-{uuid.uuid4().hex[:8]}"
     marker.write_text("")
     paths = [str(marker)]
-    if sweep.tracking_uri.startswith("sqlite:///"):
-        paths.append(sweep.tracking_uri[len("sqlite:///"):])
+    db = sqlite_path(sweep.tracking_uri)
+    if db is not None:
+        paths.append(db)
     probe = ray.remote(num_cpus=0)(_visible)
     try:
         seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
                         for n in nodes], timeout=120)
     except Exception as exc:  # noqa: BLE001 - a failed check is reported, not fatal
-        print(f"warning: could not check that every node sees {sweep.path}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"warning: could not check that every node sees {sweep.path}: {first_line(exc)}", file=sys.stderr)
         return
     finally:
         marker.unlink(missing_ok=True)
@@ -352,10 +359,9 @@ def _visible(paths: list[str]) -> list[bool]:
 def _create_parent(spec: SweepSpec, name: str, path: Path, uri: str) -> str:
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment, uri)
-    tags = {"lejepa.kind": "sweep", "lejepa.sweep": name, "lejepa.storage": str(path),
-            "lejepa.spec": str(spec.path.resolve())}
+    tags = {KIND_TAG: KIND_SWEEP, SWEEP_TAG: name, STORAGE_TAG: str(path), SPEC_TAG: str(spec.path.resolve())}
     if spec.description:
-        tags["mlflow.note.content"] = spec.description
+        tags[NOTE_TAG] = spec.description
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     params = {"num_trials": spec.num_trials(), "num_samples": spec.num_samples, "space": ", ".join(spec.keys()),
               "search": spec.search.algo, "search.metric": spec.search.metric, "scheduler": spec.scheduler.type,
@@ -393,7 +399,7 @@ def _new_tuner(spec: SweepSpec, sweep: Sweep) -> tune.Tuner:
         from ray.tune.schedulers import ASHAScheduler
 
         # time is the trial's epoch; a trial reaching max_t is not stopped but finishes and evaluates
-        scheduler = ASHAScheduler(time_attr="epoch", metric=spec.scheduler.metric, mode=spec.scheduler.mode,
+        scheduler = ASHAScheduler(time_attr=EPOCH, metric=spec.scheduler.metric, mode=spec.scheduler.mode,
                                   max_t=spec.epochs, grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False)
     return tune.Tuner(
@@ -410,13 +416,13 @@ def _new_tuner(spec: SweepSpec, sweep: Sweep) -> tune.Tuner:
 
 def _execute(spec: SweepSpec, sweep: Sweep, tuner: tune.Tuner) -> SweepOutcome:
     client = MlflowClient(sweep.tracking_uri)
-    status = "FAILED"
+    status = FAILED
     try:
         outcome = _settle(client, spec, sweep, tuner.fit())
-        status = "KILLED" if outcome.interrupted else "FINISHED"
+        status = KILLED if outcome.interrupted else FINISHED
         return outcome
     except KeyboardInterrupt:
-        status = "KILLED"
+        status = KILLED
         raise
     finally:
         client.set_terminated(sweep.parent_run_id, status)
@@ -425,7 +431,7 @@ def _execute(spec: SweepSpec, sweep: Sweep, tuner: tune.Tuner) -> SweepOutcome:
 def _settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.ResultGrid) -> SweepOutcome:
     """Summarise Tune's results, give every child run its final status, log the best trials on the parent."""
     experiment_id = get_or_create_experiment(client, sweep.experiment, sweep.tracking_uri)
-    runs = {r.data.tags.get("lejepa.trial_id"): r for r in client.search_runs(
+    runs = {r.data.tags.get(TRIAL_ID_TAG): r for r in client.search_runs(
         [experiment_id], filter_string=f"tags.{PARENT_TAG} = '{sweep.parent_run_id}'", max_results=10_000)}
     outcome = SweepOutcome(sweep, spec)
     for result in grid:
@@ -434,54 +440,54 @@ def _settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resu
         run = runs.get(trial_id)
         outcome.trials.append(TrialSummary(
             trial_id=trial_id, status=_status(result), params={k: config.get(k) for k in spec.keys()},
-            epoch=metrics.get("epoch"), loss=metrics.get("epoch/loss"), score=metrics.get(SCORE_METRIC),
+            epoch=metrics.get(EPOCH), loss=metrics.get(EPOCH_LOSS), score=metrics.get(SCORE_METRIC),
             online_acc=metrics.get(ONLINE_METRIC), linear_acc=metrics.get(FINAL_METRIC),
             run_id=run.info.run_id if run else None, health=_health(metrics),
-            collapse=metrics.get("health/collapse_ratio")))
+            collapse=metrics.get(COLLAPSE_RATIO)))
     by_id = {t.trial_id: t for t in outcome.trials}
     for trial_id, run in runs.items():
         trial = by_id.get(trial_id)
-        _close_child(client, run, trial.status if trial else ("interrupted" if outcome.interrupted else "failed"),
-                     trial.epoch if trial else None)
+        unseen = STATUS_INTERRUPTED if outcome.interrupted else STATUS_FAILED
+        _close_child(client, run, trial.status if trial else unseen, trial.epoch if trial else None)
     _log_best(client, outcome)
     return outcome
 
 
 def _health(metrics: dict[str, Any]) -> str | None:
     """The verdict of a trial's last report (diverged and collapsed trials say so themselves)."""
-    if metrics.get("diverged"):
+    if metrics.get(DIVERGED_FLAG):
         return DIVERGED
-    if metrics.get("collapsed"):
+    if metrics.get(COLLAPSED_FLAG):
         return COLLAPSED
-    code = metrics.get("health/verdict")
+    code = metrics.get(VERDICT)
     return VERDICTS[int(code)] if code is not None else None
 
 
 def _status(result: Any) -> str:
     metrics = result.metrics or {}
     if result.error is not None:
-        return "failed"
-    if metrics.get("diverged"):
-        return "diverged"
-    if metrics.get("collapsed"):
-        return "collapsed"
-    if metrics.get("done"):
-        return "finished" if FINAL_METRIC in metrics else "pruned"
-    return "interrupted" if metrics else "pending"
+        return STATUS_FAILED
+    if metrics.get(DIVERGED_FLAG):
+        return STATUS_DIVERGED
+    if metrics.get(COLLAPSED_FLAG):
+        return STATUS_COLLAPSED
+    if metrics.get("done"):  # Tune's own key
+        return STATUS_FINISHED if FINAL_METRIC in metrics else STATUS_PRUNED
+    return STATUS_INTERRUPTED if metrics else STATUS_PENDING
 
 
 def _close_child(client: MlflowClient, run: Any, status: str, epoch: int | None) -> None:
     """FINISHED for finished, pruned and collapsed trials (tagged ``lejepa.status=pruned|collapsed``),
     FAILED for failed and diverged ones (``lejepa.status=diverged``), else KILLED."""
-    target = {"finished": "FINISHED", "pruned": "FINISHED", "collapsed": "FINISHED", "failed": "FAILED",
-              "diverged": "FAILED"}.get(status, "KILLED")
+    target = {STATUS_FINISHED: FINISHED, STATUS_PRUNED: FINISHED, STATUS_COLLAPSED: FINISHED, STATUS_FAILED: FAILED,
+              STATUS_DIVERGED: FAILED}.get(status, KILLED)
     tags = {}
-    if status in ("diverged", "collapsed"):
-        tags = {"lejepa.status": status, HEALTH_TAG: status}
-    elif status == "pruned":
-        tags = {"lejepa.status": "pruned", "lejepa.pruned_at_epoch": str(epoch)}
-    elif target == "KILLED":
-        tags = {"lejepa.status": "interrupted"}
+    if status in (STATUS_DIVERGED, STATUS_COLLAPSED):
+        tags = {STATUS_TAG: status, HEALTH_TAG: status}  # the verdict of the same name
+    elif status == STATUS_PRUNED:
+        tags = {STATUS_TAG: STATUS_PRUNED, PRUNED_AT_EPOCH_TAG: str(epoch)}
+    elif target == KILLED:
+        tags = {STATUS_TAG: STATUS_INTERRUPTED}
     if tags:
         client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     if run.info.status != target:
@@ -490,20 +496,19 @@ def _close_child(client: MlflowClient, run: Any, status: str, epoch: int | None)
 
 def _log_best(client: MlflowClient, outcome: SweepOutcome) -> None:
     now = int(time.time() * 1000)
-    metrics = [Metric(f"trials/{s}", float(outcome.count(s)), now, 0)
-               for s in ("finished", "pruned", "collapsed", "diverged", "failed")]
+    metrics = [Metric(trials_metric(s), float(outcome.count(s)), now, 0)
+               for s in (STATUS_FINISHED, STATUS_PRUNED, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_FAILED)]
     tags = []
-    for attr, mode, key in (("score", "min", "best/train_score"), ("linear_acc", "max", "best/linear_probe_acc")):
+    for attr, mode, key in (("score", "min", BEST_SCORE), ("linear_acc", "max", BEST_LINEAR_PROBE_ACC)):
         best = outcome.best(attr, mode, healthy_only=attr == "score")
         if best is not None:
             metrics.append(Metric(key, float(getattr(best, attr)), now, 0))
-            tags += [RunTag(f"lejepa.{key.replace('/', '_')}_trial", best.trial_id),
-                     RunTag(f"lejepa.{key.replace('/', '_')}_run", best.run_id or "")]
+            tags += [RunTag(best_trial_tag(key), best.trial_id), RunTag(best_run_tag(key), best.run_id or "")]
     client.log_batch(outcome.sweep.parent_run_id, metrics=metrics, tags=tags)
 
 
 def _score_order(trial: TrialSummary) -> tuple[int, float]:
-    return (0 if trial.status == "finished" else 1, trial.score if trial.score is not None else float("inf"))
+    return (0 if trial.status == STATUS_FINISHED else 1, trial.score if trial.score is not None else float("inf"))
 
 
 def _fmt(value: Any) -> str:
@@ -524,7 +529,7 @@ class ProgressTable(tune.Callback):
         self._shown: tuple = ()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        state = tuple((t.trial_id, t.status, t.last_result.get("epoch")) for t in trials)
+        state = tuple((t.trial_id, t.status, t.last_result.get(EPOCH)) for t in trials)
         if state != self._shown and time.monotonic() - self._last >= self.interval:
             self._last, self._shown = time.monotonic(), state
             self._print(self.table(trials))
@@ -535,16 +540,16 @@ class ProgressTable(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result
-        if r.get("diverged"):
-            self._print(f"trial {trial.trial_id} diverged at step {int(r['diverged_step'])} (loss not finite); "
+        if r.get(DIVERGED_FLAG):
+            self._print(f"trial {trial.trial_id} diverged at step {int(r[DIVERGED_STEP])} (loss not finite); "
                         f"the sweep goes on")
             return
-        if r.get("collapsed"):
-            self._print(f"trial {trial.trial_id} stopped at epoch {r.get('epoch')}: collapsed (collapse ratio "
-                        f"{_fmt(r.get('health/collapse_ratio'))}); its resources go to the next trial")
+        if r.get(COLLAPSED_FLAG):
+            self._print(f"trial {trial.trial_id} stopped at epoch {r.get(EPOCH)}: collapsed (collapse ratio "
+                        f"{_fmt(r.get(COLLAPSE_RATIO))}); its resources go to the next trial")
             return
         end = f"linear acc {_fmt(r[FINAL_METRIC])}" if FINAL_METRIC in r else "stopped early by the scheduler"
-        self._print(f"trial {trial.trial_id} done: epoch {r.get('epoch')}  loss {_fmt(r.get('epoch/loss'))}  "
+        self._print(f"trial {trial.trial_id} done: epoch {r.get(EPOCH)}  loss {_fmt(r.get(EPOCH_LOSS))}  "
                     f"score {_fmt(r.get(SCORE_METRIC))}  {end}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -555,9 +560,9 @@ class ProgressTable(tune.Callback):
 
     def table(self, trials: list) -> str:
         header = ["trial", "status", *self.keys, "epoch", "loss", "score", "collapse", "rank", "health", "probe acc"]
-        rows = [[t.trial_id, t.status.lower(), *(t.config.get(k) for k in self.keys), t.last_result.get("epoch"),
-                 t.last_result.get("epoch/loss"), t.last_result.get(SCORE_METRIC),
-                 t.last_result.get("health/collapse_ratio"), t.last_result.get("health/proj_rank"),
+        rows = [[t.trial_id, t.status.lower(), *(t.config.get(k) for k in self.keys), t.last_result.get(EPOCH),
+                 t.last_result.get(EPOCH_LOSS), t.last_result.get(SCORE_METRIC),
+                 t.last_result.get(COLLAPSE_RATIO), t.last_result.get(PROJ_RANK),
                  _health(t.last_result), t.last_result.get(ONLINE_METRIC)]
                 for t in trials]
         return f"[{datetime.now():%H:%M:%S}]\n" + format_table(header, rows)

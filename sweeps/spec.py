@@ -48,12 +48,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lejepa.config import PLAIN_NAME_RULE, Config, build_config, is_plain_name, load_yaml, set_dotted, valid_keys
 from lejepa.errors import ConfigError, LejepaError, did_you_mean
+from lejepa.record import (
+    EPOCH_INVARIANCE, EPOCH_LOSS, EPOCH_PROBE_LOSS, EPOCH_SIGREG, ONLINE_TEST_ACC, ONLINE_TRAIN_ACC, SCORE_ALPHA,
+    TRAIN_SCORE,
+)
 
-SCORE_METRIC = "train/score"
-"""The label-free score reported per epoch: ``epoch/loss / λ^α``."""
+SCORE_METRIC = TRAIN_SCORE
+"""The label-free score reported per epoch: ``epoch/loss / λ^α`` (:func:`lejepa.record.label_free_score`)."""
 
-METRICS = ("epoch/loss", "epoch/invariance", "epoch/sigreg", "epoch/probe_loss", "probe/online_train_acc",
-           "probe/online_test_acc", SCORE_METRIC)
+METRICS = (EPOCH_LOSS, EPOCH_INVARIANCE, EPOCH_SIGREG, EPOCH_PROBE_LOSS, ONLINE_TRAIN_ACC, ONLINE_TEST_ACC,
+           SCORE_METRIC)
 """Per-epoch metrics a search or scheduler may optimise."""
 
 SET_BY_SWEEP = ("train.out_dir", "train.run_name", "train.threads", "tracking.")
@@ -159,7 +163,7 @@ class _SpecFile(_Section):
     max_concurrent_trials: int | None = Field(None, ge=1)
     tracking: TrackingSpec = TrackingSpec()
     max_failures: int = Field(2, ge=-1)
-    score_alpha: float = Field(0.4, ge=0)
+    score_alpha: float = Field(SCORE_ALPHA, ge=0)
     prune_collapsed: int | None = Field(None, ge=1)
 
 
@@ -412,7 +416,7 @@ def _build(path: Path, spec: _SpecFile) -> SweepSpec:
     lam = next((p for p in space if p.key == "loss.lam"), None)
     if spec.score_alpha > 0 and any(float(v) <= 0 for v in (lam.probes() if lam else [build_config(base).loss.lam])):
         raise fail("space.loss.lam" if lam else "base.loss.lam",
-                   f"λ = 0 leaves {SCORE_METRIC} = epoch/loss / λ^α undefined: keep λ > 0 or set score_alpha: 0")
+                   f"λ = 0 leaves {SCORE_METRIC} = {EPOCH_LOSS} / λ^α undefined: keep λ > 0 or set score_alpha: 0")
     arch_resources = _arch_resources(base, space, spec.resources, fail)
     arch_params = _arch_params_table(base, space, spec.arch_overrides, fail)
     if spec.tracking.uri is not None and spec.tracking.uri.startswith("file:"):

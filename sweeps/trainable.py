@@ -36,11 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
+
 from lejepa.callbacks import Callback, RunInfo
 from lejepa.config import Config, build_config
+from lejepa.errors import TrainingCollapsed, TrainingDiverged
+from lejepa.record import (
+    CHECKPOINTS_DIR, COLLAPSE_RATIO, COLLAPSED_FLAG, DIVERGED_FLAG, DIVERGED_STEP, EPOCH, EPOCH_LOSS, KILLED,
+    KIND_TAG, KIND_TRIAL, RAY_NODE_TAG, SWEEP_TAG, TRAIN_SCORE, TRIAL_ID_TAG, label_free_score,
+)
 from lejepa.tracking import MLflowCallback, get_or_create_experiment
-from lejepa.trainer import TrainingCollapsed, TrainingDiverged
-from sweeps.spec import SCORE_METRIC, TrialResources, trial_tree
+from sweeps.spec import TrialResources, trial_tree
 
 Send = Callable[[dict[str, float], "str | None"], None]
 """Delivers one report: metrics and the checkpoint folder to attach (or None)."""
@@ -63,11 +69,6 @@ class TrialContext:
     worst: dict[str, float]    # search/scheduler metrics at their worst value (reported by a diverged trial)
 
 
-def label_free_score(loss: float, lam: float, alpha: float) -> float:
-    """``loss / λ^α`` (REFERENCE §3): ranks runs across λ without labels (lower is better)."""
-    return loss / lam ** alpha
-
-
 class TrialTracking(MLflowCallback):
     """The trial's child run: :class:`~lejepa.tracking.MLflowCallback` plus ``train/score`` per epoch
     and the Ray node of the current attempt (tag ``lejepa.ray_node``).
@@ -85,11 +86,11 @@ class TrialTracking(MLflowCallback):
 
     def on_train_start(self, info: RunInfo) -> None:
         super().on_train_start(info)
-        self.client.set_tag(self.run_id, "lejepa.ray_node", self.node_id)
+        self.client.set_tag(self.run_id, RAY_NODE_TAG, self.node_id)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        score = label_free_score(metrics["epoch/loss"], self.lam, self.alpha)
-        super().on_epoch_end(epoch, step, {**metrics, SCORE_METRIC: score})
+        score = label_free_score(metrics[EPOCH_LOSS], self.lam, self.alpha)
+        super().on_epoch_end(epoch, step, {**metrics, TRAIN_SCORE: score})
 
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         super().on_train_end(metrics, checkpoint)
@@ -102,8 +103,8 @@ class TrialTracking(MLflowCallback):
         if self.finished:  # stopped by Tune at its last report: the run is complete
             return
         with contextlib.suppress(Exception):
-            self._close(timeout=10.0)
-            self.client.set_terminated(self.run_id, "KILLED")
+            self.close(timeout=10.0)
+            self.client.set_terminated(self.run_id, KILLED)
 
 
 class TuneReport(Callback):
@@ -122,7 +123,7 @@ class TuneReport(Callback):
         self.held: str | None = None
 
     def on_checkpoint(self, epoch: int, step: int, path: Path, metrics: dict[str, float]) -> None:
-        self.last = {**metrics, "epoch": epoch, SCORE_METRIC: label_free_score(metrics["epoch/loss"], self.lam, self.alpha)}
+        self.last = {**metrics, EPOCH: epoch, TRAIN_SCORE: label_free_score(metrics[EPOCH_LOSS], self.lam, self.alpha)}
         if epoch < self.epochs:
             self.send(self.last, str(path))
         else:
@@ -135,20 +136,20 @@ class TuneReport(Callback):
 def find_child_run(client: Any, experiment_id: str, sweep: str, trial_id: str) -> str | None:
     """The id of the MLflow run of ``trial_id`` in ``sweep``, if one was created (oldest first)."""
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`lejepa.sweep` = '{sweep}' and tags.`lejepa.trial_id` = '{trial_id}'",
+        [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
         order_by=["attributes.start_time ASC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def trial_callbacks(ctx: TrialContext, cfg: Config, trial_id: str, node_id: str, send: Send) -> list[Callback]:
     """MLflow child-run tracking (continuing the trial's run if it exists) and Tune reporting."""
+    client = MlflowClient(ctx.tracking_uri)
+    experiment_id = get_or_create_experiment(client, ctx.experiment, ctx.tracking_uri)
     tracking = TrialTracking(
         ctx.tracking_uri, experiment=ctx.experiment, run_name=f"{ctx.sweep}/{trial_id}",
-        parent_run_id=ctx.parent_run_id, lam=cfg.loss.lam, alpha=ctx.score_alpha, node_id=node_id,
-        flush_every=cfg.tracking.flush_every,
-        tags={"lejepa.kind": "trial", "lejepa.sweep": ctx.sweep, "lejepa.trial_id": trial_id})
-    experiment_id = get_or_create_experiment(tracking.client, ctx.experiment, ctx.tracking_uri)
-    tracking.run_id = find_child_run(tracking.client, experiment_id, ctx.sweep, trial_id)
+        parent_run_id=ctx.parent_run_id, run_id=find_child_run(client, experiment_id, ctx.sweep, trial_id),
+        lam=cfg.loss.lam, alpha=ctx.score_alpha, node_id=node_id, flush_every=cfg.tracking.flush_every,
+        tags={KIND_TAG: KIND_TRIAL, SWEEP_TAG: ctx.sweep, TRIAL_ID_TAG: trial_id})
     return [tracking, TuneReport(send, cfg.loss.lam, ctx.score_alpha, cfg.train.epochs)]
 
 
@@ -169,7 +170,7 @@ def newest_checkpoint(tune_dir: str | None, run_dir: Path) -> str | None:
             candidates.append(Path(tune_dir))
         else:
             warn(f"warning: skipping corrupt checkpoint {tune_dir} restored by Tune")
-    own = latest_valid_checkpoint(run_dir / "checkpoints", warn=warn)
+    own = latest_valid_checkpoint(run_dir / CHECKPOINTS_DIR, warn=warn)
     if own is not None:
         candidates.append(own)
     if not candidates:
@@ -211,8 +212,8 @@ def outcome_report(ctx: TrialContext, exc: TrainingDiverged | TrainingCollapsed,
     """The last report of a diverged (``diverged=1`` and the step) or collapsed (``collapsed=1`` and
     the collapse ratio) trial, with the optimised metrics at their worst."""
     if isinstance(exc, TrainingCollapsed):
-        return {**ctx.worst, "epoch": epoch, "collapsed": 1.0, "health/collapse_ratio": exc.ratio}
-    return {**ctx.worst, "epoch": epoch, "diverged": 1.0, "diverged_step": float(exc.step)}
+        return {**ctx.worst, EPOCH: epoch, COLLAPSED_FLAG: 1.0, COLLAPSE_RATIO: exc.ratio}
+    return {**ctx.worst, EPOCH: epoch, DIVERGED_FLAG: 1.0, DIVERGED_STEP: float(exc.step)}
 
 
 def _report_to_tune(metrics: dict[str, float], checkpoint_dir: str | None) -> None:

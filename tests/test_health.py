@@ -12,6 +12,7 @@ import torch
 
 from mlflow import MlflowClient
 
+from lejepa import record
 from lejepa.callbacks import Callback
 from lejepa.config import load_config
 from lejepa.health import (COLLAPSED, COLLAPSED_RATIO, DIMENSIONAL, DIMENSIONAL_RANK, DIVERGED, HEALTHY, VERDICTS,
@@ -99,7 +100,7 @@ class Verdicts(Callback):
         self.epochs = []
 
     def on_epoch_end(self, epoch, step, metrics):
-        self.epochs.append((VERDICTS[int(metrics["health/verdict"])], metrics["health/collapse_ratio"]))
+        self.epochs.append((VERDICTS[int(metrics[record.VERDICT])], metrics[record.COLLAPSE_RATIO]))
 
 
 def _train(tmp_path, name, *overrides, uri=None):
@@ -119,7 +120,7 @@ def test_tiny_training_at_lambda_zero_is_collapsed_a_healthy_one_is_not(tmp_path
     assert collapsed.epochs[-1][0] == COLLAPSED and collapsed.epochs[-1][1] > 0.9
     assert healthy.epochs[-1][0] == HEALTHY and healthy.epochs[-1][1] < 0.3
     client = MlflowClient(uri)
-    tags = {r.info.run_name: r.data.tags["lejepa.health"]
+    tags = {r.info.run_name: r.data.tags[record.HEALTH_TAG]
             for r in client.search_runs([client.get_experiment_by_name("health").experiment_id])}
     assert tags == {"zero": COLLAPSED, "half": HEALTHY}
 
@@ -131,8 +132,8 @@ def test_collapse_patience_stops_a_collapsed_run(tmp_path):
         trainer.fit()
     assert trainer.epoch == 2 and [v for v, _ in seen.epochs] == [COLLAPSED, COLLAPSED]
     run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("health").experiment_id])[0]
-    assert run.info.status == "FINISHED"  # label-free pruning is an outcome, not an error
-    assert run.data.tags["lejepa.status"] == "collapsed" and run.data.tags["lejepa.health"] == COLLAPSED
+    assert run.info.status == record.FINISHED  # label-free pruning is an outcome, not an error
+    assert run.data.tags[record.STATUS_TAG] == record.STATUS_COLLAPSED and run.data.tags[record.HEALTH_TAG] == COLLAPSED
 
 
 def test_collapse_risk_boundary():

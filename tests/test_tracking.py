@@ -8,6 +8,7 @@ import time
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
+from lejepa import record
 from lejepa.callbacks import RunInfo
 from lejepa.config import build_config
 from lejepa.tracking import MetricSender, MLflowCallback
@@ -20,9 +21,9 @@ def _info(run_dir, start_epoch: int = 0, start_step: int = 0) -> RunInfo:
 def _train(callback: MLflowCallback, info: RunInfo, first_step: int, last_step: int, steps_per_epoch: int = 10) -> None:
     callback.on_train_start(info)
     for step in range(first_step, last_step + 1):
-        callback.on_step_end(step, {"train/loss": 1.0 / step})
+        callback.on_step_end(step, {record.TRAIN_LOSS: 1.0 / step})
         if step % steps_per_epoch == 0:
-            callback.on_epoch_end(step // steps_per_epoch, step, {"epoch/loss": 1.0 / step})
+            callback.on_epoch_end(step // steps_per_epoch, step, {record.EPOCH_LOSS: 1.0 / step})
 
 
 def test_continued_run_skips_the_steps_it_already_holds(tmp_path):
@@ -35,17 +36,18 @@ def test_continued_run_skips_the_steps_it_already_holds(tmp_path):
     # the retry resumes from epoch 1's checkpoint (step 10), finds the run through mlflow_run.json
     second = MLflowCallback(uri, flush_every=1)
     _train(second, _info(tmp_path / "run", start_epoch=1, start_step=10), 11, 30)
-    second.on_train_end({"eval/linear_probe_acc": 0.5}, None)
+    second.on_train_end({record.LINEAR_PROBE_ACC: 0.5}, None)
 
     assert second.run_id == first.run_id
     client = MlflowClient(uri)
-    steps = [m.step for m in client.get_metric_history(first.run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(first.run_id, record.TRAIN_LOSS)]
     assert sorted(steps) == list(range(1, 31))
-    assert sorted(m.step for m in client.get_metric_history(first.run_id, "epoch")) == [10, 20, 30]
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, record.EPOCH)) == [10, 20, 30]
     run = client.get_run(first.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["lejepa.resumed_from_epoch"] == "1"
-    assert "lejepa.error" not in run.data.tags and run.data.tags["lejepa.previous_error"] == "RuntimeError: worker died"
-    assert run.data.metrics["eval/linear_probe_acc"] == 0.5
+    assert run.info.status == record.FINISHED and run.data.tags[record.RESUMED_FROM_EPOCH_TAG] == "1"
+    assert record.ERROR_TAG not in run.data.tags
+    assert run.data.tags[record.PREVIOUS_ERROR_TAG] == "RuntimeError: worker died"
+    assert run.data.metrics[record.LINEAR_PROBE_ACC] == 0.5
 
 
 def test_sender_keeps_metrics_while_the_store_fails_and_delivers_them_in_order(tmp_path):
@@ -61,3 +63,14 @@ def test_sender_keeps_metrics_while_the_store_fails_and_delivers_them_in_order(t
     sender.client = client                         # the store is back
     assert sender.close(timeout=30)
     assert [m.step for m in client.get_metric_history(run_id, "m")] == list(range(50))
+
+
+def test_logged_steps_are_the_highest_step_per_key_whatever_the_logging_order(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric("a", 0.0, now, s) for s in (1, 2, 3, 4)])
+    client.log_batch(run_id, metrics=[Metric("a", 9.0, now + 1000, 2), Metric("b", 1.0, now, 7)])  # a rerun of step 2
+    run = client.get_run(run_id)
+    assert MLflowCallback(uri).logged_steps(run_id, run.data.metrics) == {"a": 4, "b": 7}

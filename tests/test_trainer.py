@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lejepa import record
 from lejepa.callbacks import Callback
 from lejepa.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lejepa.config import load_config
@@ -65,7 +66,7 @@ def test_resume_continues_exactly(tmp_path):
     assert second.steps.keys() == {s for s in full.steps if s > max(first.steps)}
     assert second.final == pytest.approx(full.final, rel=1e-6, abs=1e-7)
     # the run learned something: loss went down and metrics are probabilities
-    assert full.epochs[4]["epoch/loss"] < full.epochs[1]["epoch/loss"]
+    assert full.epochs[4][record.EPOCH_LOSS] < full.epochs[1][record.EPOCH_LOSS]
     assert all(0.0 <= v <= 1.0 for v in full.final.values())
 
 
@@ -138,16 +139,17 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert len(views_rng) == 2 and not torch.equal(views_rng[0], views_rng[1])
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("lejepa").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(runs) == 1 and runs[0].info.status == record.FINISHED
     # each epoch is logged once (rank 0 only), and the batch is the global batch of 64 = 2 × 32
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "epoch")] == [meta["step"] // 2, meta["step"]]
+    epochs = client.get_metric_history(runs[0].info.run_id, record.EPOCH)
+    assert [m.step for m in epochs] == [meta["step"] // 2, meta["step"]]
     assert runs[0].data.params["optim.batch_size"] == "64"
 
 
 def test_online_probe_is_scored_on_a_bounded_evenly_spaced_test_subset(tmp_path):
     class Scores(Callback):
         def on_epoch_end(self, epoch, step, metrics):
-            self.acc = metrics["probe/online_test_acc"]
+            self.acc = metrics[record.ONLINE_TEST_ACC]
 
     scores = Scores()
     trainer = Trainer(tiny_cfg(tmp_path, "train.epochs=1", "train.online_eval_images=37"), [scores], run_dir=tmp_path / "r")
@@ -181,7 +183,7 @@ def test_bf16_autocast_trains_on_cuda(tmp_path):
                       run_dir=tmp_path / "cuda")
     assert trainer.rt.autocast_dtype == torch.bfloat16  # auto = bf16 on CUDA
     trainer.fit()
-    assert rec.steps and all(math.isfinite(m["train/loss"]) for m in rec.steps.values())
+    assert rec.steps and all(math.isfinite(m[record.TRAIN_LOSS]) for m in rec.steps.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -195,7 +197,7 @@ def test_compiled_training_on_cuda_matches_eager_and_checkpoints_plain_keys(tmp_
         trainer = Trainer(cfg, [rec], run_dir=tmp_path / mode)
         assert (trainer.train_model is trainer.model) == (mode == "eager")
         trainer.fit()
-        runs[mode] = [rec.steps[k]["train/loss"] for k in sorted(rec.steps)]
+        runs[mode] = [rec.steps[k][record.TRAIN_LOSS] for k in sorted(rec.steps)]
     assert runs["auto"] == pytest.approx(runs["eager"], rel=0.05)
     state, _ = load_checkpoint(list_checkpoints(tmp_path / "auto" / "checkpoints")[-1])
     assert not any("_orig_mod" in k for k in state["model"])
@@ -217,15 +219,15 @@ def test_random_init_baseline_scores_the_untrained_backbone_and_changes_nothing_
     assert first.epochs[1] == pytest.approx(plain.epochs[1], rel=1e-6, abs=1e-7)
     assert resumed.epochs[2] == pytest.approx(plain.epochs[2], rel=1e-6, abs=1e-7)
     final = dict(resumed.final)
-    init = {k: final.pop(k) for k in ("eval/init_linear_probe_acc", "eval/init_knn_acc")}
+    init = {k: final.pop(k) for k in (record.INIT_LINEAR_PROBE_ACC, record.INIT_KNN_ACC)}
     assert final == pytest.approx(plain.final, rel=1e-6, abs=1e-7)
 
     fresh = Trainer(cfg, run_dir=tmp_path / "fresh")  # same seed: the same untrained backbone
     train, test = fresh.features(fresh.data.train), fresh.features(fresh.data.test)
-    assert init["eval/init_linear_probe_acc"] == pytest.approx(
+    assert init[record.INIT_LINEAR_PROBE_ACC] == pytest.approx(
         linear_probe(*train, *test, fresh.data.num_classes, epochs=cfg.train.eval_probe_epochs, seed=cfg.train.seed))
-    assert init["eval/init_knn_acc"] == pytest.approx(knn_accuracy(*train, *test, k=cfg.train.eval_knn_k))
-    assert init["eval/init_knn_acc"] != pytest.approx(final["eval/knn_acc"])
+    assert init[record.INIT_KNN_ACC] == pytest.approx(knn_accuracy(*train, *test, k=cfg.train.eval_knn_k))
+    assert init[record.INIT_KNN_ACC] != pytest.approx(final[record.KNN_ACC])
 
 
 def _failing_backend(gm, example_inputs):
@@ -249,7 +251,7 @@ def test_a_failing_compilation_falls_back_to_eager_under_auto_and_is_one_error_o
         trainer.fit()
         assert trainer.train_model is trainer.model
         assert "torch.compile failed for test_resnet" in capsys.readouterr().err
-        assert rec.steps and all(math.isfinite(m["train/loss"]) for m in rec.steps.values())
+        assert rec.steps and all(math.isfinite(m[record.TRAIN_LOSS]) for m in rec.steps.values())
     else:
         with pytest.raises(ConfigError, match="train.compile=default failed for test_resnet.*use train.compile=eager"):
             trainer.fit()

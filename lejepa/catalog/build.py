@@ -36,7 +36,7 @@ import torch
 from lejepa.backbones import build_backbone
 from lejepa.catalog import CATALOG_CSV, COLUMNS, SMALL_RESOLUTION, ArchInfo, format_params, load_catalog
 from lejepa.config import LossConfig, ModelConfig
-from lejepa.errors import ArchitectureError
+from lejepa.errors import ArchitectureError, first_line
 from lejepa.model import LeJEPAModel
 from lejepa.objective import lejepa_loss
 from lejepa.sigreg import SIGReg, epps_pulley
@@ -185,8 +185,7 @@ def check(info: ArchInfo) -> tuple[bool, float, str]:
         if not info.gpu_scale and not torch.isfinite(loss):
             return False, time.perf_counter() - start, f"non-finite loss {loss.item()}"
     except Exception as exc:  # recorded in the catalog, not raised
-        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return False, time.perf_counter() - start, f"{type(exc).__name__}: {problem}"[:160]
+        return False, time.perf_counter() - start, f"{type(exc).__name__}: {first_line(exc)}"[:160]
     return True, time.perf_counter() - start, ""
 
 

@@ -1,0 +1,84 @@
+"""The MLflow record has one schema: every key a real run logs is declared in :mod:`lejepa.record`.
+
+A tiny sweep trial (the real :class:`~lejepa.trainer.Trainer` and the trial's MLflow callback,
+nested under a parent run, no Ray) trains one epoch into a SQLite store; a second run fails,
+diverges and is continued. A metric or tag that bypasses the schema fails here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from mlflow import MlflowClient
+
+from lejepa import record
+from lejepa.callbacks import RunInfo
+from lejepa.config import build_config, load_config
+from lejepa.errors import TrainingDiverged
+from lejepa.tracking import MLflowCallback
+from lejepa.trainer import Trainer
+from sweeps.trainable import TrialTracking
+
+from conftest import TINY
+
+
+def _ours(tags: dict[str, str]) -> set[str]:
+    """The tag keys this project writes: ``lejepa.*`` and MLflow's nesting tag."""
+    return {k for k in tags if k.startswith("lejepa.") or k == record.PARENT_TAG}
+
+
+def test_every_key_a_trained_trial_logs_is_declared(tmp_path):
+    uri = record.sqlite_uri(tmp_path / record.TRACKING_DB)
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("record"), run_name="sweep",
+                               tags={record.KIND_TAG: record.KIND_SWEEP, record.SWEEP_TAG: "s"}).info.run_id
+    cfg = load_config(None, TINY + [f"train.out_dir={tmp_path}", "train.epochs=1", "train.eval_at_init=true"])
+    tracking = TrialTracking(uri, experiment="record", parent_run_id=parent, lam=cfg.loss.lam,
+                             alpha=record.SCORE_ALPHA, node_id="node", flush_every=1,
+                             tags={record.KIND_TAG: record.KIND_TRIAL, record.SWEEP_TAG: "s",
+                                   record.TRIAL_ID_TAG: "t0"})
+    trainer = Trainer(cfg, run_dir=tmp_path / "t0")
+    trainer.add_callback(tracking)
+    final = trainer.fit()
+
+    run = client.get_run(tracking.run_id)
+    metrics, tags = set(run.data.metrics), run.data.tags
+    assert metrics <= record.RUN_METRICS, metrics - record.RUN_METRICS
+    assert _ours(tags) <= record.RUN_TAGS, _ours(tags) - record.RUN_TAGS
+    assert {k for k in tags if not k.startswith("mlflow.")} - _ours(tags) <= record.RUN_TAGS  # arch, family, dataset
+    # what the trainer produces is what the schema says it produces
+    assert set(final) == set(record.FINAL_METRICS)
+    assert set(record.STEP_METRICS) | set(record.EPOCH_METRICS) | set(record.FINAL_METRICS) == metrics
+    assert tags[record.PARENT_TAG] == parent and tags[record.HEALTH_TAG] in record.VERDICTS
+    assert (tmp_path / "t0" / record.CONFIG_FILE).is_file() and (tmp_path / "t0" / record.RUN_FILE).is_file()
+    epoch_loss = client.get_metric_history(tracking.run_id, record.EPOCH_LOSS)[0].value
+    score = client.get_metric_history(tracking.run_id, record.TRAIN_SCORE)[0].value
+    assert score == pytest.approx(record.label_free_score(epoch_loss, cfg.loss.lam))
+
+
+def test_failure_and_continuation_tags_are_declared(tmp_path):
+    uri = record.sqlite_uri(tmp_path / record.TRACKING_DB)
+    info = RunInfo(build_config({}), tmp_path / "run", 0, 0, 10, 30, "cpu", 1, 123)
+    first = MLflowCallback(uri, flush_every=1)
+    first.on_train_start(info)
+    first.on_step_end(1, {record.TRAIN_LOSS: 1.0})
+    first.on_failure(TrainingDiverged(1, math.nan))
+    second = MLflowCallback(uri, flush_every=1)  # continued through the run folder's mlflow_run.json
+    second.on_train_start(RunInfo(build_config({}), tmp_path / "run", 1, 10, 10, 30, "cpu", 1, 123))
+    second.on_failure(RuntimeError("stopped"))
+
+    tags = MlflowClient(uri).get_run(first.run_id).data.tags
+    assert second.run_id == first.run_id
+    assert _ours(tags) <= record.RUN_TAGS, _ours(tags) - record.RUN_TAGS
+    assert {record.PREVIOUS_ERROR_TAG, record.RESUMED_FROM_EPOCH_TAG, record.ERROR_TAG} <= set(tags)
+
+
+def test_schema_helpers_spell_the_keys_they_stand_for():
+    assert record.init_metric(record.LINEAR_PROBE_ACC) == record.INIT_LINEAR_PROBE_ACC == "eval/init_linear_probe_acc"
+    assert record.best_trial_tag(record.BEST_SCORE) == "lejepa.best_train_score_trial"
+    assert record.best_run_tag(record.BEST_LINEAR_PROBE_ACC) == "lejepa.best_linear_probe_acc_run"
+    assert record.trials_metric(record.STATUS_PRUNED) == "trials/pruned"
+    assert record.sqlite_path(record.sqlite_uri("/a/b.db")) == "/a/b.db" and record.sqlite_path("http://h:1") is None
+    assert record.label_free_score(2.0, 0.25, 0.5) == 4.0 and record.label_free_score(2.0, 0.25, 0.0) == 2.0
+    assert len(set(record.STATUSES)) == len(record.STATUSES) and record.STATUS_DIVERGED == record.DIVERGED
