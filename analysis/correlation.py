@@ -1,7 +1,7 @@
 """Does a label-free score rank runs by downstream accuracy?
 
 Scores are columns ``score.<key>`` of a sweep table (one row per run × epoch), all oriented so
-that *higher predicts better accuracy*. The loss-based ones (REFERENCE §3):
+that *higher predicts better accuracy*. The loss-based ones (docs/method.md §3):
 
 - ``loss``          −L_e, the epoch's training loss;
 - ``loss_lastk``    −mean(L_{e−k+1..e}), the mean over the last k epochs up to e;

@@ -1,4 +1,4 @@
-"""Label-free representation criteria on backbone features (REFERENCE §3), and their cost.
+"""Label-free representation criteria on backbone features (docs/method.md §3), and their cost.
 
 - RankMe (Garrido et al.): σ the singular values of the N×K feature matrix,
   p_k = σ_k / Σσ + ε, RankMe = exp(−Σ p_k log p_k). Higher is better.

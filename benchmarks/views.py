@@ -1,6 +1,6 @@
 """Throughput of the batched ViewSampler against a per-sample torchvision v2 loop, on CPU.
 
-Both make the default multi-crop recipe (2 global + 6 local views, REFERENCE §2) of the same
+Both make the default multi-crop recipe (2 global + 6 local views, docs/method.md §2) of the same
 uint8 batch; the loop runs one ``v2.Compose`` per view per image and stacks the results.
 Prints images/s (source images per second, all their views included) and the ratio.
 

@@ -75,7 +75,7 @@ class ModelConfig(_Section):
 
 
 class ViewsConfig(_Section):
-    """Multi-crop views and the paper's augmentations (REFERENCE §2)."""
+    """Multi-crop views and the paper's augmentations (docs/method.md §2)."""
 
     global_views: int = Field(2, ge=1, le=16)
     local_views: int = Field(6, ge=0, le=64)

@@ -1,4 +1,4 @@
-"""The LeJEPA objective (REFERENCE §2).
+"""The LeJEPA objective (docs/method.md §2).
 
 For projections z ∈ R^{V×B×D} whose first ``num_global`` views are the global ones:
 

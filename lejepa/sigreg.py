@@ -1,4 +1,4 @@
-"""SIGReg: the sliced Epps–Pulley Gaussianity regulariser of LeJEPA (REFERENCE §1).
+"""SIGReg: the sliced Epps–Pulley Gaussianity regulariser of LeJEPA (docs/method.md §1).
 
 For N samples x_j of a column, with φ̂(t) = (1/N) Σ_j e^{i t x_j} = c(t) + i s(t) and
 φ(t) = e^{−t²/2}, the statistic is the trapezoid rule on t_k = k·dt, dt = t_max/(knots − 1):

@@ -3,7 +3,7 @@
 Each view of each image gets its own random parameters, drawn from one CPU
 ``torch.Generator`` and moved to the images' device; every view type (global, local) is then
 transformed for the whole batch at once by tensor ops, never a Python loop over samples.
-Per view, in this order (REFERENCE §2; torchvision semantics unless said otherwise):
+Per view, in this order (docs/method.md §2; torchvision semantics unless said otherwise):
 
 1. RandomResizedCrop(size, scale, ratio=(3/4, 4/3)): torchvision's sampler, vectorised (10
    tries of area ~ U(scale)·H·W and log-ratio ~ U(log 3/4, log 4/3), integer box, first try
