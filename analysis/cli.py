@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 from lejepa.errors import LejepaError, did_you_mean
 from lejepa.preflight import check_tracking_uri, check_writable
 from lejepa.record import (
-    ARCH_TAG, CHECKPOINT_ARTIFACT, CHECKPOINTS_DIR, MODEL_EPOCH_TAG, MODEL_LAM_TAG, MODEL_SCORE_TAG, TRIAL_ID_TAG,
+    ARCH_TAG,
+    CHECKPOINT_ARTIFACT,
+    CHECKPOINTS_DIR,
+    MODEL_EPOCH_TAG,
+    MODEL_LAM_TAG,
+    MODEL_SCORE_TAG,
+    TRIAL_ID_TAG,
     sqlite_path,
 )
 

@@ -118,7 +118,10 @@ def correlate(score, acc, n_boot: int = 1000, level: float = 0.95, seed: int = 0
     def interval(values: list[np.ndarray]) -> tuple[float, float]:
         v = np.concatenate(values)
         v = v[np.isfinite(v)]
-        return tuple(float(b) for b in np.percentile(v, q)) if len(v) else nan_ci
+        if not len(v):
+            return nan_ci
+        lo, hi = np.percentile(v, q)
+        return float(lo), float(hi)
 
     return Correlation(len(x), rho, tau, interval(rhos), interval(taus))
 

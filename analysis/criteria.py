@@ -23,6 +23,7 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,9 @@ from torch import Tensor
 
 from lejepa.health import EPS, effective_rank, singular_values
 from lejepa.health import entropy_rank as _entropy_rank
+
+if TYPE_CHECKING:
+    from lejepa.config import Config
 
 LABELS = {"rankme": "RankMe", "lidar": "LiDAR", "alpha_req": "α-ReQ (−|α−1|)"}
 
@@ -104,7 +108,7 @@ class _Context:
 
         self.data = build_datasets(cfg.data)
         gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.data.train), generator=gen)
+        order = torch.randperm(len(self.data.train), generator=gen)  # type: ignore[arg-type]  # map-style: has __len__
         sample, _ = _stack(self.data.train, order[:sample_size])
         self.sample = self.eval_images(sample)
         sampler = ViewSampler(cfg.views, self.data.resolution, self.data.mean, self.data.std)
@@ -127,7 +131,7 @@ class _Context:
         return self._labelled
 
 
-def load_backbone(checkpoint: Path | str) -> tuple[torch.nn.Module, object]:
+def load_backbone(checkpoint: Path | str) -> tuple[torch.nn.Module, Config]:
     """The backbone of a training checkpoint (eval mode) and the run's :class:`Config`."""
     from lejepa.backbones import build_backbone
     from lejepa.checkpoint import load_checkpoint
@@ -168,13 +172,13 @@ def evaluate_checkpoints(checkpoints: Iterable[Path | str], sample_size: int = 1
         row: dict[str, object] = {"checkpoint": str(path)}
         t0 = time.perf_counter()
         feats = _features(backbone, ctx.sample)
-        row["time.features"] = time.perf_counter() - t0
+        row["time.features"] = features_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         row["rankme"] = rankme(feats)
-        row["time.rankme"] = row["time.features"] + time.perf_counter() - t0
+        row["time.rankme"] = features_s + time.perf_counter() - t0
         t0 = time.perf_counter()
         row["alpha_req"] = alpha_req(feats)
-        row["time.alpha_req"] = row["time.features"] + time.perf_counter() - t0
+        row["time.alpha_req"] = features_s + time.perf_counter() - t0
         t0 = time.perf_counter()
         n, q = ctx.views.shape[:2]
         view_feats = _features(backbone, ctx.views.flatten(0, 1)).reshape(n, q, -1)

@@ -24,7 +24,11 @@ from analysis.health import SAFE, add_health, add_safe_scores, exclusions, main_
 from analysis.loader import Sweep
 from analysis.selection import EVIDENCE, evidence_column, random_regret, selection_table
 from lejepa.record import (
-    SELECTED_CHECKPOINT_TAG, SELECTED_EPOCH_TAG, SELECTED_RUN_ID_TAG, SELECTED_SCORE_TAG, SELECTION_ARTIFACT,
+    SELECTED_CHECKPOINT_TAG,
+    SELECTED_EPOCH_TAG,
+    SELECTED_RUN_ID_TAG,
+    SELECTED_SCORE_TAG,
+    SELECTION_ARTIFACT,
 )
 
 LABELS = {**corr.LABELS, **CRITERIA_LABELS}
@@ -199,8 +203,8 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(out + ["| " + " | ".join(r) + " |" for r in cells[1:]])
 
 
-def _correlation_rows(a: Analysis) -> pd.DataFrame:
-    t = a.correlations
+def _correlation_rows(a: Analysis, t: pd.DataFrame) -> pd.DataFrame:
+    """``t``: ``a.correlations``."""
     return pd.DataFrame({
         "score": t["score"].map(a.label), "group": t["group"], "n": t["n"],
         "Spearman ρ": [_with_ci(*v) for v in zip(t.rho, t.rho_lo, t.rho_hi)],
@@ -209,6 +213,11 @@ def _correlation_rows(a: Analysis) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- report files
+def _evidence(column: str | None) -> str:
+    """What an accuracy column measures, ``none`` without one."""
+    return EVIDENCE.get(column, "none") if column is not None else "none"
+
+
 def write_report(a: Analysis, out_dir: Path | str) -> Path:
     """Write ``report.md``, its PNGs and CSVs of the tables under ``out_dir``; returns the report path."""
     out = Path(out_dir)
@@ -218,8 +227,8 @@ def write_report(a: Analysis, out_dir: Path | str) -> Path:
           f"- {len(a.runs)} runs, {len(a.candidates)} checkpoints; architectures: "
           f"{', '.join(sorted(a.runs['arch'].astype(str).unique()))}; λ: "
           f"{', '.join(format(v, 'g') for v in sorted(a.runs['lam'].dropna().unique()))}",
-          f"- correlation evidence: {EVIDENCE.get(a.run_acc, 'none')} on each run's final checkpoint; "
-          f"selection evidence: {EVIDENCE.get(a.pick_acc, 'none')}",
+          f"- correlation evidence: {_evidence(a.run_acc)} on each run's final checkpoint; "
+          f"selection evidence: {_evidence(a.pick_acc)}",
           f"- fitted α: {a.alpha_scheme}"
           + (f"; in-sample α̂ on all runs = {a.alpha_in_sample:.2f}" if np.isfinite(a.alpha_in_sample) else ""),
           "", "Scores are oriented so that higher predicts better; regret is in accuracy points against the best "
@@ -239,7 +248,7 @@ def write_report(a: Analysis, out_dir: Path | str) -> Path:
            "run last and never pick its checkpoints.", ""]
     if len(a.excluded):
         md += [markdown_table(a.excluded.assign(**{"λ": a.excluded["λ"].map(lambda v: f"{v:g}")})), ""]
-    if a.correlations is not None:
+    if a.correlations is not None and a.curve is not None and a.run_acc is not None:  # all three or none
         pooled = a.correlations[(a.correlations["group"] == "all") & (a.correlations["score"] == "loss")].iloc[0]
         scatter = plots.loss_vs_accuracy(a.runs, a.run_acc, pooled.rho, pooled.tau, out / "loss_vs_accuracy.png",
                                          acc_label=EVIDENCE[a.run_acc])
@@ -247,7 +256,7 @@ def write_report(a: Analysis, out_dir: Path | str) -> Path:
         bars = plots.arch_correlation_bars(a.correlations, out / "arch_correlations.png",
                                            {k: a.label(k) for k in a.scores})
         md += ["## Correlation with accuracy", "", "Percentile bootstrap over runs, 95% intervals.", "",
-               markdown_table(_correlation_rows(a)), "",
+               markdown_table(_correlation_rows(a, a.correlations)), "",
                f"![loss vs accuracy]({scatter.name})", "", "## C(α)", "",
                "Spearman ρ of −loss/λ^α against accuracy over all runs (in sample; the α̂ score above is out of fold).",
                "", f"![C(alpha)]({curve.name})", "", "## Per architecture", "", f"![per architecture]({bars.name})", ""]

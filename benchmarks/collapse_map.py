@@ -26,8 +26,17 @@ import torch
 
 from lejepa.config import load_config
 from lejepa.data import build_datasets
-from lejepa.health import (COLLAPSED, COLLAPSED_RATIO, DIMENSIONAL, DIMENSIONAL_RANK, HEALTHY, LAMBDA_BATCH_MIN,
-                           collapse_ratio, effective_rank, verdict)
+from lejepa.health import (
+    COLLAPSED,
+    COLLAPSED_RATIO,
+    DIMENSIONAL,
+    DIMENSIONAL_RANK,
+    HEALTHY,
+    LAMBDA_BATCH_MIN,
+    collapse_ratio,
+    effective_rank,
+    verdict,
+)
 from lejepa.probes import knn_accuracy
 from lejepa.trainer import Trainer
 

@@ -29,14 +29,21 @@ if str(ROOT) not in sys.path:
 
 from analysis.cli import DEFAULT_SCORE  # noqa: E402
 from analysis.criteria import evaluate_checkpoints  # noqa: E402
-from analysis.loader import load_sweep  # noqa: E402
 from analysis.health import SAFE, replay_pruning  # noqa: E402
+from analysis.loader import load_sweep  # noqa: E402
 from analysis.report import analyse, health_comparison, markdown_table, terminal_table, write_report  # noqa: E402
 from analysis.selection import select  # noqa: E402
 from lejepa.config import load_config  # noqa: E402
 from lejepa.errors import TrainingDiverged  # noqa: E402
 from lejepa.record import (  # noqa: E402
-    FINISHED, KIND_SWEEP, KIND_TAG, KIND_TRIAL, SWEEP_TAG, TRACKING_DB, TRIAL_ID_TAG, sqlite_uri,
+    FINISHED,
+    KIND_SWEEP,
+    KIND_TAG,
+    KIND_TRIAL,
+    SWEEP_TAG,
+    TRACKING_DB,
+    TRIAL_ID_TAG,
+    sqlite_uri,
 )
 from lejepa.tracking import MLflowCallback, get_or_create_experiment  # noqa: E402
 from lejepa.trainer import Trainer  # noqa: E402

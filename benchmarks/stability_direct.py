@@ -40,8 +40,18 @@ import stability  # noqa: E402  (benchmarks/stability.py: the report)
 from lejepa.catalog import query  # noqa: E402
 from lejepa.errors import LejepaError, first_line  # noqa: E402
 from lejepa.record import (  # noqa: E402
-    COLLAPSE_RATIO, EPOCH_IMAGES_PER_SEC, EPOCH_LOSS, INIT_KNN_ACC, INIT_LINEAR_PROBE_ACC, KNN_ACC, LINEAR_PROBE_ACC,
-    PROJ_RANK, STATUS_FAILED, STATUS_FINISHED, VERDICT, VERDICTS,
+    COLLAPSE_RATIO,
+    EPOCH_IMAGES_PER_SEC,
+    EPOCH_LOSS,
+    INIT_KNN_ACC,
+    INIT_LINEAR_PROBE_ACC,
+    KNN_ACC,
+    LINEAR_PROBE_ACC,
+    PROJ_RANK,
+    STATUS_FAILED,
+    STATUS_FINISHED,
+    VERDICT,
+    VERDICTS,
 )
 
 BASE = ROOT / "sweeps" / "stability_base.yaml"

@@ -123,7 +123,7 @@ def side_by_side(tree: dict, cpus: float, threads: int, work: Path, name: str) -
     def sweep() -> None:
         try:
             found["inside"] = inside(tree, cpus, work, name)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the main thread
+        except BaseException as exc:  # re-raised below, in the main thread
             found["error"] = exc
 
     thread = threading.Thread(target=sweep)

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from train_quality import Clock, pixels, probe
 
 from lejepa.callbacks import ConsoleProgress
 from lejepa.config import load_config
 from lejepa.probes import knn_accuracy
 from lejepa.record import KNN_ACC, LINEAR_PROBE_ACC
 from lejepa.trainer import Trainer
-from train_quality import Clock, pixels, probe
 
 RECIPE = ["views.local_views=0"]
 """On top of the default config (resnet10t, 32 px, batch 128, λ 0.05): global views only, the
@@ -102,18 +102,22 @@ def measure(name: str, overrides: list[str], baselines_only: bool, supervised: b
     return row
 
 
+def _gain(lejepa, base) -> str:
+    """LeJEPA's probe minus a baseline, in points; empty without a LeJEPA row."""
+    return f"{100 * (lejepa - base):+.1f} pts" if lejepa is not None else ""
+
+
 def table(rows: list[dict[str, object]]) -> str:
     lines = ["| testbed | train / test images | raw pixels | random init | LeJEPA (kNN) | supervised | "
              "LeJEPA − random | LeJEPA − pixels | LeJEPA train time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lejepa = r.get("lejepa")
-        gain = (lambda base: f"{100 * (lejepa - base):+.1f} pts") if lejepa is not None else (lambda base: "")
         lines.append(
             f"| {r['testbed']} | {r['train_images']:,} / {r['test_images']:,} | {r['raw_pixels']:.3f} | "
             f"{r['random_init']:.3f} | " + (f"{lejepa:.3f} ({r['lejepa_knn']:.3f}) | {r['supervised']:.3f} | "
                                             if lejepa is not None else "| | ")
-            + f"{gain(r['random_init'])} | {gain(r['raw_pixels'])} | "
+            + f"{_gain(lejepa, r['random_init'])} | {_gain(lejepa, r['raw_pixels'])} | "
             + (f"{r['lejepa_seconds']} s |" if lejepa is not None else "|"))
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 from torchvision.transforms import v2
@@ -68,8 +69,8 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         pipelines = [(torchvision_pipeline(cfg, resolution, cfg.global_scale), cfg.global_views),
                      (torchvision_pipeline(cfg, sampler.local_size, cfg.local_scale), cfg.local_views)]
-        fast = rate(lambda: sampler(images, generator), batch, args.reps)
-        slow = rate(lambda: loop_views(images, pipelines), batch, max(1, args.reps // 2))
+        fast = rate(partial(sampler, images, generator), batch, args.reps)
+        slow = rate(partial(loop_views, images, pipelines), batch, max(1, args.reps // 2))
         print(f"{resolution:>10} {batch:>6} {fast:>18.0f} {slow:>14.0f} {fast / slow:>5.1f}x")
 
 

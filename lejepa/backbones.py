@@ -44,8 +44,9 @@ to know; the catalog records ``min_input`` and ``fixed_input`` per architecture.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -185,7 +186,7 @@ def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Pla
     changes = small_input_changes(default) if wants_stem else {}
     if not changes:
         return Plan()
-    kwargs: dict[str, Any] = {}
+    kwargs = {}
     if "shortcut" in changes:
         kwargs = {"downsample": "avg"} if isinstance(default, timm.models.regnet.RegNet) else {"avg_down": True}
     return Plan(kwargs, small_stem="stem" in changes, notes=tuple(changes.values()))
@@ -243,9 +244,9 @@ def _conv_shortcuts(model: nn.Module) -> bool:
     """Whether a ResNet's or RegNet's first down-sampling shortcut is a strided 1×1 conv (not
     average-pooled)."""
     if isinstance(model, timm.models.resnet.ResNet):
-        down = getattr(model.layer2[0], "downsample", None)
+        down = getattr(model.get_submodule("layer2.0"), "downsample", None)
     elif isinstance(model, timm.models.regnet.RegNet):
-        down = getattr(model.s2.b1, "downsample", None)
+        down = getattr(model.get_submodule("s2.b1"), "downsample", None)
     else:
         return False
     convs = [m for m in down.modules() if isinstance(m, nn.Conv2d)] if down is not None else []
@@ -263,9 +264,9 @@ def apply_small_stem(model: nn.Module) -> None:
         conv.stride = (1, 1)
         return
     if isinstance(model, timm.models.resnet.ResNet):
-        model.maxpool = nn.Identity()
+        model.maxpool = nn.Identity()  # type: ignore[assignment]  # timm types it as the Sequential of some builds
         return
-    last = [m for m in model.stem if isinstance(m, nn.Conv2d)][-1]
+    last = [m for m in model.get_submodule("stem").children() if isinstance(m, nn.Conv2d)][-1]
     if tuple(last.stride) == (4, 4) and tuple(last.kernel_size) == (4, 4):
         last.stride, last.padding = (2, 2), (1, 1)
     else:
@@ -278,7 +279,7 @@ def init_params(cls: type) -> set[str]:
     for klass in cls.__mro__:
         if "__init__" not in vars(klass) or klass is nn.Module:
             continue
-        params = inspect.signature(klass.__init__).parameters.values()
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
         names.update(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
@@ -293,7 +294,7 @@ def _patch_size(model: nn.Module) -> int | None:
 
 
 def _native_side(model: nn.Module) -> int:
-    return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])  # type: ignore[union-attr, operator]  # timm sets it
 
 
 def _create(arch: str, plan: Plan, device: str | torch.device = "cpu") -> nn.Module:
@@ -324,7 +325,7 @@ def drop_empty_head(model: nn.Module) -> None:
     before 1.0.31) keep a 0-output ``nn.Linear`` as the classifier when ``num_classes=0``, so
     the model returns [B, 0]; ``reset_classifier(0)`` replaces it by the identity."""
     if any(isinstance(m, nn.Linear) and m.out_features == 0 for m in model.modules()):
-        model.reset_classifier(0)
+        model.reset_classifier(0)  # type: ignore[operator]  # a timm model's method, not a submodule
 
 
 def _probe(model: nn.Module, side: int) -> int | None:

@@ -26,6 +26,7 @@ import torch
 
 from lejepa.errors import CheckpointError, DiskFullError, first_line
 from lejepa.record import META_FILE, STATE_FILE
+
 SPACE_MARGIN = 16 * 2**20
 """Bytes that must stay free beyond a checkpoint's estimated size."""
 
@@ -152,7 +153,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"checkpoint {path} is corrupt: checksum mismatch")
     try:
         state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
+    except Exception as exc:  # any unpickling failure is a corrupt checkpoint
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {first_line(exc)}") from None
     return state, meta
 

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in sorted(entry_points(group="lejepa.commands"), key=lambda e: e.name):
         try:
             ep.load()(sub)
-        except Exception as exc:  # noqa: BLE001 - one broken plug-in must not take the other commands down
+        except Exception as exc:  # one broken plug-in must not take the other commands down
             _unavailable(sub, ep.name, exc)
     return parser
 

@@ -30,7 +30,7 @@ class _Section(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """``true``/``false`` is not a number (pydantic's lax mode would read it as 1/0)."""
-        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+        if isinstance(value, bool) and info.field_name is not None and _numeric(cls.model_fields[info.field_name].annotation):
             raise ValueError("expected a number, got a boolean")
         return value
 
@@ -144,7 +144,8 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere; bf16 is refused on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere; bf16 is refused on CPU")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (pinned memory on CUDA)")
     prefetch_factor: int = Field(4, ge=1, description="batches each DataLoader worker loads ahead (num_workers > 0)")
     compile: Literal["auto", "eager", "default", "reduce-overhead", "max-autotune"] = Field(

@@ -19,6 +19,7 @@ import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ def _builder(name: str) -> Callable[[DataConfig], DatasetSplits]:
     return BUILDERS[name]
 
 
-def _limit(dataset: Dataset, size: int | None, seed: int, what: str) -> Dataset:
+def _limit(dataset: TensorImageDataset | tvd.ImageFolder, size: int | None, seed: int, what: str) -> Dataset:
     """``dataset`` cut to a stratified subset of ``size`` items (unchanged when already that size)."""
     if size is None or len(dataset) == size:
         return dataset
@@ -226,7 +227,7 @@ def _digits_shifted(cfg: DataConfig) -> DatasetSplits:
 def _existence_checked(cls: type, lists: Sequence[str]) -> type:
     """A torchvision dataset class whose file check is existence only (md5 None): repacked
     copies and test fixtures load; a download still verifies the archive's md5."""
-    attrs = {key: [[name, None] for name, _ in getattr(cls, key)] for key in lists}
+    attrs: dict[str, Any] = {key: [[name, None] for name, _ in getattr(cls, key)] for key in lists}
     if hasattr(cls, "meta"):
         attrs["meta"] = {**cls.meta, "md5": None}
     return type(cls.__name__, (cls,), attrs)
@@ -236,7 +237,7 @@ _CIFAR10 = _existence_checked(tvd.CIFAR10, ("train_list", "test_list"))
 _CIFAR100 = _existence_checked(tvd.CIFAR100, ("train_list", "test_list"))
 # Labelled splits only (train 5k, test 8k), as the probes need labels; the 100k unlabeled
 # images (unlabeled_X.bin, split "unlabeled") could be added to the training set for SSL.
-_STL10 = type("STL10", (tvd.STL10,), {"train_list": [["train_X.bin", None], ["train_y.bin", None]],
+_STL10: type[tvd.STL10] = type("STL10", (tvd.STL10,), {"train_list": [["train_X.bin", None], ["train_y.bin", None]],
                                       "test_list": [["test_X.bin", None], ["test_y.bin", None]]})
 
 
@@ -256,8 +257,11 @@ def _require_files(cfg: DataConfig, title: str, files: Sequence[str], how: str) 
     return root, missing
 
 
-def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], Dataset], files: Sequence[str],
-                       how: str) -> tuple[Dataset, Dataset]:
+_D = TypeVar("_D", bound=Dataset)
+
+
+def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], _D], files: Sequence[str],
+                       how: str) -> tuple[_D, _D]:
     """Load train and test with a torchvision class; map every failure to one DataError line."""
     root, missing = _require_files(cfg, title, files, how)
     try:
@@ -305,7 +309,7 @@ def _read_cifar(folder: Path, names: Sequence[str]) -> TensorImageDataset:
     return TensorImageDataset(torch.from_numpy(data), torch.as_tensor(labels, dtype=torch.long))
 
 
-def _cifar_files(cls: type, name: str) -> tuple[str, list[str], str]:
+def _cifar_files(cls: type[tvd.CIFAR10], name: str) -> tuple[str, list[str], str]:
     """(title, files under data.root, how to get them) of CIFAR-10 or CIFAR-100."""
     base = cls.base_folder
     files = [f"{base}/{n}" for n, _ in cls.train_list + cls.test_list] + [f"{base}/{cls.meta['filename']}"]
@@ -313,7 +317,7 @@ def _cifar_files(cls: type, name: str) -> tuple[str, list[str], str]:
             f"pass data.download=true or put {base} there (https://www.cs.toronto.edu/~kriz/cifar.html, {cls.filename})")
 
 
-def _cifar(cfg: DataConfig, cls: type, num_classes: int) -> DatasetSplits:
+def _cifar(cfg: DataConfig, cls: type[tvd.CIFAR10], num_classes: int) -> DatasetSplits:
     """CIFAR-10/100 from their python batches, read with the restricted unpickler (torchvision's
     reader unpickles with ``pickle.load``, which runs whatever a crafted file names)."""
     title, files, how = _cifar_files(cls, cfg.name)
@@ -347,7 +351,7 @@ def _stl10(cfg: DataConfig) -> DatasetSplits:
     return _splits("stl10", cfg, parts[0], parts[1], 10)
 
 
-def _channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel mean and std of uint8 [N, 3, H, W] images on the [0, 1] scale."""
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
@@ -358,7 +362,9 @@ def _channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
     count = images.numel() / 3
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(1e-6).sqrt()
-    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+    mean_r, mean_g, mean_b = (mean / 255).tolist()
+    std_r, std_g, std_b = (std / 255).tolist()
+    return (mean_r, mean_g, mean_b), (std_r, std_g, std_b)
 
 
 # ---------------------------------------------------------------------------- image folders

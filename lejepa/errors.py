@@ -113,7 +113,7 @@ def out_of_memory(exc: BaseException) -> str | None:
     size = ""
     if found := re.search(r"allocate (\d+) bytes", text):
         n, unit = float(found.group(1)), "B"
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):  # noqa: B007 - the unit reached is read after the loop
             if n < 1024:
                 break
             n /= 1024

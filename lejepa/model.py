@@ -35,7 +35,7 @@ class LeJEPAModel(nn.Module):
     def __init__(self, backbone: nn.Module, proj_hidden: int = 512, proj_dim: int = 64, proj_layers: int = 3) -> None:
         super().__init__()
         self.backbone = backbone
-        self.embed_dim = int(backbone.embed_dim)
+        self.embed_dim = int(backbone.embed_dim)  # type: ignore[arg-type]  # the backbone's int attribute
         self.projector = Projector(self.embed_dim, proj_hidden, proj_dim, proj_layers)
 
     def encode(self, views: list[Tensor]) -> Tensor:

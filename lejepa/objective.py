@@ -12,9 +12,10 @@ No predictor, no stop-gradient, no teacher: gradients flow through μ too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
-from torch import Tensor, nn
+from torch import Tensor
 
 
 class LossTerms(NamedTuple):
@@ -31,7 +32,7 @@ def invariance_loss(proj: Tensor, num_global: int) -> Tensor:
     return (centre.unsqueeze(0) - proj).square().mean()
 
 
-def lejepa_loss(proj: Tensor, num_global: int, sigreg: nn.Module, lam: float) -> LossTerms:
+def lejepa_loss(proj: Tensor, num_global: int, sigreg: Callable[[Tensor], Tensor], lam: float) -> LossTerms:
     """(1 − λ)·invariance + λ·SIGReg for projections [V, B, D] (SIGReg averages over views)."""
     if not 1 <= num_global <= proj.shape[0]:
         raise ValueError(f"num_global={num_global} must be between 1 and the number of views {proj.shape[0]}")

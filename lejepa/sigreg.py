@@ -93,7 +93,8 @@ class _GridCharacteristic(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        rows, n, cols, powers = *x.shape, grad.shape[1]
+        rows, n, cols = x.shape
+        powers = grad.shape[1]
         t = torch.arange(1, powers + 1, device=x.device, dtype=x.dtype) * (ctx.dt / n)
         coef = 1j * torch.view_as_complex(grad.to(x.dtype).contiguous()).conj()
         coef = (coef * t[:, None]).unsqueeze(2)  # (B, powers, 1, M), broadcast over N
@@ -211,6 +212,8 @@ class SIGReg(nn.Module):
     Every rank must hold the same N. The counter is mirrored on the host, so a step on CUDA never
     waits for the GPU to read it: set it with :meth:`set_step` or ``load_state_dict``.
     """
+
+    step: Tensor  # a registered buffer
 
     def __init__(self, num_slices: int = 1024, knots: int = 17, t_max: float = 3.0, kernel: str = "torch"):
         super().__init__()

@@ -31,10 +31,39 @@ from mlflow.exceptions import MlflowException
 from lejepa.callbacks import Callback, RunInfo
 from lejepa.errors import TrainingCollapsed, TrainingDiverged, first_line
 from lejepa.record import (
-    ARCH_TAG, ARTIFACTS_DIR, CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, COLLAPSED, COLLAPSED_AT_EPOCH_TAG, CONFIG_FILE,
-    DATASET_TAG, DIVERGED, DIVERGED_STEP_TAG, EPOCH, ERROR_TAG, FAILED, FAMILY_TAG, FINISHED, HEALTH_TAG, KILLED,
-    NUM_PARAMS_PARAM, OUTCOME_TAGS, PARENT_TAG, PREVIOUS_ERROR_TAG, RESUMED_FROM_EPOCH_TAG, RUN_DIR_TAG, RUN_FILE,
-    RUNNING, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_TAG, TRACKING_DB, VERDICT, VERDICTS, sqlite_path, sqlite_uri,
+    ARCH_TAG,
+    ARTIFACTS_DIR,
+    CHECKPOINT_ARTIFACT,
+    CHECKPOINT_TAG,
+    COLLAPSED,
+    COLLAPSED_AT_EPOCH_TAG,
+    CONFIG_FILE,
+    DATASET_TAG,
+    DIVERGED,
+    DIVERGED_STEP_TAG,
+    EPOCH,
+    ERROR_TAG,
+    FAILED,
+    FAMILY_TAG,
+    FINISHED,
+    HEALTH_TAG,
+    KILLED,
+    NUM_PARAMS_PARAM,
+    OUTCOME_TAGS,
+    PARENT_TAG,
+    PREVIOUS_ERROR_TAG,
+    RESUMED_FROM_EPOCH_TAG,
+    RUN_DIR_TAG,
+    RUN_FILE,
+    RUNNING,
+    STATUS_COLLAPSED,
+    STATUS_DIVERGED,
+    STATUS_TAG,
+    TRACKING_DB,
+    VERDICT,
+    VERDICTS,
+    sqlite_path,
+    sqlite_uri,
 )
 
 
@@ -71,7 +100,7 @@ def arch_family(arch: str) -> str:
     try:
         from lejepa.catalog import get_arch
         return get_arch(arch).family
-    except Exception:  # noqa: BLE001 - architectures outside the catalog are allowed
+    except Exception:  # architectures outside the catalog are allowed
         head = arch.split("_")[0]
         return "".join(ch for ch in head if ch.isalpha()) or arch
 
@@ -146,7 +175,7 @@ class MetricSender:
                 continue
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as exc:  # noqa: BLE001 - tracking must never kill training
+            except Exception as exc:  # tracking must never kill training
                 if not warned:
                     print(f"warning: MLflow unreachable ({first_line(exc)[:120]}); metrics are kept "
                           f"and retried", file=sys.stderr)
@@ -211,26 +240,27 @@ class MLflowCallback(Callback):
             self.sender.close(timeout)
             self.sender = None
 
-    def _continue(self, info: RunInfo) -> None:
+    def _continue(self, info: RunInfo, run_id: str) -> None:
         """Reopen the run: RUNNING again, the outcome tags of the failed attempt cleared (its error kept
         as ``lejepa.previous_error``), the resume epoch tagged, and the steps it holds remembered."""
-        run = self.client.get_run(self.run_id)
-        self.client.update_run(self.run_id, status=RUNNING)
+        run = self.client.get_run(run_id)
+        self.client.update_run(run_id, status=RUNNING)
         tags = run.data.tags
         if ERROR_TAG in tags:
-            self.client.set_tag(self.run_id, PREVIOUS_ERROR_TAG, tags[ERROR_TAG])
+            self.client.set_tag(run_id, PREVIOUS_ERROR_TAG, tags[ERROR_TAG])
         for key in OUTCOME_TAGS:
             if key in tags:
-                self.client.delete_tag(self.run_id, key)
-        self.client.set_tag(self.run_id, RESUMED_FROM_EPOCH_TAG, str(info.start_epoch))
-        self._logged = self.logged_steps(self.run_id, run.data.metrics)
+                self.client.delete_tag(run_id, key)
+        self.client.set_tag(run_id, RESUMED_FROM_EPOCH_TAG, str(info.start_epoch))
+        self._logged = self.logged_steps(run_id, run.data.metrics)
 
     def logged_steps(self, run_id: str, keys: Iterable[str]) -> dict[str, int]:
         """The highest step run ``run_id`` holds for each metric of ``keys`` (the keys it has logged)."""
         return {key: max((int(m.step) for m in self.client.get_metric_history(run_id, key)), default=-1)
                 for key in keys}
 
-    def _start(self, info: RunInfo) -> None:
+    def _start(self, info: RunInfo) -> str:
+        """Open the run (a new one, or the one this callback or the run folder names); returns its id."""
         cfg = info.config
         run_file = info.run_dir / RUN_FILE
         if self.run_id is None and run_file.is_file():
@@ -238,8 +268,8 @@ class MLflowCallback(Callback):
             if saved.get("tracking_uri") == self.tracking_uri:
                 self.run_id = saved["run_id"]
         if self.run_id is not None:
-            self._continue(info)
-            return
+            self._continue(info, self.run_id)
+            return self.run_id
         exp_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
         tags = {ARCH_TAG: cfg.model.arch, FAMILY_TAG: arch_family(cfg.model.arch), DATASET_TAG: cfg.data.name,
                 RUN_DIR_TAG: str(info.run_dir), **self.tags}
@@ -256,25 +286,28 @@ class MLflowCallback(Callback):
         tmp = run_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}))
         tmp.replace(run_file)
+        return self.run_id
 
     # ---------------------------------------------------------------- hooks
     def on_train_start(self, info: RunInfo) -> None:
         self.run_dir = info.run_dir
-        self._start(info)
-        self.sender = MetricSender(self.client, self.run_id)
+        self.sender = MetricSender(self.client, self._start(info))
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self._last_step = step
         self._events += 1
+        assert self.sender is not None  # made by on_train_start
         self.sender.add(self._metrics(metrics, step), wake=self._events % self.flush_every == 0)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self._last_step = step
+        assert self.sender is not None  # made by on_train_start
         self.sender.add(self._metrics({**metrics, EPOCH: epoch}, step), wake=True)
         if VERDICT in metrics:  # tagged at the end: a slow server must not stall an epoch
             self._verdict = VERDICTS[int(metrics[VERDICT])]
 
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        assert self.sender is not None and self.run_id is not None  # made by on_train_start
         self.sender.add(self._metrics(metrics, self._last_step))
         self.close(timeout=60.0)
         if self.run_dir is not None and (self.run_dir / CONFIG_FILE).is_file():
@@ -300,5 +333,5 @@ class MLflowCallback(Callback):
                 status = FINISHED
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             self.client.set_terminated(self.run_id, status)
-        except Exception:  # noqa: BLE001 - never mask the original error
+        except Exception:  # never mask the original error
             pass

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lejepa.backbones import build_backbone
 from lejepa.callbacks import Callback, CallbackList, RunInfo
 from lejepa.checkpoint import (
-    check_free_space, checkpoint_bytes, disk_full, is_disk_full, latest_valid_checkpoint, load_checkpoint,
+    check_free_space,
+    checkpoint_bytes,
+    disk_full,
+    is_disk_full,
+    latest_valid_checkpoint,
+    load_checkpoint,
     save_checkpoint,
 )
 from lejepa.config import Config
@@ -41,10 +47,31 @@ from lejepa.model import LeJEPAModel
 from lejepa.objective import lejepa_loss
 from lejepa.probes import OnlineProbe, knn_accuracy, linear_probe
 from lejepa.record import (
-    CHECKPOINTS_DIR, COLLAPSE_RATIO, COLLAPSED, CONFIG_FILE, EPOCH_IMAGES_PER_SEC, EPOCH_INVARIANCE, EPOCH_LOSS,
-    EPOCH_LR, EPOCH_PROBE_LOSS, EPOCH_SIGREG, EPOCH_TIME_S, HEALTH_METRICS, KNN_ACC, LINEAR_PROBE_ACC,
-    ONLINE_PROBE_ACC, ONLINE_TEST_ACC, ONLINE_TRAIN_ACC, TRAIN_INVARIANCE, TRAIN_LOSS, TRAIN_LR, TRAIN_PROBE_LOSS,
-    TRAIN_SIGREG, VERDICT, VERDICTS, init_metric,
+    CHECKPOINTS_DIR,
+    COLLAPSE_RATIO,
+    COLLAPSED,
+    CONFIG_FILE,
+    EPOCH_IMAGES_PER_SEC,
+    EPOCH_INVARIANCE,
+    EPOCH_LOSS,
+    EPOCH_LR,
+    EPOCH_PROBE_LOSS,
+    EPOCH_SIGREG,
+    EPOCH_TIME_S,
+    HEALTH_METRICS,
+    KNN_ACC,
+    LINEAR_PROBE_ACC,
+    ONLINE_PROBE_ACC,
+    ONLINE_TEST_ACC,
+    ONLINE_TRAIN_ACC,
+    TRAIN_INVARIANCE,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_PROBE_LOSS,
+    TRAIN_SIGREG,
+    VERDICT,
+    VERDICTS,
+    init_metric,
 )
 from lejepa.runtime import Runtime, adamw_kernel, compile_mode, seed_everything, setup_runtime, use_channels_last
 from lejepa.schedule import warmup_cosine
@@ -60,7 +87,8 @@ def default_run_dir(cfg: Config) -> Path:
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices and kernels only; biases and norm parameters are not decayed."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -82,7 +110,7 @@ class Trainer:
     folder. Metrics reach the outside world only through ``callbacks`` (rank 0 only).
     """
 
-    def __init__(self, cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
+    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = (),
                  run_dir: Path | str | None = None, resume: Path | str | None = None,
                  runtime: Runtime | None = None, data: DatasetSplits | None = None) -> None:
         self.cfg = cfg
@@ -102,10 +130,10 @@ class Trainer:
         backbone = build_backbone(cfg.model.arch, self.data.resolution, cfg.model.small_stem)
         model = LeJEPAModel(backbone, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.proj_layers)
         probe = OnlineProbe(model.embed_dim, self.data.num_classes)
-        self.model = model.to(self.rt.device)
+        self.model: nn.Module = model.to(self.rt.device)  # DistributedDataParallel(model) under DDP
         if use_channels_last(cfg.train.channels_last, self.rt.device, backbone):
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.probe = probe.to(self.rt.device)
+        self.probe: nn.Module = probe.to(self.rt.device)
         if cfg.loss.kernel == "triton" and (self.rt.device.type != "cuda" or not triton_available()):
             raise ConfigError("loss.kernel=triton needs a CUDA device and the triton package; use loss.kernel=torch")
         self.sigreg = SIGReg(cfg.loss.num_slices, cfg.loss.knots, cfg.loss.t_max, cfg.loss.kernel).to(self.rt.device)
@@ -167,10 +195,11 @@ class Trainer:
             raise ConfigError(f"optim.batch_size={self.cfg.optim.batch_size} is not divisible by the "
                               f"{self.rt.world_size} processes")
         train = self.data.train
-        if len(train) < self.cfg.optim.batch_size:
-            raise ConfigError(f"optim.batch_size={self.cfg.optim.batch_size} exceeds the {len(train)} "
+        n_train = len(train)  # type: ignore[arg-type]  # a map-style dataset; torch's Dataset type has no __len__
+        if n_train < self.cfg.optim.batch_size:
+            raise ConfigError(f"optim.batch_size={self.cfg.optim.batch_size} exceeds the {n_train} "
                               f"training images of {self.data.name}")
-        sampler = DistributedSampler(train, num_replicas=self.rt.world_size, rank=self.rt.rank,
+        sampler: DistributedSampler[int] = DistributedSampler(train, num_replicas=self.rt.world_size, rank=self.rt.rank,
                                      shuffle=True, seed=self.cfg.train.seed, drop_last=True)
         workers = self.cfg.train.num_workers
         loader = DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=workers,
@@ -237,7 +266,8 @@ class Trainer:
         return save_checkpoint(self.run_dir / CHECKPOINTS_DIR, self.epoch, state, meta, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ training
-    def _train_step(self, images: Tensor, labels: Tensor, measure: bool = False) -> tuple[Tensor | None, ...]:
+    def _train_step(self, images: Tensor, labels: Tensor,
+                    measure: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """One optimisation step; returns loss, invariance, SIGReg, probe loss, correct probe
         predictions and, when ``measure``, the batch's health measures
         (:func:`lejepa.health.batch_health` of the first global view; else None), all detached."""
@@ -317,7 +347,7 @@ class Trainer:
                 self._check_finite(loss)
                 self.callbacks.on_step_end(self.step, {
                     TRAIN_LOSS: float(loss), TRAIN_INVARIANCE: float(inv), TRAIN_SIGREG: float(reg),
-                    TRAIN_PROBE_LOSS: float(probe_loss), TRAIN_LR: self.scheduler.get_last_lr()[0],
+                    TRAIN_PROBE_LOSS: float(probe_loss), TRAIN_LR: float(self.scheduler.get_last_lr()[0]),
                 })
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize(self.rt.device)  # the epoch's time includes its queued kernels
@@ -326,17 +356,18 @@ class Trainer:
         if self.rt.distributed:
             dist.all_reduce(sums)
             sums /= self.rt.world_size
-        loss, inv, reg, probe_loss, correct, proj_rank, spread, feat_rank, measured = (float(v) for v in sums)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(self.step, loss)
+        (loss_sum, inv_sum, reg_sum, probe_loss_sum, correct_sum, proj_rank, spread, feat_rank,
+         measured) = (float(v) for v in sums)
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(self.step, loss_sum)
         images_per_sec = seen * self.rt.world_size / max(elapsed, 1e-9)
-        collapse = reg / steps / self.collapsed_ep
+        collapse = reg_sum / steps / self.collapsed_ep
         metrics = {
-            EPOCH_LOSS: loss / steps, EPOCH_INVARIANCE: inv / steps, EPOCH_SIGREG: reg / steps,
-            EPOCH_PROBE_LOSS: probe_loss / steps,
-            ONLINE_TRAIN_ACC: correct / max(1, seen * self.num_global),
+            EPOCH_LOSS: loss_sum / steps, EPOCH_INVARIANCE: inv_sum / steps, EPOCH_SIGREG: reg_sum / steps,
+            EPOCH_PROBE_LOSS: probe_loss_sum / steps,
+            ONLINE_TRAIN_ACC: correct_sum / max(1, seen * self.num_global),
             EPOCH_IMAGES_PER_SEC: images_per_sec, EPOCH_TIME_S: elapsed,
-            EPOCH_LR: self.scheduler.get_last_lr()[0],
+            EPOCH_LR: float(self.scheduler.get_last_lr()[0]),
         }
         if measured:
             measured_means = (v / measured for v in (proj_rank, spread, feat_rank))
@@ -347,7 +378,7 @@ class Trainer:
     @torch.no_grad()
     def features(self, dataset: torch.utils.data.Dataset, batch_size: int = 512) -> tuple[Tensor, Tensor]:
         """Backbone features [N, E] (eval mode, no augmentation) and labels [N] of ``dataset``."""
-        backbone = _unwrap(self.model).backbone
+        backbone = cast(LeJEPAModel, _unwrap(self.model)).backbone
         was_training = backbone.training
         backbone.eval()
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=batch_collate,
@@ -366,9 +397,10 @@ class Trainer:
         ``train.online_eval_images`` evenly spaced ones (the same every epoch), so the per-epoch
         cost stays bounded on large test sets."""
         test, limit = self.data.test, self.cfg.train.online_eval_images
-        if limit is None or len(test) <= limit:
+        n_test = len(test)  # type: ignore[arg-type]  # a map-style dataset; torch's Dataset type has no __len__
+        if limit is None or n_test <= limit:
             return test
-        return torch.utils.data.Subset(test, torch.linspace(0, len(test) - 1, limit).round().long().tolist())
+        return torch.utils.data.Subset(test, torch.linspace(0, n_test - 1, limit).round().long().tolist())
 
     @torch.no_grad()
     def _online_test_acc(self, test_feats: Tensor, test_labels: Tensor) -> float:
@@ -430,7 +462,7 @@ class Trainer:
             self._write_config()
         info = RunInfo(self.cfg, self.run_dir, self.epoch, self.step, self.steps_per_epoch, self.total_steps,
                        str(self.rt.device), self.rt.world_size,
-                       sum(p.numel() for p in _unwrap(self.model).backbone.parameters()))
+                       sum(p.numel() for p in cast(LeJEPAModel, _unwrap(self.model)).backbone.parameters()))
         checkpoint: Path | None = self.resume_path
         collapsed_epochs = 0
         try:

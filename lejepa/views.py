@@ -106,8 +106,8 @@ class ViewSampler:
         b, c, s, h = self.cfg.jitter
         lows = u.new_tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
         highs = u.new_tensor([1 + b, 1 + c, 1 + s, h])
-        factors = lows + (highs - lows) * u
-        return color_jitter(x, *factors.unbind(1), active=(b > 0, c > 0, s > 0, h > 0))
+        brightness, contrast, saturation, hue = (lows + (highs - lows) * u).unbind(1)
+        return color_jitter(x, brightness, contrast, saturation, hue, active=(b > 0, c > 0, s > 0, h > 0))
 
 
 def to_unit(images: Tensor) -> Tensor:

@@ -54,6 +54,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         storage = args.storage if args.storage is not None or spec is None else default_storage(spec)
         outcome = resume_sweep(args.resume, storage=storage, address=args.address)
     else:
+        assert spec is not None  # without --resume a SPEC is required (checked above)
         outcome = run_sweep(spec, storage=args.storage, name=args.name, address=args.address,
                             tracking_uri=args.tracking_uri)
     print(outcome.render())
@@ -115,6 +116,7 @@ def collapse_warning(spec) -> str | None:
         return None
     (lam, lam_note), (batch, batch_note) = risky[0]
     risk = collapse_risk(lam, int(batch))
+    assert risk is not None  # the same (λ, batch) as risky[0]
     if lam > 0:
         risk = f"λ {lam_note}{lam:g} at batch {batch_note}{int(batch)} lies in {risk.split(' lies in ', 1)[1]}"
     return f"warning: {len(risky)} of {len(rows)} trials may collapse: {risk}; `prune_collapsed: 2` stops them early"

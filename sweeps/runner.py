@@ -22,9 +22,9 @@ import contextlib
 import json
 import math
 import os
-import threading
 import shutil
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,12 +41,53 @@ from lejepa.errors import ConfigError, LejepaError, first_line
 from lejepa.locks import ProcessLock
 from lejepa.preflight import check_ray_address, check_tracking_uri, check_writable
 from lejepa.record import (
-    BEST_LINEAR_PROBE_ACC, BEST_SCORE, COLLAPSE_RATIO, COLLAPSED, COLLAPSED_FLAG, DIVERGED, DIVERGED_FLAG,
-    DIVERGED_STEP, EPOCH, EPOCH_LOSS, FAILED, FINISHED, HEALTH_TAG, HEALTHY, KILLED, KIND_SWEEP, KIND_TAG,
-    LINEAR_PROBE_ACC, NOTE_TAG, ONLINE_TEST_ACC, PARENT_TAG, PROJ_RANK, PRUNED_AT_EPOCH_TAG, RESTARTED_AT_TAG,
-    RESUMED_AT_TAG, RUNNING, SPEC_TAG, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_FAILED, STATUS_FINISHED,
-    STATUS_INTERRUPTED, STATUS_PENDING, STATUS_PRUNED, STATUS_TAG, STATUSES, STORAGE_TAG, SWEEP_FILE, SWEEP_TAG,
-    TRIAL_ID_TAG, VERDICT, VERDICTS, best_run_tag, best_trial_tag, sqlite_path, sqlite_uri, trials_metric,
+    BEST_LINEAR_PROBE_ACC,
+    BEST_SCORE,
+    COLLAPSE_RATIO,
+    COLLAPSED,
+    COLLAPSED_FLAG,
+    DIVERGED,
+    DIVERGED_FLAG,
+    DIVERGED_STEP,
+    EPOCH,
+    EPOCH_LOSS,
+    FAILED,
+    FINISHED,
+    HEALTH_TAG,
+    HEALTHY,
+    KILLED,
+    KIND_SWEEP,
+    KIND_TAG,
+    LINEAR_PROBE_ACC,
+    NOTE_TAG,
+    ONLINE_TEST_ACC,
+    PARENT_TAG,
+    PROJ_RANK,
+    PRUNED_AT_EPOCH_TAG,
+    RESTARTED_AT_TAG,
+    RESUMED_AT_TAG,
+    RUNNING,
+    SPEC_TAG,
+    STATUS_COLLAPSED,
+    STATUS_DIVERGED,
+    STATUS_FAILED,
+    STATUS_FINISHED,
+    STATUS_INTERRUPTED,
+    STATUS_PENDING,
+    STATUS_PRUNED,
+    STATUS_TAG,
+    STATUSES,
+    STORAGE_TAG,
+    SWEEP_FILE,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+    VERDICT,
+    VERDICTS,
+    best_run_tag,
+    best_trial_tag,
+    sqlite_path,
+    sqlite_uri,
+    trials_metric,
 )
 from lejepa.tracking import default_tracking_uri, get_or_create_experiment
 from sweeps.spec import SCORE_METRIC, SweepSpec, check_name, format_table, load_spec
@@ -337,7 +378,7 @@ def _check_shared(sweep: Sweep) -> None:
     try:
         seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
                         for n in nodes], timeout=120)
-    except Exception as exc:  # noqa: BLE001 - a failed check is reported, not fatal
+    except Exception as exc:  # a failed check is reported, not fatal
         print(f"warning: could not check that every node sees {sweep.path}: {first_line(exc)}", file=sys.stderr)
         return
     finally:
@@ -386,7 +427,8 @@ def _trainable(spec: SweepSpec, sweep: Sweep) -> Any:
                        arch_params=spec.arch_params,
                        worst={m: math.inf if mode == "min" else -math.inf for m, mode in
                               ((spec.scheduler.metric, spec.scheduler.mode), (spec.search.metric, spec.search.mode))})
-    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.trial_resources)
+    # Ray's annotation omits a callable returning a resource dict, which with_resources accepts
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.trial_resources)  # type: ignore[arg-type]
 
 
 def _new_tuner(spec: SweepSpec, sweep: Sweep) -> tune.Tuner:
@@ -434,7 +476,8 @@ def _settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resu
     runs = {r.data.tags.get(TRIAL_ID_TAG): r for r in client.search_runs(
         [experiment_id], filter_string=f"tags.{PARENT_TAG} = '{sweep.parent_run_id}'", max_results=10_000)}
     outcome = SweepOutcome(sweep, spec)
-    for result in grid:
+    for i in range(len(grid)):  # ResultGrid is indexed, not typed as iterable
+        result = grid[i]
         metrics, config = result.metrics or {}, result.config or {}
         trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "(not started)")
         run = runs.get(trial_id)
@@ -444,7 +487,7 @@ def _settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resu
             online_acc=metrics.get(ONLINE_METRIC), linear_acc=metrics.get(FINAL_METRIC),
             run_id=run.info.run_id if run else None, health=_health(metrics),
             collapse=metrics.get(COLLAPSE_RATIO)))
-    by_id = {t.trial_id: t for t in outcome.trials}
+    by_id: dict[str | None, TrialSummary] = {t.trial_id: t for t in outcome.trials}
     for trial_id, run in runs.items():
         trial = by_id.get(trial_id)
         unseen = STATUS_INTERRUPTED if outcome.interrupted else STATUS_FAILED

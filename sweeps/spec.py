@@ -49,7 +49,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lejepa.config import PLAIN_NAME_RULE, Config, build_config, is_plain_name, load_yaml, set_dotted, valid_keys
 from lejepa.errors import ConfigError, LejepaError, did_you_mean
 from lejepa.record import (
-    EPOCH_INVARIANCE, EPOCH_LOSS, EPOCH_PROBE_LOSS, EPOCH_SIGREG, ONLINE_TEST_ACC, ONLINE_TRAIN_ACC, SCORE_ALPHA,
+    EPOCH_INVARIANCE,
+    EPOCH_LOSS,
+    EPOCH_PROBE_LOSS,
+    EPOCH_SIGREG,
+    ONLINE_TEST_ACC,
+    ONLINE_TRAIN_ACC,
+    SCORE_ALPHA,
     TRAIN_SCORE,
 )
 
@@ -401,14 +407,15 @@ def _build(path: Path, spec: _SpecFile) -> SweepSpec:
         for p in space:
             if p.is_grid:
                 raise fail(f"space.{p.key}", "search.algo=optuna cannot take a grid (a list or catalog query): "
-                                             f"write {{choice: [...]}} instead")
+                                             "write {choice: [...]} instead")
     if spec.scheduler.type != "none" and any(p.key == "train.epochs" for p in space):
         raise fail("space.train.epochs", "cannot be swept together with a scheduler (its max_t is train.epochs)")
     grid = [p for p in space if p.is_grid]
     trials = math.prod(len(p.values) for p in grid) * (1 if spec.search.algo == "optuna" else spec.num_samples)
     if trials > MAX_TRIALS:
         sizes = " × ".join(f"{len(p.values)} {p.key}" for p in grid)
-        raise fail("space", f"expands to {trials:,} trials ({sizes}{f' × {spec.num_samples} samples' if spec.num_samples > 1 else ''}); "
+        samples = f" × {spec.num_samples} samples" if spec.num_samples > 1 else ""
+        raise fail("space", f"expands to {trials:,} trials ({sizes}{samples}); "
                             f"the limit is {MAX_TRIALS:,}: sample some keys ({{choice: [...]}}, num_samples) or split the sweep")
     _validate_values(base, space, fail)
     _check_archs(base, space, fail)

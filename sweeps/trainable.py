@@ -42,8 +42,21 @@ from lejepa.callbacks import Callback, RunInfo
 from lejepa.config import Config, build_config
 from lejepa.errors import TrainingCollapsed, TrainingDiverged
 from lejepa.record import (
-    CHECKPOINTS_DIR, COLLAPSE_RATIO, COLLAPSED_FLAG, DIVERGED_FLAG, DIVERGED_STEP, EPOCH, EPOCH_LOSS, KILLED,
-    KIND_TAG, KIND_TRIAL, RAY_NODE_TAG, SWEEP_TAG, TRAIN_SCORE, TRIAL_ID_TAG, label_free_score,
+    CHECKPOINTS_DIR,
+    COLLAPSE_RATIO,
+    COLLAPSED_FLAG,
+    DIVERGED_FLAG,
+    DIVERGED_STEP,
+    EPOCH,
+    EPOCH_LOSS,
+    KILLED,
+    KIND_TAG,
+    KIND_TRIAL,
+    RAY_NODE_TAG,
+    SWEEP_TAG,
+    TRAIN_SCORE,
+    TRIAL_ID_TAG,
+    label_free_score,
 )
 from lejepa.tracking import MLflowCallback, get_or_create_experiment
 from sweeps.spec import TrialResources, trial_tree
@@ -86,6 +99,7 @@ class TrialTracking(MLflowCallback):
 
     def on_train_start(self, info: RunInfo) -> None:
         super().on_train_start(info)
+        assert self.run_id is not None  # opened by on_train_start
         self.client.set_tag(self.run_id, RAY_NODE_TAG, self.node_id)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
@@ -104,6 +118,7 @@ class TrialTracking(MLflowCallback):
             return
         with contextlib.suppress(Exception):
             self.close(timeout=10.0)
+            assert self.run_id is not None  # opened by on_train_start
             self.client.set_terminated(self.run_id, KILLED)
 
 
@@ -247,7 +262,7 @@ def _run_distributed(ctx: TrialContext, cfg: Config, res: TrialResources, trial_
     def fit() -> None:
         try:
             trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread below
+        except BaseException as exc:  # re-raised in the trial's thread below
             errors.append(exc)
 
     worker = threading.Thread(target=fit, name=f"ddp-{trial_id}", daemon=True)

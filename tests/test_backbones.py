@@ -10,7 +10,6 @@ from torch import nn
 from lejepa.backbones import build_backbone, drop_empty_head, on_device, small_patch
 from lejepa.errors import ArchitectureError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

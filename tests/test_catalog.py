@@ -13,10 +13,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from lejepa.catalog import (
-    SMALL_RESOLUTION, ArchInfo, families, format_table, get_arch, load_catalog, parse_param_budget, query,
+    SMALL_RESOLUTION,
+    ArchInfo,
+    families,
+    format_table,
+    get_arch,
+    load_catalog,
+    parse_param_budget,
+    query,
 )
 from lejepa.catalog.build import HEADLINE, describe, make_step, select
 from lejepa.errors import ArchitectureError, ConfigError

@@ -12,8 +12,7 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from conftest import free_port, REPO, run_cli
-
+from conftest import REPO, free_port, run_cli
 
 
 @pytest.mark.slow

@@ -9,14 +9,27 @@ import math
 
 import pytest
 import torch
-
 from mlflow import MlflowClient
 
 from lejepa import record
 from lejepa.callbacks import Callback
 from lejepa.config import load_config
-from lejepa.health import (COLLAPSED, COLLAPSED_RATIO, DIMENSIONAL, DIMENSIONAL_RANK, DIVERGED, HEALTHY, VERDICTS,
-                           batch_health, collapse_ratio, collapse_risk, collapsed_ep, effective_rank, std_spread, verdict)
+from lejepa.health import (
+    COLLAPSED,
+    COLLAPSED_RATIO,
+    DIMENSIONAL,
+    DIMENSIONAL_RANK,
+    DIVERGED,
+    HEALTHY,
+    VERDICTS,
+    batch_health,
+    collapse_ratio,
+    collapse_risk,
+    collapsed_ep,
+    effective_rank,
+    std_spread,
+    verdict,
+)
 from lejepa.sigreg import SIGReg
 from lejepa.tracking import MLflowCallback
 from lejepa.trainer import Trainer, TrainingCollapsed

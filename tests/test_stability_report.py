@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import stability  # noqa: E402
+import stability
 
 
 def _rows(arch: str, probes: list[float], inits: list[float], verdict: str = "healthy") -> list[dict]:

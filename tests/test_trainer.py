@@ -18,7 +18,7 @@ from lejepa.config import load_config
 from lejepa.errors import CheckpointError, ConfigError
 from lejepa.trainer import Trainer, TrainingDiverged
 
-from conftest import free_port, REPO, TINY
+from conftest import REPO, TINY, free_port
 
 
 class Recorder(Callback):
@@ -258,9 +258,9 @@ def test_a_failing_compilation_falls_back_to_eager_under_auto_and_is_one_error_o
 
 
 def test_throughput_options_resolve_per_device():
+    from lejepa.backbones import build_backbone
     from lejepa.config import load_config
     from lejepa.runtime import adamw_kernel, compile_mode, is_convolutional, use_channels_last
-    from lejepa.backbones import build_backbone
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compile_mode("auto", cpu) is None and compile_mode("auto", cuda) == "default"

@@ -11,8 +11,16 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import v2
 
 from lejepa.config import ViewsConfig
-from lejepa.views import (ViewSampler, blur_kernel_size, color_jitter, crop_boxes, eval_images, gaussian_blur,
-                          resized_crops, shift_hue)
+from lejepa.views import (
+    ViewSampler,
+    blur_kernel_size,
+    color_jitter,
+    crop_boxes,
+    eval_images,
+    gaussian_blur,
+    resized_crops,
+    shift_hue,
+)
 
 RAW = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean 0, std 1: views are the [0, 1] pixels
 OFF = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)

@@ -124,7 +124,7 @@ _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([kmgb]?)\s*$", re
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
 
-def parse_param_budget(budget: int | str) -> int:
+def parse_param_budget(budget: int | float | str) -> int:
     """A parameter count from ``20M``, ``1.5M``, ``300k``, ``1G``/``1B``, ``2e7`` or an int."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
         raise ConfigError(f"parameter budget {budget!r} is not a number like 20M, 1.5M or 300k")
@@ -156,8 +156,9 @@ def query(
 
     ``family``: one name or a list (case-insensitive); ``max_params``/``min_params``: inclusive
     budgets (``"20M"``); ``pattern``: an fnmatch glob on the name (``"resnet*"``); ``names``:
-    exact names; ``exclude``: exact names to leave out (e.g. those a walk already trained). GPU-scale entries and entries that do not run small are left out unless asked
-    for. ``order``: ``catalog``, or ``round-robin`` (one entry of each family in turn, each
+    exact names; ``exclude``: exact names to leave out (e.g. those a walk already trained).
+    GPU-scale entries and entries that do not run small are left out unless asked for.
+    ``order``: ``catalog``, or ``round-robin`` (one entry of each family in turn, each
     family smallest first), so that every prefix of a long walk covers every family. Unknown
     families/names/orders and an empty result raise :class:`ArchitectureError`.
     """
@@ -170,7 +171,8 @@ def query(
         known = families()
         for f in wanted:
             if f not in known:
-                raise ArchitectureError(f"unknown architecture family {f!r}{did_you_mean(f, known)}; families: {', '.join(known)}")
+                raise ArchitectureError(f"unknown architecture family {f!r}{did_you_mean(f, known)}; "
+                                        f"families: {', '.join(known)}")
         entries = [a for a in entries if a.family in wanted]
         asked.append(f"family={','.join(wanted)}")
     if max_params is not None:

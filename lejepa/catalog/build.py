@@ -134,9 +134,10 @@ def describe_default(name: str, family: str) -> ArchInfo:
     """The entry of an arch :func:`describe` cannot adapt: timm's default build at its native side."""
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, num_classes=0)
-    native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])  # type: ignore[union-attr, operator]  # timm sets it
     params = sum(p.numel() for p in model.parameters())
-    return ArchInfo(name, family, params, int(model.num_features), native, None, False, params > GPU_SCALE_PARAMS, False)
+    num_features = int(model.num_features)  # type: ignore[arg-type]  # a timm model's int attribute
+    return ArchInfo(name, family, params, num_features, native, None, False, params > GPU_SCALE_PARAMS, False)
 
 
 def make_step(
