@@ -105,6 +105,13 @@ def arch_family(arch: str) -> str:
         return "".join(ch for ch in head if ch.isalpha()) or arch
 
 
+FINAL_WAIT_S = 180.0
+"""How long the end of training waits for queued metrics. One ``log_batch`` sent while the server
+is down can itself take about two minutes to fail (MLflow's own HTTP retries: 7 with backoff factor 2),
+during which the sender cannot see that the server is back; 60 s lost metrics of a 30 s outage
+on a busy machine."""
+
+
 class MetricSender:
     """Delivers metrics to one MLflow run from a background thread, in order, never blocking training.
 
@@ -200,7 +207,7 @@ class MLflowCallback(Callback):
     ``parent_run_id`` nests the run under a sweep run; ``run_id`` continues an existing run;
     ``tags`` are added at creation (e.g. a sweep's trial id). Metrics go through a
     :class:`MetricSender`, woken every ``flush_every`` step events and at every epoch end; the
-    end of training waits up to 60 s for them to be delivered.
+    end of training waits up to :data:`FINAL_WAIT_S` for them to be delivered.
     """
 
     def __init__(self, tracking_uri: str, experiment: str = "lejepa", run_name: str | None = None,
@@ -309,7 +316,7 @@ class MLflowCallback(Callback):
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         assert self.sender is not None and self.run_id is not None  # made by on_train_start
         self.sender.add(self._metrics(metrics, self._last_step))
-        self.close(timeout=60.0)
+        self.close(timeout=FINAL_WAIT_S)
         if self.run_dir is not None and (self.run_dir / CONFIG_FILE).is_file():
             self.client.log_artifact(self.run_id, str(self.run_dir / CONFIG_FILE))
         if self.log_checkpoint and checkpoint is not None:
