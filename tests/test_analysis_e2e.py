@@ -24,7 +24,7 @@ from lejepa.errors import LejepaError
 from lejepa.tracking import MLflowCallback
 from lejepa.trainer import Trainer, TrainingDiverged
 
-from conftest import REPO, TINY, run_cli
+from helpers import REPO, TINY, run_cli
 
 pytestmark = pytest.mark.slow
 

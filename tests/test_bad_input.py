@@ -34,7 +34,7 @@ from lejepa.errors import ConfigError
 from lejepa.preflight import PreflightError, check_ray_address, check_tracking_uri, check_writable
 from sweeps.spec import check_name, sanitize_name
 
-from conftest import TINY, free_port, run_cli
+from helpers import TINY, free_port, run_cli
 
 FAST_S = 30.0
 """Upper bound for a case that must fail fast (interpreter start and imports included, busy 2-core box)."""

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, free_port, run_cli
+from helpers import REPO, free_port, run_cli
 
 
 @pytest.mark.slow

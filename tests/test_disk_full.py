@@ -14,7 +14,7 @@ import torch
 from lejepa.checkpoint import SPACE_MARGIN, latest_valid_checkpoint, list_checkpoints, save_checkpoint
 from lejepa.errors import DiskFullError
 
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 MiB = 2**20
 

@@ -22,8 +22,7 @@ from lejepa.checkpoint import load_checkpoint
 from sweeps.runner import SWEEP_FILE, run_sweep
 from sweeps.spec import load_spec
 
-from test_sweep_run import SweepCLI, child_runs, spec_body, trial_states
-from test_sweep_spec import write_spec
+from helpers import SweepCLI, child_runs, spec_body, trial_states, write_spec
 
 pytestmark = pytest.mark.slow
 

@@ -34,7 +34,7 @@ from lejepa.sigreg import SIGReg
 from lejepa.tracking import MLflowCallback
 from lejepa.trainer import Trainer, TrainingCollapsed
 
-from conftest import TINY
+from helpers import TINY
 
 
 def direct_ep(x: list[float], t_max: float, knots: int) -> float:

@@ -17,7 +17,7 @@ from lejepa.data import FASHION_MNIST_DIR, build_datasets, stratified_subset
 from lejepa.errors import DataError
 from lejepa.idx import parse_idx, read_idx
 
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 HAVE_FASHION = (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
 needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Debian's dataset-fashion-mnist is not installed "

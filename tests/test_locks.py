@@ -14,8 +14,7 @@ import yaml
 
 from lejepa.locks import ProcessLock
 
-from conftest import LEJEPA, REPO, TINY, run_cli
-from test_sweep_spec import tiny_base
+from helpers import LEJEPA, REPO, TINY, run_cli, tiny_base
 
 
 def test_a_held_lock_is_refused_and_released_with_its_holder(tmp_path):

@@ -20,7 +20,7 @@ from lejepa.tracking import MLflowCallback
 from lejepa.trainer import Trainer
 from sweeps.trainable import TrialTracking
 
-from conftest import TINY
+from helpers import TINY
 
 
 def _ours(tags: dict[str, str]) -> set[str]:

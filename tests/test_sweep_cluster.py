@@ -10,9 +10,7 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
-from conftest import LEJEPA, REPO
-from test_sweep_run import spec_body
-from test_sweep_spec import write_spec
+from helpers import LEJEPA, REPO, spec_body, write_spec
 
 pytestmark = pytest.mark.slow
 

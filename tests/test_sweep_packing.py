@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
 
-from test_sweep_spec import tiny_base, write_spec
+from helpers import tiny_base, write_spec
 
 pytestmark = pytest.mark.slow
 

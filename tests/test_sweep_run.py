@@ -6,7 +6,6 @@ subprocess that joins it with ``--address``.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -20,32 +19,9 @@ from lejepa.checkpoint import list_checkpoints, load_checkpoint
 from sweeps.runner import SWEEP_FILE, run_sweep
 from sweeps.spec import load_spec
 
-from conftest import LEJEPA, REPO
-from test_sweep_spec import tiny_base, write_spec
+from helpers import SweepCLI, child_runs, spec_body, sweep_spec, trial_states, write_spec
 
 pytestmark = pytest.mark.slow
-
-
-def spec_body(epochs: int = 1, **fields) -> dict:
-    base = tiny_base()
-    base["train"]["epochs"] = epochs
-    return {"name": "t", "base": base, **fields}
-
-
-def sweep_spec(tmp_path: Path, epochs: int = 1, **fields):
-    return load_spec(write_spec(tmp_path, spec_body(epochs, **fields)))
-
-
-def child_runs(uri: str, parent_id: str) -> list:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("lejepa-sweeps")
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-
-
-def trial_states(path: Path) -> dict:
-    from ray.tune import ExperimentAnalysis
-
-    return {t.trial_id: t for t in ExperimentAnalysis(str(path)).trials}
 
 
 def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
@@ -115,26 +91,6 @@ def test_two_worker_ddp_trial(tmp_path, ray_address):
     assert run.info.status == "FINISHED" and run.data.params["optim.batch_size"] == "64"
     # logged once per epoch (rank 0 only), at the global step: 64 images per step over both ranks
     assert [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "epoch")] == [meta["step"]]
-
-
-class SweepCLI:
-    """``lejepa sweep`` in a subprocess joining the test's Ray, with a SQLite store and storage in ``tmp_path``."""
-
-    def __init__(self, tmp_path: Path, ray_address: str) -> None:
-        self.cwd = tmp_path
-        self.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        self.storage = tmp_path / "sweeps"
-        self.common = ["--storage", str(self.storage), "--address", ray_address]
-        self.env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.env.pop("MLFLOW_TRACKING_URI", None)
-
-    def start(self, spec_path: Path, name: str, **popen) -> subprocess.Popen:
-        return subprocess.Popen(LEJEPA + ["sweep", str(spec_path), "--name", name, "--tracking-uri", self.uri, *self.common],
-                                cwd=self.cwd, env=self.env, **popen)
-
-    def resume(self, name: str) -> subprocess.CompletedProcess:
-        return subprocess.run(LEJEPA + ["sweep", "--resume", name, *self.common], cwd=self.cwd, env=self.env,
-                              capture_output=True, text=True, timeout=600)
 
 
 def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):

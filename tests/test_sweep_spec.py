@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from lejepa.config import parse_override, set_dotted
 from lejepa.errors import ConfigError
 from sweeps.cli import dry_run
 from sweeps.spec import load_spec
 
-from conftest import REPO, TINY, run_cli
+from helpers import REPO, run_cli, tiny_base, write_spec
 
 SHIPPED = sorted(p for p in (REPO / "sweeps").glob("*.yaml") if not p.stem.endswith("_base"))  # *_base: training configs
-
-
-def tiny_base() -> dict:
-    tree: dict = {}
-    for text in TINY:
-        set_dotted(tree, *parse_override(text))
-    return tree
-
-
-def write_spec(tmp_path: Path, body: dict | str, name: str = "spec.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
-    return path
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])

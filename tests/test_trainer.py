@@ -18,7 +18,7 @@ from lejepa.config import load_config
 from lejepa.errors import CheckpointError, ConfigError
 from lejepa.trainer import Trainer, TrainingDiverged
 
-from conftest import REPO, TINY, free_port
+from helpers import REPO, TINY, free_port
 
 
 class Recorder(Callback):
