@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,7 +43,6 @@ class RunInfo:
     device: str
     world_size: int
     num_params: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Callback:
