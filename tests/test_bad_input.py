@@ -153,7 +153,7 @@ IN_SUBPROCESS = {
 
 
 def run_in_process(args: list[str], cwd: Path, monkeypatch, capfd) -> subprocess.CompletedProcess:
-    """:func:`lejepa.cli.main` on ``args`` in ``cwd``, as :func:`conftest.run_cli` would run it:
+    """:func:`lejepa.cli.main` on ``args`` in ``cwd``, as :func:`helpers.run_cli` would run it:
     its exit code and what it wrote to stdout and stderr (file descriptors, so C-level writes count)."""
     from lejepa.cli import main
 

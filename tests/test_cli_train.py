@@ -110,7 +110,7 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
     import signal
     import time
 
-    from conftest import LEJEPA, REPO, TINY
+    from helpers import LEJEPA, REPO, TINY
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(REPO)
@@ -148,7 +148,7 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
 def test_resume_from_one_checkpoint_folder_continues_its_run(tmp_path):
     """--resume <run>/checkpoints/epoch_NNNN continues that run from that checkpoint (its folder and
     config), instead of starting a new run inside the checkpoint folder."""
-    from conftest import TINY
+    from helpers import TINY
 
     first = run_cli(["train", "--no-tracking", *TINY, f"train.out_dir={tmp_path}", "train.run_name=a",
                      "train.epochs=1"], tmp_path)

@@ -376,7 +376,7 @@ def test_an_image_above_the_decompression_limit_is_one_line(tmp_path):
 def test_a_truncated_jpeg_read_in_a_dataloader_worker_is_one_error_line(tmp_path):
     """Decoding happens in DataLoader workers (train.num_workers); PyTorch re-raises a worker's
     error with the worker's traceback: `lejepa train` still prints one line naming the file."""
-    from conftest import TINY, run_cli
+    from helpers import TINY, run_cli
 
     write_folder(tmp_path / "data", classes=("cat", "dog"), per_class=40)
     jpeg = tmp_path / "data" / "train" / "dog" / "1.jpg"

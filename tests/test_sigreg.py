@@ -233,7 +233,7 @@ def test_triton_kernels_match_the_direct_formula_under_the_interpreter():
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    from conftest import REPO
+    from helpers import REPO
 
     done = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
