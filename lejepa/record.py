@@ -242,8 +242,19 @@ STATUS_FINISHED, STATUS_PRUNED, STATUS_COLLAPSED, STATUS_DIVERGED = "finished", 
 STATUS_FAILED, STATUS_INTERRUPTED, STATUS_PENDING = "failed", "interrupted", "pending"
 STATUSES = (STATUS_FINISHED, STATUS_PRUNED, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_FAILED, STATUS_INTERRUPTED,
             STATUS_PENDING)
-"""How a run or trial ended (:data:`STATUS_TAG`; a sweep's summary). Finished, pruned and collapsed
-runs are MLflow FINISHED; failed and diverged ones FAILED; the others KILLED."""
+"""How a run or trial ended (:data:`STATUS_TAG`; a sweep's summary); :func:`run_status` maps each
+to the MLflow status the run ends with."""
+
+_RUN_STATUS = {STATUS_FINISHED: FINISHED, STATUS_PRUNED: FINISHED, STATUS_COLLAPSED: FINISHED,
+               STATUS_FAILED: FAILED, STATUS_DIVERGED: FAILED}
+
+
+def run_status(status: str) -> str:
+    """The MLflow status a run ends with when it (a training run, a trial or a sweep) ended as
+    ``status``, the one rule for all of them: FINISHED for finished, pruned and collapsed (results:
+    pruning is an outcome), FAILED for failed and diverged, KILLED for interrupted and pending
+    (``--resume`` continues them)."""
+    return _RUN_STATUS.get(status, KILLED)
 
 # --------------------------------------------------------------------------- health verdicts
 HEALTHY, DIMENSIONAL, COLLAPSED, DIVERGED = "healthy", "dimensional collapse", "collapsed", "diverged"

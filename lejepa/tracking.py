@@ -43,11 +43,8 @@ from lejepa.record import (
     DIVERGED_STEP_TAG,
     EPOCH,
     ERROR_TAG,
-    FAILED,
     FAMILY_TAG,
-    FINISHED,
     HEALTH_TAG,
-    KILLED,
     NUM_PARAMS_PARAM,
     OUTCOME_TAGS,
     PARENT_TAG,
@@ -58,10 +55,14 @@ from lejepa.record import (
     RUNNING,
     STATUS_COLLAPSED,
     STATUS_DIVERGED,
+    STATUS_FAILED,
+    STATUS_FINISHED,
+    STATUS_INTERRUPTED,
     STATUS_TAG,
     TRACKING_DB,
     VERDICT,
     VERDICTS,
+    run_status,
     sqlite_path,
     sqlite_uri,
 )
@@ -324,7 +325,7 @@ class MLflowCallback(Callback):
             self.client.set_tag(self.run_id, CHECKPOINT_TAG, str(checkpoint))
         if self._verdict is not None:
             self.client.set_tag(self.run_id, HEALTH_TAG, self._verdict)
-        self.client.set_terminated(self.run_id, FINISHED)
+        self.client.set_terminated(self.run_id, run_status(STATUS_FINISHED))
 
     def on_failure(self, error: BaseException) -> None:
         if self.run_id is None:
@@ -332,13 +333,14 @@ class MLflowCallback(Callback):
         try:
             self.close(timeout=10.0)
             tags: dict[str, Any] = {ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]}
-            status = KILLED if isinstance(error, KeyboardInterrupt) else FAILED
+            status = STATUS_INTERRUPTED if isinstance(error, KeyboardInterrupt) else STATUS_FAILED
             if isinstance(error, TrainingDiverged):
-                tags.update({STATUS_TAG: STATUS_DIVERGED, DIVERGED_STEP_TAG: error.step, HEALTH_TAG: DIVERGED})
+                status = STATUS_DIVERGED
+                tags.update({STATUS_TAG: status, DIVERGED_STEP_TAG: error.step, HEALTH_TAG: DIVERGED})
             elif isinstance(error, TrainingCollapsed):  # label-free pruning: an outcome, not an error
-                tags = {STATUS_TAG: STATUS_COLLAPSED, COLLAPSED_AT_EPOCH_TAG: error.epoch, HEALTH_TAG: COLLAPSED}
-                status = FINISHED
+                status = STATUS_COLLAPSED
+                tags = {STATUS_TAG: status, COLLAPSED_AT_EPOCH_TAG: error.epoch, HEALTH_TAG: COLLAPSED}
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-            self.client.set_terminated(self.run_id, status)
+            self.client.set_terminated(self.run_id, run_status(status))
         except Exception:  # never mask the original error
             pass

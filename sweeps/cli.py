@@ -49,7 +49,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.tracking_uri or args.name:
             raise ConfigError("--resume continues the sweep where it was tracked and named: drop --tracking-uri/--name")
-        from sweeps.runner import default_storage
+        from sweeps.layout import default_storage
 
         storage = args.storage if args.storage is not None or spec is None else default_storage(spec)
         outcome = resume_sweep(args.resume, storage=storage, address=args.address)
@@ -65,7 +65,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def dry_run(spec) -> str:
     """The expanded trial table: count, per-trial overrides, resources, expected concurrency on this machine."""
-    from sweeps.spec import format_table
+    from sweeps.tables import format_table
 
     keys = spec.columns()
     uniform = len(set(spec.arch_resources.values())) == 1

@@ -29,223 +29,78 @@ learning rate per family; a key cannot be both overridden and swept. Every value
 both ends of every range, are validated against the config before anything runs. Every problem
 is a one-line :class:`~lejepa.errors.ConfigError` ``<file>: <key>: <problem>``. Nothing here
 starts Ray or MLflow.
+
+This module holds :class:`SweepSpec` and :func:`load_spec`; the file's schema is
+:mod:`sweeps.schema`, the search space :mod:`sweeps.space`, the per-architecture rules
+:mod:`sweeps.archs` and :mod:`sweeps.resources`, sweep names :mod:`sweeps.names`.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
-import inspect
 import itertools
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-from lejepa.config import PLAIN_NAME_RULE, Config, build_config, is_plain_name, load_yaml, set_dotted, valid_keys
-from lejepa.errors import ConfigError, LejepaError, did_you_mean
-from lejepa.record import (
-    EPOCH_INVARIANCE,
-    EPOCH_LOSS,
-    EPOCH_PROBE_LOSS,
-    EPOCH_SIGREG,
-    ONLINE_TEST_ACC,
-    ONLINE_TRAIN_ACC,
-    SCORE_ALPHA,
-    TRAIN_SCORE,
+from lejepa.config import Config, build_config, load_yaml, set_dotted
+from lejepa.errors import ConfigError, did_you_mean
+from lejepa.record import EPOCH_LOSS
+from sweeps.archs import check_archs, overrides_table
+from sweeps.names import check_name, sanitize_name
+from sweeps.resources import DRIVER_CPUS, TrialResources, resources_table
+from sweeps.schema import (
+    METRICS,
+    SCORE_METRIC,
+    ArchCondition,
+    ArchOverride,
+    ResourceRule,
+    ResourcesSpec,
+    SchedulerSpec,
+    SearchSpec,
+    SpecFile,
+    SweepIdentity,
+    SweepSettings,
+    TrackingSpec,
+    describe_error,
 )
+from sweeps.space import (
+    DATA_LOCATION_KEYS,
+    DISTRIBUTIONS,
+    MAX_TRIALS,
+    SET_BY_SWEEP,
+    VALIDATED_COMBINATIONS,
+    Param,
+    check_data,
+    check_expansion,
+    get_dotted,
+    parse_param,
+    trial_tree,
+    validate_values,
+)
+from sweeps.space import grid_size as space_grid_size
+from sweeps.tables import format_table
 
-SCORE_METRIC = TRAIN_SCORE
-"""The label-free score reported per epoch: ``epoch/loss / λ^α`` (:func:`lejepa.record.label_free_score`)."""
-
-METRICS = (EPOCH_LOSS, EPOCH_INVARIANCE, EPOCH_SIGREG, EPOCH_PROBE_LOSS, ONLINE_TRAIN_ACC, ONLINE_TEST_ACC,
-           SCORE_METRIC)
-"""Per-epoch metrics a search or scheduler may optimise."""
-
-SET_BY_SWEEP = ("train.out_dir", "train.run_name", "train.threads", "tracking.")
-"""Config keys the sweep sets itself (run folder, threads from the trial's CPUs, tracking)."""
-
-DRIVER_CPUS = 0.01
-"""CPUs of a multi-worker trial's driver: it only launches and watches its Ray Train workers."""
-
-DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "randint": 2, "qrandint": 3}
-"""Range distributions and how many numbers each takes."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SearchSpec(_Section):
-    """How trials are generated: Tune's grid/random generator, or Optuna's TPE."""
-
-    algo: Literal["default", "optuna"] = "default"
-    metric: str = SCORE_METRIC
-    mode: Literal["min", "max"] = "min"
-    seed: int | None = None
+__all__ = [  # SweepSpec and load_spec, and the names this module offered before they moved to the modules above
+    "DATA_LOCATION_KEYS", "DISTRIBUTIONS", "DRIVER_CPUS", "MAX_TRIALS", "METRICS", "SCORE_METRIC", "SET_BY_SWEEP",
+    "VALIDATED_COMBINATIONS", "ArchCondition", "ArchOverride", "Param", "ResourceRule", "ResourcesSpec",
+    "SchedulerSpec", "SearchSpec", "SweepSpec", "TrackingSpec", "TrialResources", "check_name", "format_table",
+    "load_spec", "sanitize_name", "trial_tree",
+]
 
 
-class SchedulerSpec(_Section):
-    """Early stopping: none, or ASHA on any per-epoch metric (label-free by default)."""
-
-    type: Literal["none", "asha"] = "none"
-    metric: str = SCORE_METRIC
-    mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2, gt=1)
-
-
-class ArchCondition(_Section):
-    """Which architectures a rule applies to: those that match every condition given."""
-
-    max_params: int | float | str | None = None
-    min_params: int | float | str | None = None
-    family: str | list[str] | None = None
-    pattern: str | None = None
-
-    def _has_condition(self) -> None:
-        if self.max_params is None and self.min_params is None and self.family is None and self.pattern is None:
-            raise ValueError("a rule needs a condition: max_params, min_params, family or pattern")
-
-
-class ArchOverride(ArchCondition):
-    """Base config values (dotted keys) for the architectures that match (first matching rule wins)."""
-
-    set: dict[str, Any]
-
-    @model_validator(mode="after")
-    def _complete(self) -> ArchOverride:
-        self._has_condition()
-        if not self.set:
-            raise ValueError("a rule needs at least one key under set")
-        return self
-
-
-class ResourceRule(ArchCondition):
-    """Resources for the architectures that match every condition given (first matching rule wins)."""
-
-    cpus_per_trial: float | None = Field(None, gt=0)
-    gpus_per_trial: float | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def _complete(self) -> ResourceRule:
-        self._has_condition()
-        if self.cpus_per_trial is None and self.gpus_per_trial is None:
-            raise ValueError("a rule needs cpus_per_trial or gpus_per_trial")
-        return self
-
-
-class ResourcesSpec(_Section):
-    """Per-trial resources; ``workers_per_trial > 1`` runs each trial as DDP on Ray Train workers,
-    each with ``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs."""
-
-    cpus_per_trial: float = Field(1, gt=0)
-    gpus_per_trial: float = Field(0, ge=0)
-    workers_per_trial: int = Field(1, ge=1)
-    rules: list[ResourceRule] = []
-
-
-class TrackingSpec(_Section):
-    """MLflow experiment (and optionally URI) of the sweep's parent and trial runs."""
-
-    experiment: str = "lejepa-sweeps"
-    uri: str | None = None
-
-
-class _SpecFile(_Section):
-    name: str | None = None
-    description: str = ""
-    base: dict[str, Any] | str = {}
-    space: dict[str, Any] = {}
-    num_samples: int = Field(1, ge=1)
-    search: SearchSpec = SearchSpec()
-    scheduler: SchedulerSpec = SchedulerSpec()
-    resources: ResourcesSpec = ResourcesSpec()
-    arch_overrides: list[ArchOverride] = []
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    tracking: TrackingSpec = TrackingSpec()
-    max_failures: int = Field(2, ge=-1)
-    score_alpha: float = Field(SCORE_ALPHA, ge=0)
-    prune_collapsed: int | None = Field(None, ge=1)
-
-
-@dataclass(frozen=True)
-class Param:
-    """One search-space entry: ``kind`` is grid, choice or a range distribution; ``values`` are the
-    grid/choice values or the distribution's numbers."""
-
-    key: str
-    kind: str
-    values: tuple[Any, ...]
-
-    @property
-    def is_grid(self) -> bool:
-        return self.kind == "grid"
-
-    def describe(self) -> str:
-        """How the dry-run table shows a sampled value, e.g. ``~loguniform(0.0001, 0.01)``."""
-        return f"~{self.kind}({', '.join(_short(v) for v in self.values)})"
-
-    def probes(self) -> list[Any]:
-        """The values validated against the config: every grid/choice value, both ends of a range."""
-        if self.kind in ("grid", "choice"):
-            return list(self.values)
-        low, high = self.values[0], self.values[1]
-        if self.kind == "randint":
-            high -= 1
-        return [low, high]
-
-    def domain(self) -> Any:
-        """The Ray Tune search-space object."""
-        from ray import tune
-
-        if self.kind == "grid":
-            return tune.grid_search(list(self.values))
-        return getattr(tune, self.kind)(*([list(self.values)] if self.kind == "choice" else self.values))
-
-
-@dataclass(frozen=True)
-class TrialResources:
-    """What one trial asks for: ``workers`` processes with ``cpus`` and ``gpus`` each."""
-
-    cpus: float
-    gpus: float
-    workers: int
-
-    def tune_request(self) -> dict[str, float]:
-        """The trial actor's resources; a multi-worker trial's actor is only the Ray Train driver."""
-        if self.workers > 1:
-            return {"cpu": DRIVER_CPUS}
-        return {"cpu": self.cpus, "gpu": self.gpus}
-
-    def total(self) -> tuple[float, float]:
-        """(CPUs, GPUs) one running trial occupies."""
-        return self.cpus * self.workers, self.gpus * self.workers
-
-
-@dataclass
-class SweepSpec:
-    """A validated sweep spec; ``base`` is the nested base config, ``space`` the parameters in file order."""
+class SweepSpec(SweepSettings, SweepIdentity):
+    """A validated sweep spec: the file's settings as written (:class:`~sweeps.schema.SweepSettings`,
+    ``description``), plus what :func:`load_spec` expanded: ``name`` (the file's stem when not given,
+    sanitised), ``base`` the nested base config, ``space`` the parameters in file order, and per
+    architecture its resources and ``arch_overrides`` values."""
 
     path: Path
     name: str
-    description: str
     base: dict[str, Any]
     space: list[Param]
-    num_samples: int
-    search: SearchSpec
-    scheduler: SchedulerSpec
-    resources: ResourcesSpec
-    max_concurrent_trials: int | None
-    tracking: TrackingSpec
-    max_failures: int
-    score_alpha: float
     arch_resources: dict[str, TrialResources]
-    arch_overrides: list[ArchOverride]
     arch_params: dict[str, dict[str, Any]]
     """Per architecture, the base values its ``arch_overrides`` rule sets (none: not listed)."""
 
@@ -259,7 +114,7 @@ class SweepSpec:
         return self.base_config.train.epochs
 
     def grid_size(self) -> int:
-        return math.prod(len(p.values) for p in self.space if p.is_grid)
+        return space_grid_size(self.space)
 
     def num_trials(self) -> int:
         """How many trials the sweep runs (Tune: the grid repeated ``num_samples`` times)."""
@@ -308,19 +163,17 @@ class SweepSpec:
             return {**row, **{key: "by arch" for key in self.override_keys()}}
         params = self.arch_params.get(arch, {})
         tree = self.base_config.model_dump()
-        return {**row, **{key: params[key] if key in params else _get_dotted(tree, key) for key in self.override_keys()}}
+        return {**row, **{key: params[key] if key in params else get_dotted(tree, key) for key in self.override_keys()}}
 
     def resolved(self) -> dict[str, Any]:
         """The spec as one self-contained mapping (base inlined, catalog queries expanded into
-        grids) that :func:`load_spec` reads back into the same sweep; ``--resume`` uses it."""
-        return {"name": self.name, "description": self.description, "base": self.base,
-                "space": {p.key: {p.kind: list(p.values)} for p in self.space}, "num_samples": self.num_samples,
-                "search": self.search.model_dump(), "scheduler": self.scheduler.model_dump(),
-                "resources": self.resources.model_dump(exclude_none=True),
-                "arch_overrides": [rule.model_dump(exclude_none=True) for rule in self.arch_overrides],
-                "max_concurrent_trials": self.max_concurrent_trials,
-                "tracking": self.tracking.model_dump(), "max_failures": self.max_failures,
-                "score_alpha": self.score_alpha}
+        grids) that :func:`load_spec` reads back into the same sweep; ``--resume`` uses it.
+
+        The spec file's fields in file order: the settings as written, the expanded ones
+        (``prune_collapsed`` is already in ``base``)."""
+        written = {**self.model_dump(include=set(SpecFile.model_fields) - {"base", "space"}), "base": self.base,
+                   "space": {p.key: {p.kind: list(p.values)} for p in self.space}}
+        return {key: written[key] for key in SpecFile.model_fields if key in written}
 
     def resources_for(self, arch: str) -> TrialResources:
         """The resources of a trial training ``arch`` (rules applied)."""
@@ -343,51 +196,19 @@ class SweepSpec:
         return max(0, min(limits))
 
 
-def trial_tree(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with the sampled dotted ``params`` applied (a new nested dict)."""
-    tree = copy.deepcopy(base)
-    for key, value in params.items():
-        set_dotted(tree, key, value)
-    return tree
-
-
-def sanitize_name(name: str) -> str:
-    """``name`` made safe as one folder name: runs of characters other than letters, digits, ``_ - .``
-    (path separators included) become ``-``, leading and trailing ``-`` and ``.`` go (so no ``..``
-    or hidden name is left), at most 128 characters; ``""`` when nothing usable remains."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:128].rstrip("-.")
-
-
-def check_name(name: str, what: str) -> str:
-    """``name`` if it already is a plain folder name (:func:`~lejepa.config.is_plain_name`); else a
-    :class:`ConfigError`: a name the user typed is refused, never silently changed into another."""
-    if is_plain_name(name):
-        return name
-    safe = sanitize_name(name)
-    raise ConfigError(f"{what} {name!r} is not a plain folder name ({PLAIN_NAME_RULE})"
-                      + (f"; e.g. {safe!r}" if safe else ""))
-
-
 def load_spec(path: str | Path) -> SweepSpec:
     """Read, validate and expand the spec at ``path`` (see the module docstring)."""
     path = Path(path)
     raw = load_yaml(path, "sweep spec")
     try:
-        spec = _SpecFile.model_validate(raw)
+        spec = SpecFile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_describe(exc)}") from None
+        raise ConfigError(f"{path}: {describe_error(exc)}") from None
     return _build(path, spec)
 
 
 # --------------------------------------------------------------------------- internals
-MAX_TRIALS = 10_000
-"""The most trials one spec may expand to (counted, never materialised, before anything else)."""
-VALIDATED_COMBINATIONS = 1_000
-"""Grid combinations checked together at load (each value is also checked alone): cross-field
-rules such as views.local_size ≤ data.resolution."""
-
-
-def _build(path: Path, spec: _SpecFile) -> SweepSpec:
+def _build(path: Path, spec: SpecFile) -> SweepSpec:
     def fail(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{path}: {key}: {problem}")
 
@@ -402,37 +223,23 @@ def _build(path: Path, spec: _SpecFile) -> SweepSpec:
         if metric not in METRICS:
             raise fail(section, f"{metric!r} is not a reported per-epoch metric{did_you_mean(metric, METRICS)}; "
                                 f"choose from {', '.join(METRICS)}")
-    space = [_param(key, value, fail) for key, value in spec.space.items()]
-    if spec.search.algo == "optuna":
-        for p in space:
-            if p.is_grid:
-                raise fail(f"space.{p.key}", "search.algo=optuna cannot take a grid (a list or catalog query): "
-                                             "write {choice: [...]} instead")
-    if spec.scheduler.type != "none" and any(p.key == "train.epochs" for p in space):
-        raise fail("space.train.epochs", "cannot be swept together with a scheduler (its max_t is train.epochs)")
-    grid = [p for p in space if p.is_grid]
-    trials = math.prod(len(p.values) for p in grid) * (1 if spec.search.algo == "optuna" else spec.num_samples)
-    if trials > MAX_TRIALS:
-        sizes = " × ".join(f"{len(p.values)} {p.key}" for p in grid)
-        samples = f" × {spec.num_samples} samples" if spec.num_samples > 1 else ""
-        raise fail("space", f"expands to {trials:,} trials ({sizes}{samples}); "
-                            f"the limit is {MAX_TRIALS:,}: sample some keys ({{choice: [...]}}, num_samples) or split the sweep")
-    _validate_values(base, space, fail)
-    _check_archs(base, space, fail)
-    _check_data(base, space, fail)
+    space = [parse_param(key, value, fail) for key, value in spec.space.items()]
+    check_expansion(spec, space, fail)
+    validate_values(base, space, fail)
+    check_archs(base, space, fail)
+    check_data(base, space, fail)
     lam = next((p for p in space if p.key == "loss.lam"), None)
     if spec.score_alpha > 0 and any(float(v) <= 0 for v in (lam.probes() if lam else [build_config(base).loss.lam])):
         raise fail("space.loss.lam" if lam else "base.loss.lam",
                    f"λ = 0 leaves {SCORE_METRIC} = {EPOCH_LOSS} / λ^α undefined: keep λ > 0 or set score_alpha: 0")
-    arch_resources = _arch_resources(base, space, spec.resources, fail)
-    arch_params = _arch_params_table(base, space, spec.arch_overrides, fail)
+    arch_resources = resources_table(base, space, spec.resources, fail)
+    arch_params = overrides_table(base, space, spec.arch_overrides, fail)
     if spec.tracking.uri is not None and spec.tracking.uri.startswith("file:"):
         raise fail("tracking.uri", "MLflow 3 refuses file: stores; use sqlite:///<absolute path> or http://host:port")
-    return SweepSpec(path=path, name=name, description=spec.description, base=base, space=space,
-                     num_samples=spec.num_samples, search=spec.search, scheduler=spec.scheduler,
-                     resources=spec.resources, max_concurrent_trials=spec.max_concurrent_trials,
-                     tracking=spec.tracking, max_failures=spec.max_failures, score_alpha=spec.score_alpha,
-                     arch_resources=arch_resources, arch_overrides=spec.arch_overrides, arch_params=arch_params)
+    expanded: dict[str, Any] = {"path": path, "name": name, "base": base, "space": space,
+                                "arch_resources": arch_resources, "arch_params": arch_params}
+    as_written = {key: getattr(spec, key) for key in SweepSpec.model_fields if key not in expanded}
+    return SweepSpec(**as_written, **expanded)
 
 
 def _load_base(path: Path, base: dict[str, Any] | str, fail) -> dict[str, Any]:
@@ -446,258 +253,3 @@ def _load_base(path: Path, base: dict[str, Any] | str, fail) -> dict[str, Any]:
     except ConfigError as exc:
         raise fail("base", str(exc).removeprefix("config: ")) from None
     return base
-
-
-def _param(key: str, value: Any, fail) -> Param:
-    where = f"space.{key}"
-    known = valid_keys()
-    if key not in known:
-        raise fail(where, f"unknown config key{did_you_mean(key, known)}")
-    if any(key == k or (k.endswith(".") and key.startswith(k)) for k in SET_BY_SWEEP):
-        raise fail(where, "is set by the sweep itself and cannot be swept")
-    if isinstance(value, list):
-        value = {"grid": value}
-    if not isinstance(value, dict) or len(value) != 1:
-        raise fail(where, f"expected a list (grid) or one of {{grid, choice, {', '.join(DISTRIBUTIONS)}, catalog}}: "
-                          f"[...], got {_short(value)}; a single value belongs in base")
-    (kind, args), = value.items()
-    if kind == "catalog":
-        if key != "model.arch":
-            raise fail(where, "a catalog query can only set model.arch")
-        return Param(key, "grid", tuple(_catalog_names(args, lambda problem: fail(f"{where}.catalog", problem))))
-    if kind in ("grid", "choice"):
-        if not isinstance(args, list) or not args:
-            raise fail(f"{where}.{kind}", "expected a non-empty list of values")
-        return Param(key, kind, tuple(args))
-    if kind in DISTRIBUTIONS:
-        count = DISTRIBUTIONS[kind]
-        if not (isinstance(args, list) and len(args) == count and all(_is_number(a) for a in args)):
-            shape = "[low, high, q]" if count == 3 else "[low, high]"
-            raise fail(f"{where}.{kind}", f"expected {shape} (numbers), got {_short(args)}")
-        args = [_number(a) for a in args]
-        if kind in ("randint", "qrandint") and not all(float(a).is_integer() for a in args):
-            raise fail(f"{where}.{kind}", f"expected integers, got {_short(args)}")
-        if kind in ("randint", "qrandint"):
-            args = [int(a) for a in args]
-        if not args[0] < args[1]:
-            raise fail(f"{where}.{kind}", f"low must be below high, got {_short(args)}")
-        if kind == "loguniform" and args[0] <= 0:
-            raise fail(f"{where}.{kind}", f"low must be positive for a log scale, got {_short(args[0])}")
-        return Param(key, kind, tuple(args))
-    options = ["grid", "choice", *DISTRIBUTIONS, "catalog"]
-    raise fail(where, f"unknown distribution {kind!r}{did_you_mean(kind, options)}; choose from {', '.join(options)}")
-
-
-def _catalog_names(query_args: Any, fail) -> list[str]:
-    from lejepa.catalog import query
-
-    accepted = [n for n in inspect.signature(query).parameters]
-    if not isinstance(query_args, dict):
-        raise fail(f"expected a mapping of query fields ({', '.join(accepted)}), got {_short(query_args)}")
-    for field in query_args:
-        if field not in accepted:
-            raise fail(f"unknown query field {field!r}{did_you_mean(field, accepted)}")
-    try:
-        return [info.name for info in query(**query_args)]
-    except LejepaError as exc:
-        raise fail(str(exc)) from None
-
-
-def _validate_values(base: dict[str, Any], space: list[Param], fail) -> None:
-    """Every probe value alone, then every grid combination (ranges at their low end), on ``base``."""
-    for p in space:
-        for value in p.probes():
-            _check(base, {p.key: value}, f"space.{p.key}", fail)
-    grid = [p for p in space if p.is_grid]
-    if len(grid) > 1:
-        sampled = {p.key: p.probes()[0] for p in space if not p.is_grid}
-        for combo in itertools.islice(itertools.product(*(p.values for p in grid)), VALIDATED_COMBINATIONS):
-            _check(base, {**sampled, **{p.key: v for p, v in zip(grid, combo)}}, "space", fail)
-
-
-def _check(base: dict[str, Any], params: dict[str, Any], where: str, fail) -> None:
-    try:
-        build_config(trial_tree(base, params))
-    except ConfigError as exc:
-        raise fail(where, str(exc).removeprefix("config: ")) from None
-
-
-def _arch_params_table(base: dict[str, Any], space: list[Param], rules: list[ArchOverride], fail
-                       ) -> dict[str, dict[str, Any]]:
-    """Per architecture of the sweep, the values of its first matching ``arch_overrides`` rule,
-    each trial config it yields validated."""
-    swept = {p.key for p in space}
-    for i, rule in enumerate(rules):
-        for key in rule.set:
-            where = f"arch_overrides[{i}].set.{key}"
-            if key in swept:
-                raise fail(where, "is also swept in space: a key is either swept or overridden per architecture")
-            if key == "model.arch" or any(key == k or (k.endswith(".") and key.startswith(k)) for k in SET_BY_SWEEP):
-                raise fail(where, "is set by the sweep itself and cannot be overridden")
-    archs = _sweep_archs(base, space)
-    resolution = build_config(base).data.resolution
-    table = {}
-    for arch in archs:
-        for i, rule in enumerate(rules):
-            if _matches(rule, arch, resolution, lambda problem, i=i: fail(f"arch_overrides[{i}]", problem)):
-                _check(base, {**rule.set, "model.arch": arch}, f"arch_overrides[{i}] ({arch})", fail)
-                table[arch] = dict(rule.set)
-                break
-    return table
-
-
-def _check_archs(base: dict[str, Any], space: list[Param], fail) -> None:
-    """Every architecture the sweep trains exists (``lejepa train``'s pre-flight, run on what the
-    spec expands to), so a typo is one line here, not a failure inside every trial."""
-    from lejepa.backbones import check_arch_name
-
-    where = "space.model.arch" if any(p.key == "model.arch" for p in space) else "base.model.arch"
-    for arch in _sweep_archs(base, space):
-        try:
-            check_arch_name(arch)
-        except LejepaError as exc:
-            raise fail(where, str(exc)) from None
-
-
-DATA_LOCATION_KEYS = ("data.name", "data.root", "data.download")
-"""The keys that decide where a trial's dataset files are (``lejepa.data.check_data``)."""
-
-
-def _check_data(base: dict[str, Any], space: list[Param], fail) -> None:
-    """The dataset of every data configuration the sweep trains is there (``lejepa train``'s
-    pre-flight, on this machine), so missing files are one line here, not a failure inside every trial."""
-    from lejepa.data import check_data
-
-    swept = [p for p in space if p.key in DATA_LOCATION_KEYS]
-    for values in itertools.product(*(p.probes() for p in swept)):
-        tree = copy.deepcopy(base)
-        for p, value in zip(swept, values):
-            set_dotted(tree, p.key, value)
-        try:
-            check_data(build_config(tree).data)
-        except LejepaError as exc:
-            raise fail(f"space.{swept[0].key}" if swept else "base.data", str(exc)) from None
-
-
-def _sweep_archs(base: dict[str, Any], space: list[Param]) -> list[str]:
-    """The architectures a sweep trains: its ``model.arch`` grid or choice, else the base's one."""
-    return next((list(p.values) for p in space if p.key == "model.arch"), None) or [build_config(base).model.arch]
-
-
-def _get_dotted(tree: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        tree = tree[part]
-    return tree
-
-
-def _arch_resources(base: dict[str, Any], space: list[Param], res: ResourcesSpec, fail) -> dict[str, TrialResources]:
-    archs = _sweep_archs(base, space)
-    resolution = build_config(base).data.resolution
-    table = {}
-    for arch in archs:
-        cpus, gpus = res.cpus_per_trial, res.gpus_per_trial
-        for i, rule in enumerate(res.rules):
-            if _matches(rule, arch, resolution, lambda problem, i=i: fail(f"resources.rules[{i}]", problem)):
-                cpus = rule.cpus_per_trial if rule.cpus_per_trial is not None else cpus
-                gpus = rule.gpus_per_trial if rule.gpus_per_trial is not None else gpus
-                break
-        if gpus > 1 and not float(gpus).is_integer():
-            raise fail("resources", f"{arch}: a trial takes a fraction of one GPU or whole GPUs, got {gpus}")
-        table[arch] = TrialResources(cpus, gpus, res.workers_per_trial)
-    return table
-
-
-def _matches(rule: ArchCondition, arch: str, resolution: int, fail) -> bool:
-    if rule.pattern is not None and not fnmatch.fnmatch(arch, rule.pattern):
-        return False
-    if rule.family is not None:
-        families = [rule.family] if isinstance(rule.family, str) else rule.family
-        if _arch_family(arch) not in families:
-            return False
-    if rule.max_params is None and rule.min_params is None:
-        return True
-    from lejepa.catalog import parse_param_budget
-
-    try:
-        high = parse_param_budget(rule.max_params) if rule.max_params is not None else math.inf
-        low = parse_param_budget(rule.min_params) if rule.min_params is not None else 0
-    except LejepaError as exc:
-        raise fail(str(exc)) from None
-    return low <= _arch_params(arch, resolution) <= high
-
-
-def _arch_family(arch: str) -> str:
-    from lejepa.tracking import arch_family
-
-    return arch_family(arch)
-
-
-def _arch_params(arch: str, resolution: int) -> int:
-    """Parameter count of ``arch``: the catalog's, or counted on a fresh backbone if not catalogued."""
-    from lejepa.catalog import get_arch
-
-    try:
-        return int(get_arch(arch).params)
-    except LejepaError:
-        from lejepa.backbones import build_backbone
-
-        return sum(p.numel() for p in build_backbone(arch, resolution, None).parameters())
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, (int, float)) or (isinstance(value, str) and _float_or_none(value) is not None)
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, str) else value
-
-
-def _float_or_none(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    text = text.removesuffix("\n...").removesuffix("...").strip()
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _describe(exc: ValidationError) -> str:
-    """The first validation error as ``key: problem`` (unknown keys get the closest allowed name)."""
-    err = exc.errors()[0]
-    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "spec"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        names = [p for p in err["loc"] if not isinstance(p, int)]
-        options = list(_SECTIONS.get(names[-2] if len(names) > 1 else "", _SpecFile).model_fields)
-        return f"{field}: unknown key{did_you_mean(str(names[-1]), options)}; allowed: {', '.join(options)}"
-    value = err.get("input")
-    if isinstance(value, dict):
-        return f"{field}: {msg}"
-    return f"{field}={_short(value)} is invalid: {msg[0].lower() + msg[1:]}"
-
-
-_SECTIONS: dict[str, type[BaseModel]] = {"search": SearchSpec, "scheduler": SchedulerSpec, "resources": ResourcesSpec,
-                                         "rules": ResourceRule, "tracking": TrackingSpec}
-
-
-def format_table(header: list[str], rows: list[list[Any]]) -> str:
-    """Left-aligned plain-text columns (floats as %.4g) for the dry run, progress and summary tables."""
-    cells = [[_cell(v) for v in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return value if isinstance(value, str) else _short(value)

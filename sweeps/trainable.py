@@ -49,17 +49,19 @@ from lejepa.record import (
     DIVERGED_STEP,
     EPOCH,
     EPOCH_LOSS,
-    KILLED,
     KIND_TAG,
     KIND_TRIAL,
     RAY_NODE_TAG,
+    STATUS_INTERRUPTED,
     SWEEP_TAG,
     TRAIN_SCORE,
     TRIAL_ID_TAG,
     label_free_score,
+    run_status,
 )
 from lejepa.tracking import MLflowCallback, get_or_create_experiment
-from sweeps.spec import TrialResources, trial_tree
+from sweeps.resources import TrialResources
+from sweeps.space import trial_tree
 
 Send = Callable[[dict[str, float], "str | None"], None]
 """Delivers one report: metrics and the checkpoint folder to attach (or None)."""
@@ -87,7 +89,8 @@ class TrialTracking(MLflowCallback):
     and the Ray node of the current attempt (tag ``lejepa.ray_node``).
 
     A trial stopped by Tune (scheduler, interrupted sweep) exits with ``SystemExit``: its run is
-    closed as KILLED without an error tag; the sweep driver settles its final status.
+    closed as interrupted (KILLED, :func:`~lejepa.record.run_status`) without an error tag; the sweep
+    driver settles its final status.
     """
 
     def __init__(self, *args: Any, lam: float, alpha: float, node_id: str, **kwargs: Any) -> None:
@@ -119,7 +122,7 @@ class TrialTracking(MLflowCallback):
         with contextlib.suppress(Exception):
             self.close(timeout=10.0)
             assert self.run_id is not None  # opened by on_train_start
-            self.client.set_terminated(self.run_id, KILLED)
+            self.client.set_terminated(self.run_id, run_status(STATUS_INTERRUPTED))
 
 
 class TuneReport(Callback):
@@ -208,6 +211,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run_dir = Path(ctx.trials_dir) / trial_id
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as tune_resume:
+        if tune_resume and _is_final(Path(tune_resume), cfg.train.epochs):
+            return  # Tune holds the final report (a sweep interrupted before Tune saw the trial end): done
         resume = newest_checkpoint(tune_resume, run_dir)
         if res.workers > 1:
             _run_distributed(ctx, cfg, res, trial_id, run_dir, resume)
@@ -221,6 +226,14 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         trainer.fit()
     except (TrainingDiverged, TrainingCollapsed) as exc:  # results of the hyper-parameters: never retried
         _report_to_tune(outcome_report(ctx, exc, trainer.epoch), None)
+
+
+def _is_final(checkpoint: Path, epochs: int) -> bool:
+    """Whether ``checkpoint`` is a trial's last one: only the final report (after the final
+    evaluation) sends it to Tune, so a trial restored from it has nothing left to do."""
+    from lejepa.checkpoint import is_valid_checkpoint, read_meta
+
+    return is_valid_checkpoint(checkpoint) and read_meta(checkpoint).get("epoch", -1) >= epochs
 
 
 def outcome_report(ctx: TrialContext, exc: TrainingDiverged | TrainingCollapsed, epoch: int) -> dict[str, float]:

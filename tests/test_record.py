@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from lejepa import record
 from lejepa.callbacks import RunInfo
 from lejepa.config import build_config, load_config
-from lejepa.errors import TrainingDiverged
+from lejepa.errors import TrainingCollapsed, TrainingDiverged
 from lejepa.tracking import MLflowCallback
 from lejepa.trainer import Trainer
 from sweeps.trainable import TrialTracking
@@ -82,3 +82,22 @@ def test_schema_helpers_spell_the_keys_they_stand_for():
     assert record.sqlite_path(record.sqlite_uri("/a/b.db")) == "/a/b.db" and record.sqlite_path("http://h:1") is None
     assert record.label_free_score(2.0, 0.25, 0.5) == 4.0 and record.label_free_score(2.0, 0.25, 0.0) == 2.0
     assert len(set(record.STATUSES)) == len(record.STATUSES) and record.STATUS_DIVERGED == record.DIVERGED
+
+
+@pytest.mark.parametrize("error, status", [
+    (KeyboardInterrupt(), record.STATUS_INTERRUPTED),
+    (RuntimeError("boom"), record.STATUS_FAILED),
+    (TrainingDiverged(3, math.nan), record.STATUS_DIVERGED),
+    (TrainingCollapsed(2, 0.01, 1), record.STATUS_COLLAPSED),
+])
+def test_a_plain_run_ends_by_the_same_status_rule_as_a_sweep_trial(tmp_path, error, status):
+    """One rule (:func:`lejepa.record.run_status`) for a plain run and a trial: the MLflow status of
+    a run that ended as ``status`` (a trial's is set by the sweep from the same function)."""
+    uri = record.sqlite_uri(tmp_path / record.TRACKING_DB)
+    callback = MLflowCallback(uri, flush_every=1)
+    callback.on_train_start(RunInfo(build_config({}), tmp_path / "run", 0, 0, 10, 30, "cpu", 1, 123))
+    callback.on_failure(error)
+    expected = {record.STATUS_INTERRUPTED: "KILLED", record.STATUS_FAILED: "FAILED",
+                record.STATUS_DIVERGED: "FAILED", record.STATUS_COLLAPSED: "FINISHED"}[status]
+    assert record.run_status(status) == expected
+    assert MlflowClient(uri).get_run(callback.run_id).info.status == expected

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from lejepa.checkpoint import list_checkpoints, load_checkpoint
 from sweeps.runner import SWEEP_FILE, run_sweep
 from sweeps.spec import load_spec
+from sweeps.status import FINAL_METRIC
 
 from helpers import SweepCLI, child_runs, spec_body, sweep_spec, trial_states, write_spec
 
@@ -104,9 +105,9 @@ def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and first.poll() is None:
-            # the store exists once the driver wrote sweep.json (polling earlier races its schema creation)
-            parent = _parent(uri) if (storage / "r1" / SWEEP_FILE).is_file() else None
-            if parent and any(r.info.status == "FINISHED" for r in child_runs(uri, parent.info.run_id)):
+            # once the driver has logged a trial's final report (its run closed FINISHED just before it):
+            # a trial whose run finished but whose final report Tune had not yet seen is rerun on --resume
+            if _final_reported(storage / "r1"):
                 break
             time.sleep(1.0)
         first.send_signal(signal.SIGTERM)
@@ -172,6 +173,12 @@ def _parent(uri: str):
     exp = client.get_experiment_by_name("lejepa-sweeps")
     runs = client.search_runs([exp.experiment_id], "tags.`lejepa.kind` = 'sweep'") if exp else []
     return runs[0] if runs else None
+
+
+def _final_reported(experiment: Path) -> bool:
+    """Whether Tune's driver has logged some trial's final report (the one with the final evaluation)."""
+    return any(FINAL_METRIC in line for path in experiment.glob("run_trial_*/result.json")
+               for line in path.read_text().splitlines())
 
 
 def _result_lines(experiment: Path, trial_id: str) -> int:
