@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install quickstart test datasets
+.PHONY: install quickstart lint test datasets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,5 +25,13 @@ quickstart: install
 	$(BIN)/lejepa sweep sweeps/quickstart.yaml
 	$(BIN)/lejepa select quickstart --out runs/selection-quickstart
 
-test: install
+LINTED := lejepa sweeps analysis benchmarks notebooks tests
+
+# Lint, format and types (settings in pyproject.toml; .pre-commit-config.yaml runs the same).
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest

@@ -9,6 +9,7 @@ Sub-commands are plug-ins: each is a ``register(subparsers)`` function published
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -195,10 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
         register(sub)
     for ep in sorted(entry_points(group="lejepa.commands"), key=lambda e: e.name):
         try:
+            _check_not_shadowed(ep.module.partition(".")[0])
             ep.load()(sub)
         except Exception as exc:  # one broken plug-in must not take the other commands down
             _unavailable(sub, ep.name, exc)
     return parser
+
+
+class ShadowedPackage(ImportError):
+    """A plug-in's package name resolves to someone else's file or package."""
+
+
+def _check_not_shadowed(top: str) -> None:
+    """Raise if the top-level package ``top`` (``sweeps``, ``analysis``: installed beside ``lejepa``)
+    would be imported from somewhere else: a user's ``analysis.py`` in the working folder (first
+    on ``sys.path`` under ``python -m``) or another distribution's package of that name."""
+    ours = Path(__file__).resolve().parents[1] / top
+    spec = importlib.util.find_spec(top) if top not in sys.modules else sys.modules[top].__spec__
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if origin is not None and origin.parent != ours:
+        raise ShadowedPackage(f"'{top}' resolves to {origin}, not to this installation's {ours}: a file or package of "
+                          f"that name shadows it; rename it or run lejepa from another folder")
 
 
 def _unavailable(sub: argparse._SubParsersAction, name: str, exc: Exception) -> None:
@@ -206,8 +224,8 @@ def _unavailable(sub: argparse._SubParsersAction, name: str, exc: Exception) -> 
     reason = f"{type(exc).__name__}: {first_line(exc, '')}".rstrip(": ")
 
     def fail(_args: argparse.Namespace) -> int:
-        raise LejepaError(f"the '{name}' command is unavailable: its plug-in failed to load ({reason}); "
-                          f"reinstall with `pip install -e .`")
+        fix = "" if isinstance(exc, ShadowedPackage) else "; reinstall with `pip install -e .`"
+        raise LejepaError(f"the '{name}' command is unavailable: its plug-in failed to load ({reason}){fix}")
 
     if name in sub.choices:  # it registered itself before failing
         sub.choices[name].set_defaults(func=fail)

@@ -93,10 +93,9 @@ class TritonCharacteristic(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        rows, n, cols = x.shape
-        powers = grad.shape[1]
         grad_x = torch.empty_like(x)
+        rows, n, cols = x.shape
         grid = (rows, triton.cdiv(n, _BLOCK_N), triton.cdiv(cols, _BLOCK_M))
-        _backward_kernel[grid](x, grad.float().contiguous(), grad_x, n, cols, ctx.dt, 1.0 / n, powers,
+        _backward_kernel[grid](x, grad.float().contiguous(), grad_x, n, cols, ctx.dt, 1.0 / n, grad.shape[1],
                                BLOCK_N=_BLOCK_N, BLOCK_M=_BLOCK_M)
         return grad_x, None, None

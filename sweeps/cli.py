@@ -65,7 +65,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def dry_run(spec) -> str:
     """The expanded trial table: count, per-trial overrides, resources, expected concurrency on this machine."""
-    from sweeps.tables import format_table
+    from lejepa.tables import format_table
 
     keys = spec.columns()
     uniform = len(set(spec.arch_resources.values())) == 1

@@ -24,8 +24,8 @@ from lejepa.record import (
     TRAIN_SCORE,
     sqlite_path,
 )
+from lejepa.tables import fmt, format_table
 from sweeps.status import FINAL_METRIC, trial_health
-from sweeps.tables import fmt, format_table
 
 if TYPE_CHECKING:
     from sweeps.outcome import SweepOutcome, TrialSummary

@@ -39,7 +39,7 @@ from lejepa.record import (
     SCORE_ALPHA,
     TRAIN_SCORE,
 )
-from sweeps.tables import short
+from lejepa.tables import short
 
 SCORE_METRIC = TRAIN_SCORE
 """The label-free score reported per epoch: ``epoch/loss / λ^α`` (:func:`lejepa.record.label_free_score`)."""

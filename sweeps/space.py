@@ -13,8 +13,8 @@ from typing import Any
 
 from lejepa.config import build_config, set_dotted, valid_keys
 from lejepa.errors import ConfigError, LejepaError, did_you_mean
+from lejepa.tables import short
 from sweeps.schema import SpecFile
-from sweeps.tables import short
 
 SET_BY_SWEEP = ("train.out_dir", "train.run_name", "train.threads", "tracking.")
 """Config keys the sweep sets itself (run folder, threads from the trial's CPUs, tracking)."""

@@ -47,6 +47,7 @@ from pydantic import ValidationError
 from lejepa.config import Config, build_config, load_yaml, set_dotted
 from lejepa.errors import ConfigError, did_you_mean
 from lejepa.record import EPOCH_LOSS
+from lejepa.tables import format_table
 from sweeps.archs import check_archs, overrides_table
 from sweeps.names import check_name, sanitize_name
 from sweeps.resources import DRIVER_CPUS, TrialResources, resources_table
@@ -80,7 +81,6 @@ from sweeps.space import (
     validate_values,
 )
 from sweeps.space import grid_size as space_grid_size
-from sweeps.tables import format_table
 
 __all__ = [  # SweepSpec and load_spec, and the names this module offered before they moved to the modules above
     "DATA_LOCATION_KEYS", "DISTRIBUTIONS", "DRIVER_CPUS", "MAX_TRIALS", "METRICS", "SCORE_METRIC", "SET_BY_SWEEP",

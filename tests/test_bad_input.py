@@ -137,6 +137,9 @@ CASES = [
      "taken.txt is not writable"),
     ("select-out-under-a-file", ["select", "x", "--out", "taken.txt/report", "--tracking-uri", "{store}"],
      {"taken.txt": "x"}, "taken.txt is not a folder"),
+    # python -m puts the working folder first on sys.path: a researcher's analysis.py must not pass for ours
+    ("select-analysis-shadowed-by-a-local-file", ["select", "x"], {"analysis.py": "x = 1\n"},
+     "'analysis' resolves to {tmp}/analysis.py, not to this installation's"),
     ("archs-unknown-family", ["archs", "--family", "vti"], {}, "unknown architecture family 'vti' (did you mean 'vit'"),
     # an empty listing is an error: a filter that matches nothing is almost always a typo (e.g. no '*')
     ("archs-filter-matches-nothing", ["archs", "--pattern", "resnet"], {}, "no catalog architecture matches pattern='resnet'"),
@@ -147,7 +150,7 @@ CASES = [
 IN_SUBPROCESS = {
     "train-malformed-yaml", "train-unreachable-tracking-server", "train-projector-beyond-memory",
     "sweep-unknown-top-level-key", "sweep-dead-ray-address", "sweep-unreachable-tracking-server",
-    "select-unknown-sweep", "archs-unknown-family", "unknown-command",
+    "select-unknown-sweep", "select-analysis-shadowed-by-a-local-file", "archs-unknown-family", "unknown-command",
 }
 """Cases run as a real ``python -m lejepa`` process."""
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
+from lejepa import tables
 from lejepa.errors import ArchitectureError, ConfigError, did_you_mean
 
 CATALOG_CSV = Path(__file__).with_name("architectures.csv")
@@ -243,8 +244,6 @@ def format_table(entries: list[ArchInfo]) -> str:
          _outcome(a.walk_outcome, a.walk_gain), _outcome(a.gpu_walk_outcome, a.gpu_walk_gain), a.notes]
         for a in entries
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [header, *rows]]
     fams = len({a.family for a in entries})
-    lines.append(f"{len(entries)} architecture{'s' * (len(entries) != 1)}, {fams} famil{'y' if fams == 1 else 'ies'}")
-    return "\n".join(line.rstrip() for line in lines)
+    count = f"{len(entries)} architecture{'s' * (len(entries) != 1)}, {fams} famil{'y' if fams == 1 else 'ies'}"
+    return tables.format_table(header, rows) + "\n" + count

@@ -1,4 +1,4 @@
-"""Plain-text output of the sweep layer: the dry-run, progress and summary tables and their cells."""
+"""Plain-text tables and cells: the sweep's dry-run, progress and summary tables, `lejepa archs` and `lejepa runs`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import yaml
 
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:
-    """Left-aligned plain-text columns (floats as %.4g) for the dry run, progress and summary tables."""
+    """Left-aligned plain-text columns (None as "-", floats as %.4g, other values as one-line YAML)."""
     cells = [[_cell(v) for v in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
