@@ -57,8 +57,13 @@ def register_checkpoint(tracking_uri: str, row: pd.Series, name: str, score: str
     except MlflowException as exc:
         if "already exists" not in str(exc).lower():
             raise
-    tags = {MODEL_SCORE_TAG: score, MODEL_EPOCH_TAG: str(row["epoch"]), ARCH_TAG: str(row["arch"]),
-            TRIAL_ID_TAG: str(row["trial"]), MODEL_LAM_TAG: str(row["lam"])}
+    tags = {
+        MODEL_SCORE_TAG: score,
+        MODEL_EPOCH_TAG: str(row["epoch"]),
+        ARCH_TAG: str(row["arch"]),
+        TRIAL_ID_TAG: str(row["trial"]),
+        MODEL_LAM_TAG: str(row["lam"]),
+    }
     return client.create_model_version(name, f"runs:/{row['run_id']}/{artifact}", run_id=row["run_id"], tags=tags)
 
 
@@ -79,8 +84,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
     args.score = args.score.removeprefix(SAFE)
     if args.score not in LABELS:
-        raise LejepaError(f"unknown score {args.score!r}{did_you_mean(args.score, LABELS)}; "
-                          f"choose one of: {', '.join(LABELS)}")
+        raise LejepaError(f"unknown score {args.score!r}{did_you_mean(args.score, LABELS)}; choose one of: {', '.join(LABELS)}")
     if args.last_k < 1 or args.bootstrap < 0 or args.sample_size < 2 or args.lidar_images < 2:
         raise LejepaError("--last-k, --sample-size and --lidar-images must be ≥ 1, 2 and 2; --bootstrap ≥ 0")
     if args.out:  # before any work: a file in the way is one line, not a traceback at the end
@@ -93,31 +97,40 @@ def _cmd_select(args: argparse.Namespace) -> int:
         paths = sweep.checkpoints["checkpoint"].dropna().tolist()
         if not paths:
             raise LejepaError("--criteria needs the checkpoint folders on this disk; none of the sweep's are")
-        criteria = evaluate_checkpoints(paths, sample_size=args.sample_size, lidar_images=args.lidar_images,
-                                        log=lambda m: print(m, file=sys.stderr))
+        criteria = evaluate_checkpoints(
+            paths, sample_size=args.sample_size, lidar_images=args.lidar_images, log=lambda m: print(m, file=sys.stderr)
+        )
     analysis = analyse(sweep, criteria, last_k=args.last_k, n_boot=args.bootstrap)
     if args.score not in analysis.scores:
         need = "--criteria" if args.score in ("rankme", "lidar", "alpha_req") else "probe accuracy (labels) to fit α"
         raise LejepaError(f"score {args.score!r} is not available for this sweep: it needs {need}")
     if args.score not in set(analysis.selection.get("score", [])):
-        raise LejepaError(f"no checkpoint of sweep {sweep.name!r} has a {analysis.label(args.score)} score "
-                          f"(are its checkpoint folders or artifacts missing?)")
+        raise LejepaError(
+            f"no checkpoint of sweep {sweep.name!r} has a {analysis.label(args.score)} score "
+            f"(are its checkpoint folders or artifacts missing?)"
+        )
     key = SAFE + args.score
     if key not in set(analysis.selection.get("score", [])):
         print(terminal_table(analysis), file=sys.stderr)
-        raise LejepaError(f"no checkpoint of sweep {sweep.name!r} is healthy (and on the compared loss scale): "
-                          f"nothing to select; raise loss.lam or optim.batch_size (see the ruled-out runs above)")
+        raise LejepaError(
+            f"no checkpoint of sweep {sweep.name!r} is healthy (and on the compared loss scale): "
+            f"nothing to select; raise loss.lam or optim.batch_size (see the ruled-out runs above)"
+        )
     out = Path(args.out or f"selection-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep.name)}").resolve()
     check_writable(out, "report folder")
     report = write_report(analysis, out)
     print(terminal_table(analysis))
     if not args.no_log:
         logged = log_report(analysis, out, key)
-        print(f"report logged to run {sweep.parent_run_id} under selection/" if logged
-              else "no sweep parent run: the report is not logged to MLflow")
+        print(
+            f"report logged to run {sweep.parent_run_id} under selection/"
+            if logged
+            else "no sweep parent run: the report is not logged to MLflow"
+        )
     pick = analysis.selection.set_index("score").loc[key]
-    row = analysis.candidates[(analysis.candidates["run_id"] == pick.run_id)
-                              & (analysis.candidates["epoch"] == pick.epoch)].iloc[0]
+    row = analysis.candidates[(analysis.candidates["run_id"] == pick.run_id) & (analysis.candidates["epoch"] == pick.epoch)].iloc[
+        0
+    ]
     if args.register:
         version = register_checkpoint(uri, row, args.register, key)
         print(f"registered: models:/{version.name}/{version.version}")
@@ -125,9 +138,11 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if analysis.pick_acc is not None:
         from analysis.selection import EVIDENCE, random_regret
 
-        print(f"  {EVIDENCE[analysis.pick_acc]}: {100 * pick.accuracy:.1f}% (oracle {pick.oracle_trial} epoch "
-              f"{pick.oracle_epoch}: {100 * pick.oracle_accuracy:.1f}%; regret {pick.regret:.1f} pts, a random pick "
-              f"{random_regret(analysis.candidates, analysis.pick_acc):.1f})")
+        print(
+            f"  {EVIDENCE[analysis.pick_acc]}: {100 * pick.accuracy:.1f}% (oracle {pick.oracle_trial} epoch "
+            f"{pick.oracle_epoch}: {100 * pick.oracle_accuracy:.1f}%; regret {pick.regret:.1f} pts, a random pick "
+            f"{random_regret(analysis.candidates, analysis.pick_acc):.1f})"
+        )
     print(f"report: {report}")
     print(f"checkpoint: {pick.checkpoint}")
     return 0
@@ -135,23 +150,35 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``select`` sub-command to the ``lejepa`` parser."""
-    p = sub.add_parser("select", help="choose a sweep's checkpoint without labels, with the evidence",
-                       description="Rank a sweep's checkpoints by a label-free score, print the chosen one, "
-                                   "write a report (correlations with probe accuracy, regret of each score's "
-                                   "pick) and log it on the sweep's parent run.")
+    p = sub.add_parser(
+        "select",
+        help="choose a sweep's checkpoint without labels, with the evidence",
+        description="Rank a sweep's checkpoints by a label-free score, print the chosen one, "
+        "write a report (correlations with probe accuracy, regret of each score's "
+        "pick) and log it on the sweep's parent run.",
+    )
     p.add_argument("sweep", metavar="SWEEP", help="sweep name, sweep parent run id, or MLflow experiment name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or runs/mlflow.db)")
     p.add_argument("--out", metavar="DIR", help="report folder (default: ./selection-<sweep>)")
     p.add_argument("--register", metavar="NAME", help="register the chosen checkpoint as a version of model NAME")
-    p.add_argument("--score", default=DEFAULT_SCORE,
-                   help="label-free score that picks, among healthy checkpoints only: loss (default: the "
-                        "training loss), loss_lastk, loss_lam (loss/λ^0.4), loss_lam_fit, rankme, lidar, alpha_req")
-    p.add_argument("--criteria", action="store_true",
-                   help="also compute RankMe, LiDAR, α-ReQ and the frozen linear probe on every checkpoint on disk")
-    p.add_argument("--sample-size", type=int, default=1024,
-                   help="--criteria: unlabeled training images embedded per checkpoint (default 1024)")
-    p.add_argument("--lidar-images", type=int, default=128,
-                   help="--criteria: images × 8 augmentations for LiDAR (default 128)")
+    p.add_argument(
+        "--score",
+        default=DEFAULT_SCORE,
+        help="label-free score that picks, among healthy checkpoints only: loss (default: the "
+        "training loss), loss_lastk, loss_lam (loss/λ^0.4), loss_lam_fit, rankme, lidar, alpha_req",
+    )
+    p.add_argument(
+        "--criteria",
+        action="store_true",
+        help="also compute RankMe, LiDAR, α-ReQ and the frozen linear probe on every checkpoint on disk",
+    )
+    p.add_argument(
+        "--sample-size",
+        type=int,
+        default=1024,
+        help="--criteria: unlabeled training images embedded per checkpoint (default 1024)",
+    )
+    p.add_argument("--lidar-images", type=int, default=128, help="--criteria: images × 8 augmentations for LiDAR (default 128)")
     p.add_argument("--last-k", type=int, default=3, help="epochs averaged by the loss_lastk score (default 3)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")

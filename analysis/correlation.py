@@ -126,8 +126,9 @@ def correlate(score, acc, n_boot: int = 1000, level: float = 0.95, seed: int = 0
     return Correlation(len(x), rho, tau, interval(rhos), interval(taus))
 
 
-def correlation_table(runs: pd.DataFrame, scores: list[str], acc: str, by: str = "arch",
-                      n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def correlation_table(
+    runs: pd.DataFrame, scores: list[str], acc: str, by: str = "arch", n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """One row per (score, group): pooled over all runs (group ``"all"``) and per value of ``by``.
 
     ``runs`` holds one row per run; ``scores`` are score keys (columns ``score.<key>``).
@@ -137,8 +138,19 @@ def correlation_table(runs: pd.DataFrame, scores: list[str], acc: str, by: str =
     for key in scores:
         for name, part in groups:
             c = correlate(part[score_column(key)], part[acc], n_boot=n_boot, seed=seed)
-            rows.append({"score": key, "group": name, "n": c.n, "rho": c.rho, "rho_lo": c.rho_ci[0],
-                         "rho_hi": c.rho_ci[1], "tau": c.tau, "tau_lo": c.tau_ci[0], "tau_hi": c.tau_ci[1]})
+            rows.append(
+                {
+                    "score": key,
+                    "group": name,
+                    "n": c.n,
+                    "rho": c.rho,
+                    "rho_lo": c.rho_ci[0],
+                    "rho_hi": c.rho_ci[1],
+                    "tau": c.tau,
+                    "tau_lo": c.tau_ci[0],
+                    "tau_hi": c.tau_ci[1],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -148,8 +160,7 @@ def lambda_scaled(loss, lam, alpha: float | np.ndarray):
     undefined without SIGReg)."""
     lam = np.asarray(lam, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(lam > 0, label_free_score(np.asarray(loss, dtype=float), np.where(lam > 0, lam, 1.0), alpha),
-                        np.nan)
+        return np.where(lam > 0, label_free_score(np.asarray(loss, dtype=float), np.where(lam > 0, lam, 1.0), alpha), np.nan)
 
 
 def add_loss_scores(epochs: pd.DataFrame, last_k: int = 3, alpha: float = FIXED_ALPHA) -> pd.DataFrame:
@@ -178,8 +189,9 @@ def fit_alpha(loss, lam, acc, grid: np.ndarray = ALPHA_GRID) -> float:
     return float(grid[best[len(best) // 2]])
 
 
-def out_of_fold_alpha(runs: pd.DataFrame, acc: str, by: str = "arch", folds: int = 5,
-                      seed: int = 0, grid: np.ndarray = ALPHA_GRID) -> tuple[pd.DataFrame, str]:
+def out_of_fold_alpha(
+    runs: pd.DataFrame, acc: str, by: str = "arch", folds: int = 5, seed: int = 0, grid: np.ndarray = ALPHA_GRID
+) -> tuple[pd.DataFrame, str]:
     """α̂ for each run fitted only on *other* runs, and the scheme used.
 
     With ≥ 2 values of ``by``: leave-one-``by``-out (each group's α̂ is fitted on the other
@@ -213,6 +225,7 @@ def out_of_fold_alpha(runs: pd.DataFrame, acc: str, by: str = "arch", folds: int
 def add_fitted_alpha_score(epochs: pd.DataFrame, alphas: pd.DataFrame) -> pd.DataFrame:
     """``score.loss_lam_fit`` = −L/λ^α̂(run) on every row (NaN for runs without an α̂)."""
     out = epochs.drop(columns=["alpha_fit"], errors="ignore").merge(
-        alphas[["run_id", "alpha"]].rename(columns={"alpha": "alpha_fit"}), on="run_id", how="left")
+        alphas[["run_id", "alpha"]].rename(columns={"alpha": "alpha_fit"}), on="run_id", how="left"
+    )
     out[score_column("loss_lam_fit")] = -lambda_scaled(out["loss"], out["lam"], out["alpha_fit"].to_numpy())
     return out

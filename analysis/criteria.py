@@ -63,7 +63,7 @@ def covariance_spectrum(features: Tensor | np.ndarray) -> np.ndarray:
     """Eigenvalues of the centred feature covariance, descending (min(N−1, K) of them)."""
     z = torch.as_tensor(features, dtype=torch.float64)
     s = singular_values(z - z.mean(0))
-    return (s ** 2 / (z.shape[0] - 1))[: min(z.shape[0] - 1, z.shape[1])]
+    return (s**2 / (z.shape[0] - 1))[: min(z.shape[0] - 1, z.shape[1])]
 
 
 def alpha_req(features: Tensor | np.ndarray, fit_range: tuple[int, int | None] = (1, None)) -> float:
@@ -85,7 +85,7 @@ def alpha_req_score(alpha: float) -> float:
 # --------------------------------------------------------------------------- per checkpoint
 @torch.no_grad()
 def _features(backbone: torch.nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
-    return torch.cat([backbone(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
+    return torch.cat([backbone(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)])
 
 
 def _stack(dataset, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -141,12 +141,19 @@ def load_backbone(checkpoint: Path | str) -> tuple[torch.nn.Module, Config]:
     cfg = build_config(meta["config"], source=f"{checkpoint}/meta.json")
     backbone = build_backbone(cfg.model.arch, cfg.data.resolution, cfg.model.small_stem)
     prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)})
     return backbone.eval(), cfg
 
 
-def evaluate_checkpoints(checkpoints: Iterable[Path | str], sample_size: int = 1024, lidar_images: int = 128,
-                         lidar_views: int = 8, probe: bool = True, seed: int = 0, log=None) -> pd.DataFrame:
+def evaluate_checkpoints(
+    checkpoints: Iterable[Path | str],
+    sample_size: int = 1024,
+    lidar_images: int = 128,
+    lidar_views: int = 8,
+    probe: bool = True,
+    seed: int = 0,
+    log=None,
+) -> pd.DataFrame:
     """RankMe, LiDAR, α-ReQ (and the frozen linear probe when ``probe``) for each checkpoint.
 
     All checkpoints with the same data config see the same ``sample_size`` training images
@@ -187,14 +194,19 @@ def evaluate_checkpoints(checkpoints: Iterable[Path | str], sample_size: int = 1
         if probe:
             tx, ty, vx, vy = ctx.labelled()
             t0 = time.perf_counter()
-            row["probe_acc"] = linear_probe(_features(backbone, tx), ty, _features(backbone, vx), vy,
-                                            ctx.data.num_classes, epochs=cfg.train.eval_probe_epochs,
-                                            seed=cfg.train.seed)
+            row["probe_acc"] = linear_probe(
+                _features(backbone, tx),
+                ty,
+                _features(backbone, vx),
+                vy,
+                ctx.data.num_classes,
+                epochs=cfg.train.eval_probe_epochs,
+                seed=cfg.train.seed,
+            )
             row["time.probe"] = time.perf_counter() - t0
         rows.append(row)
         if log is not None:
-            log(f"criteria: {path}: RankMe {row['rankme']:.2f}, LiDAR {row['lidar']:.2f}, "
-                f"α-ReQ {row['alpha_req']:.2f}")
+            log(f"criteria: {path}: RankMe {row['rankme']:.2f}, LiDAR {row['lidar']:.2f}, α-ReQ {row['alpha_req']:.2f}")
     out = pd.DataFrame(rows)
     if len(out):
         out["score.rankme"] = out["rankme"]
@@ -206,8 +218,9 @@ def evaluate_checkpoints(checkpoints: Iterable[Path | str], sample_size: int = 1
 def cost_table(criteria: pd.DataFrame) -> pd.DataFrame:
     """Mean seconds per checkpoint of each criterion and of the linear probe, and the ratio to the probe."""
     names = {**LABELS, "probe": "linear probe"}
-    out = pd.DataFrame([{"criterion": name, "seconds": criteria[f"time.{k}"].mean()}
-                        for k, name in names.items() if f"time.{k}" in criteria])
+    out = pd.DataFrame(
+        [{"criterion": name, "seconds": criteria[f"time.{k}"].mean()} for k, name in names.items() if f"time.{k}" in criteria]
+    )
     if "time.probe" in criteria:
         out["vs probe"] = out["seconds"] / criteria["time.probe"].mean()
     return out

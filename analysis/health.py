@@ -24,9 +24,14 @@ import pandas as pd
 from lejepa.config import Config
 from lejepa.health import COLLAPSED, DIMENSIONAL, HEALTHY, VERDICTS, collapsed_ep, verdict
 
-SCALE_PARAMS = {"optim.batch_size": "batch_size", "views.global_views": "global_views",
-                "views.local_views": "local_views", "loss.num_slices": "num_slices", "loss.knots": "knots",
-                "loss.t_max": "t_max"}
+SCALE_PARAMS = {
+    "optim.batch_size": "batch_size",
+    "views.global_views": "global_views",
+    "views.local_views": "local_views",
+    "loss.num_slices": "num_slices",
+    "loss.knots": "knots",
+    "loss.t_max": "t_max",
+}
 """The config keys that set a loss's scale (column names in the table)."""
 LOSS_SCORES = ("loss", "loss_lastk", "loss_lam", "loss_lam_fit")
 """Scores computed from the training loss: comparable only within one scale group."""
@@ -49,16 +54,20 @@ def add_health(epochs: pd.DataFrame) -> pd.DataFrame:
             out[col] = np.nan
         if col != "batch_size":  # a missing batch size stays unknown: it sets the collapse scale
             out[col] = out[col].fillna(defaults[col])
-    computed = [out.at[i, "sigreg"] / collapsed_ep(int(r.batch_size), r.t_max, int(r.knots))
-                if np.isfinite(r.batch_size) and np.isfinite(r.sigreg) else np.nan
-                for i, r in zip(out.index, out[["batch_size", "t_max", "knots", "sigreg"]].itertuples())]
+    computed = [
+        out.at[i, "sigreg"] / collapsed_ep(int(r.batch_size), r.t_max, int(r.knots))
+        if np.isfinite(r.batch_size) and np.isfinite(r.sigreg)
+        else np.nan
+        for i, r in zip(out.index, out[["batch_size", "t_max", "knots", "sigreg"]].itertuples())
+    ]
     logged = out["collapse_ratio"] if "collapse_ratio" in out else pd.Series(np.nan, index=out.index)
     out["collapse_ratio"] = logged.fillna(pd.Series(computed, index=out.index))
     rank = out["proj_rank"] if "proj_rank" in out else pd.Series(np.nan, index=out.index)
     code = out["verdict_code"] if "verdict_code" in out else pd.Series(np.nan, index=out.index)
-    out["verdict"] = [verdict(ratio, r, loss) if np.isfinite(ratio) else
-                      (VERDICTS[int(c)] if np.isfinite(c) else "unknown")
-                      for c, ratio, r, loss in zip(code, out["collapse_ratio"], rank, out["loss"])]
+    out["verdict"] = [
+        verdict(ratio, r, loss) if np.isfinite(ratio) else (VERDICTS[int(c)] if np.isfinite(c) else "unknown")
+        for c, ratio, r, loss in zip(code, out["collapse_ratio"], rank, out["loss"])
+    ]
     out["healthy"] = out["verdict"] == HEALTHY
     out["scale_group"] = [scale_group(r) for r in out[list(SCALE_PARAMS.values())].itertuples(index=False)]
     return out
@@ -67,8 +76,10 @@ def add_health(epochs: pd.DataFrame) -> pd.DataFrame:
 def scale_group(r) -> str:
     """``batch 128 · views 2+0 · slices 256 · t ≤ 3 × 17 knots`` for a row of the scale columns."""
     batch = f"{int(r.batch_size)}" if np.isfinite(r.batch_size) else "?"
-    return (f"batch {batch} · views {int(r.global_views)}+{int(r.local_views)} · slices {int(r.num_slices)} · "
-            f"t ≤ {r.t_max:g} × {int(r.knots)} knots")
+    return (
+        f"batch {batch} · views {int(r.global_views)}+{int(r.local_views)} · slices {int(r.num_slices)} · "
+        f"t ≤ {r.t_max:g} × {int(r.knots)} knots"
+    )
 
 
 def main_group(candidates: pd.DataFrame) -> str | None:
@@ -94,9 +105,10 @@ def exclusions(runs: pd.DataFrame, group: str | None) -> pd.DataFrame:
     rows = []
     for r in runs.itertuples(index=False):
         if r.verdict != HEALTHY:
-            why = {COLLAPSED: f"collapsed: collapse ratio {r.collapse_ratio:.2f}",
-                   DIMENSIONAL: f"dimensional collapse: projector rank {getattr(r, 'proj_rank', np.nan):.2f} "
-                                f"of its dimension"}.get(r.verdict, r.verdict)
+            why = {
+                COLLAPSED: f"collapsed: collapse ratio {r.collapse_ratio:.2f}",
+                DIMENSIONAL: f"dimensional collapse: projector rank {getattr(r, 'proj_rank', np.nan):.2f} of its dimension",
+            }.get(r.verdict, r.verdict)
         elif r.scale_group != group:
             why = f"loss on another scale ({r.scale_group}): left out of the loss-based scores only"
         else:
@@ -121,7 +133,13 @@ def replay_pruning(epochs: pd.DataFrame, patience: int) -> tuple[pd.DataFrame, p
                 stop = int(epoch)
                 break
         kept.append(part if stop is None else part[part["epoch"] <= stop])
-        runs.append({"run_id": run_id, "trial": part["trial"].iloc[0], "epochs_full": int(part["epoch"].max()),
-                     "epochs_run": int(part["epoch"].max()) if stop is None else stop,
-                     "stopped_at": np.nan if stop is None else stop})
+        runs.append(
+            {
+                "run_id": run_id,
+                "trial": part["trial"].iloc[0],
+                "epochs_full": int(part["epoch"].max()),
+                "epochs_run": int(part["epoch"].max()) if stop is None else stop,
+                "stopped_at": np.nan if stop is None else stop,
+            }
+        )
     return pd.concat(kept, ignore_index=True), pd.DataFrame(runs)

@@ -81,19 +81,29 @@ from lejepa.record import (
 )
 
 EPOCH_METRICS = {
-    EPOCH_LOSS: "loss", EPOCH_INVARIANCE: "invariance", EPOCH_SIGREG: "sigreg",
-    ONLINE_TEST_ACC: "online_acc", ONLINE_TRAIN_ACC: "online_train_acc",
-    EPOCH_IMAGES_PER_SEC: "images_per_sec", TRAIN_SCORE: "train_score",
-    COLLAPSE_RATIO: "collapse_ratio", PROJ_RANK: "proj_rank",
-    PROJ_STD_SPREAD: "proj_std_spread", FEATURE_RANK: "feature_rank",
+    EPOCH_LOSS: "loss",
+    EPOCH_INVARIANCE: "invariance",
+    EPOCH_SIGREG: "sigreg",
+    ONLINE_TEST_ACC: "online_acc",
+    ONLINE_TRAIN_ACC: "online_train_acc",
+    EPOCH_IMAGES_PER_SEC: "images_per_sec",
+    TRAIN_SCORE: "train_score",
+    COLLAPSE_RATIO: "collapse_ratio",
+    PROJ_RANK: "proj_rank",
+    PROJ_STD_SPREAD: "proj_std_spread",
+    FEATURE_RANK: "feature_rank",
     VERDICT: "verdict_code",
 }
 """Per-epoch metrics (:mod:`lejepa.record`) → their column in :attr:`Sweep.epochs`."""
-FINAL_METRICS = {LINEAR_PROBE_ACC: "linear_probe_acc", KNN_ACC: "knn_acc", ONLINE_PROBE_ACC: "online_probe_acc",
-                 INIT_LINEAR_PROBE_ACC: "init_linear_probe_acc", INIT_KNN_ACC: "init_knn_acc"}
+FINAL_METRICS = {
+    LINEAR_PROBE_ACC: "linear_probe_acc",
+    KNN_ACC: "knn_acc",
+    ONLINE_PROBE_ACC: "online_probe_acc",
+    INIT_LINEAR_PROBE_ACC: "init_linear_probe_acc",
+    INIT_KNN_ACC: "init_knn_acc",
+}
 """Final metrics → their column (on a run's last epoch only)."""
-NUMERIC_PARAMS = {"loss.lam": "lam", "optim.lr": "lr", "optim.weight_decay": "weight_decay",
-                  "loss.num_slices": "num_slices"}
+NUMERIC_PARAMS = {"loss.lam": "lam", "optim.lr": "lr", "optim.weight_decay": "weight_decay", "loss.num_slices": "num_slices"}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -218,9 +228,13 @@ def _rows(client: MlflowClient, run: Run) -> list[dict]:
     run_dir = tags.get(RUN_DIR_TAG)
     last = max(epochs, default=None)
     base = {
-        "run_id": run_id, "run_name": run.info.run_name, "trial": tags.get(TRIAL_ID_TAG, run.info.run_name),
-        "arch": tags.get(ARCH_TAG, params.get("model.arch")), "family": tags.get(FAMILY_TAG),
-        "dataset": tags.get(DATASET_TAG, params.get("data.name")), "run_dir": run_dir,
+        "run_id": run_id,
+        "run_name": run.info.run_name,
+        "trial": tags.get(TRIAL_ID_TAG, run.info.run_name),
+        "arch": tags.get(ARCH_TAG, params.get("model.arch")),
+        "family": tags.get(FAMILY_TAG),
+        "dataset": tags.get(DATASET_TAG, params.get("data.name")),
+        "run_dir": run_dir,
         "status": tags.get(STATUS_TAG, STATUS_FINISHED),
         **{col: _number(params.get(key)) for key, col in NUMERIC_PARAMS.items()},
         **{f"params.{k}": v for k, v in params.items()},
@@ -230,13 +244,17 @@ def _rows(client: MlflowClient, run: Run) -> list[dict]:
         epoch = int(epoch)
         is_final = step == last
         folder = Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(epoch) if run_dir else None
-        row = {**base, "epoch": epoch, "step": step, "is_final": is_final,
-               **{col: hist.get(step, np.nan) for col, hist in histories.items()},
-               **{col: run.data.metrics.get(key, np.nan) if is_final else np.nan for key, col in FINAL_METRICS.items()},
-               "wall_s": _wall_s(run) if is_final else np.nan,
-               "checkpoint": str(folder) if folder is not None and folder.is_dir() else None,
-               "checkpoint_uri": (f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}" if is_final and CHECKPOINT_TAG in tags
-                                  else None)}
+        row = {
+            **base,
+            "epoch": epoch,
+            "step": step,
+            "is_final": is_final,
+            **{col: hist.get(step, np.nan) for col, hist in histories.items()},
+            **{col: run.data.metrics.get(key, np.nan) if is_final else np.nan for key, col in FINAL_METRICS.items()},
+            "wall_s": _wall_s(run) if is_final else np.nan,
+            "checkpoint": str(folder) if folder is not None and folder.is_dir() else None,
+            "checkpoint_uri": (f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}" if is_final and CHECKPOINT_TAG in tags else None),
+        }
         rows.append(row)
     return rows
 
@@ -255,16 +273,22 @@ def load_sweep(ref: str, tracking_uri: str) -> Sweep:
             reason = "no epoch logged"
         if reason is not None:
             notes.append(f"excluded {label} ({run.info.run_id[:8]}): {reason}")
-            excluded.append({"run_id": run.info.run_id, "trial": label,
-                             "arch": run.data.tags.get(ARCH_TAG, run.data.params.get("model.arch")),
-                             "status": run.data.tags.get(STATUS_TAG) or reason})
+            excluded.append(
+                {
+                    "run_id": run.info.run_id,
+                    "trial": label,
+                    "arch": run.data.tags.get(ARCH_TAG, run.data.params.get("model.arch")),
+                    "status": run.data.tags.get(STATUS_TAG) or reason,
+                }
+            )
             continue
         elif run.data.tags.get(STATUS_TAG) in (STATUS_PRUNED, STATUS_COLLAPSED):
             why = "pruned" if run.data.tags[STATUS_TAG] == STATUS_PRUNED else "stopped as collapsed"
             notes.append(f"{label} was {why} at epoch {found[-1]['epoch']}: kept as a candidate, no final probe")
         rows += found
     if not rows:
-        raise LejepaError(f"sweep {name!r} has no finished trial with logged epochs"
-                          + (f" ({'; '.join(notes)})" if notes else ""))
+        raise LejepaError(
+            f"sweep {name!r} has no finished trial with logged epochs" + (f" ({'; '.join(notes)})" if notes else "")
+        )
     epochs = pd.DataFrame(rows)
     return Sweep(name, tracking_uri, parent_id, epochs, notes, excluded)

@@ -33,8 +33,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_vs_accuracy(runs: pd.DataFrame, acc: str, rho: float, tau: float, path: Path,
-                     loss: str = "loss", acc_label: str = "probe accuracy") -> Path:
+def loss_vs_accuracy(
+    runs: pd.DataFrame, acc: str, rho: float, tau: float, path: Path, loss: str = "loss", acc_label: str = "probe accuracy"
+) -> Path:
     """Scatter of ``runs[loss]`` (x, log) against ``runs[acc]`` (y, %) coloured by λ."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     lam = runs["lam"].astype(float)
@@ -42,9 +43,18 @@ def loss_vs_accuracy(runs: pd.DataFrame, acc: str, rho: float, tau: float, path:
     norm = LogNorm(positive.min(), max(positive.max(), positive.min() * 1.0001)) if len(positive) else None
     scatter = None
     for i, (arch, part) in enumerate(runs.groupby("arch", sort=True)):
-        scatter = ax.scatter(part[loss], 100 * part[acc].astype(float), c=part["lam"].clip(lower=1e-12),
-                             cmap="viridis", norm=norm, marker=MARKERS[i % len(MARKERS)], s=46,
-                             edgecolors="black", linewidths=0.5, label=str(arch))
+        scatter = ax.scatter(
+            part[loss],
+            100 * part[acc].astype(float),
+            c=part["lam"].clip(lower=1e-12),
+            cmap="viridis",
+            norm=norm,
+            marker=MARKERS[i % len(MARKERS)],
+            s=46,
+            edgecolors="black",
+            linewidths=0.5,
+            label=str(arch),
+        )
     if scatter is not None and norm is not None:
         bar = fig.colorbar(scatter, ax=ax, label="λ")
         bar.ax.yaxis.set_major_formatter(LOG_125)
@@ -60,8 +70,7 @@ def loss_vs_accuracy(runs: pd.DataFrame, acc: str, rho: float, tau: float, path:
     return _save(fig, path)
 
 
-def alpha_curve_plot(curve: pd.DataFrame, path: Path, fixed_alpha: float = 0.4,
-                     fitted_alpha: float | None = None) -> Path:
+def alpha_curve_plot(curve: pd.DataFrame, path: Path, fixed_alpha: float = 0.4, fitted_alpha: float | None = None) -> Path:
     """C(α): ρ and τ against α, the paper's fixed α and the fitted α̂ as vertical lines."""
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     ax.plot(curve["alpha"], curve["rho"], label="Spearman ρ")
@@ -88,10 +97,15 @@ def arch_correlation_bars(table: pd.DataFrame, path: Path, labels: dict[str, str
     for i, key in enumerate(scores):
         part = table[table["score"] == key].set_index("group").reindex(groups)
         rho = part["rho"].to_numpy(dtype=float)
-        err = np.abs(np.vstack([rho - part["rho_lo"].to_numpy(dtype=float),
-                                part["rho_hi"].to_numpy(dtype=float) - rho]))
-        ax.bar(x + (i - (len(scores) - 1) / 2) * width, rho, width, yerr=np.nan_to_num(err), capsize=2,
-               label=(labels or {}).get(key, key))
+        err = np.abs(np.vstack([rho - part["rho_lo"].to_numpy(dtype=float), part["rho_hi"].to_numpy(dtype=float) - rho]))
+        ax.bar(
+            x + (i - (len(scores) - 1) / 2) * width,
+            rho,
+            width,
+            yerr=np.nan_to_num(err),
+            capsize=2,
+            label=(labels or {}).get(key, key),
+        )
     ax.set_xticks(x, groups)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylim(-1.05, 1.05)

@@ -32,8 +32,10 @@ from lejepa.record import (
 )
 
 LABELS = {**corr.LABELS, **CRITERIA_LABELS}
-NO_LABELS = ("no probe accuracy is logged for these runs: the picks are label-free and valid, "
-             "but the evidence (correlation with accuracy, regret) needs labels")
+NO_LABELS = (
+    "no probe accuracy is logged for these runs: the picks are label-free and valid, "
+    "but the evidence (correlation with accuracy, regret) needs labels"
+)
 REPORT = "report.md"
 ARTIFACT_DIR = SELECTION_ARTIFACT
 
@@ -43,12 +45,12 @@ class Analysis:
     """Everything the report shows; tables are pandas DataFrames."""
 
     sweep: Sweep
-    epochs: pd.DataFrame                 # every run × epoch, with score.* columns
-    runs: pd.DataFrame                   # final epoch of each run
-    candidates: pd.DataFrame             # rows with a checkpoint
+    epochs: pd.DataFrame  # every run × epoch, with score.* columns
+    runs: pd.DataFrame  # final epoch of each run
+    candidates: pd.DataFrame  # rows with a checkpoint
     scores: list[str]
-    run_acc: str | None                  # evidence for the correlations (final epochs)
-    pick_acc: str | None                 # evidence for the selection (all candidates)
+    run_acc: str | None  # evidence for the correlations (final epochs)
+    pick_acc: str | None  # evidence for the selection (all candidates)
     correlations: pd.DataFrame | None
     curve: pd.DataFrame | None
     alpha_in_sample: float
@@ -57,8 +59,8 @@ class Analysis:
     selection: pd.DataFrame
     criteria: pd.DataFrame | None
     last_k: int
-    group: str | None                    # the scale group whose losses are compared
-    excluded: pd.DataFrame               # runs the health-aware scores rank last, with reasons
+    group: str | None  # the scale group whose losses are compared
+    excluded: pd.DataFrame  # runs the health-aware scores rank last, with reasons
     notes: list[str] = field(default_factory=list)
 
     def label(self, key: str) -> str:
@@ -70,8 +72,7 @@ def label(key: str) -> str:
     return f"{LABELS[key.removeprefix(SAFE)]}, healthy only" if key.startswith(SAFE) else LABELS[key]
 
 
-def analyse(sweep: Sweep, criteria: pd.DataFrame | None = None, last_k: int = 3, n_boot: int = 1000,
-            seed: int = 0) -> Analysis:
+def analyse(sweep: Sweep, criteria: pd.DataFrame | None = None, last_k: int = 3, n_boot: int = 1000, seed: int = 0) -> Analysis:
     """Scores, correlations (pooled and per architecture), α̂, C(α) and every score's pick."""
     notes = list(sweep.notes)
     epochs = corr.add_loss_scores(sweep.epochs, last_k, corr.FIXED_ALPHA)
@@ -82,8 +83,9 @@ def analyse(sweep: Sweep, criteria: pd.DataFrame | None = None, last_k: int = 3,
     runs = epochs[epochs["is_final"]]
     run_acc = next((c for c in EVIDENCE if runs[c].notna().sum() >= 3), None)
     if run_acc is not None and runs[run_acc].isna().any():
-        notes.append(f"{runs[run_acc].isna().sum()} runs have no {EVIDENCE[run_acc]} accuracy and are "
-                     f"left out of the correlations")
+        notes.append(
+            f"{runs[run_acc].isna().sum()} runs have no {EVIDENCE[run_acc]} accuracy and are left out of the correlations"
+        )
     curve, alpha_in_sample = None, float("nan")
     alphas, scheme = pd.DataFrame(columns=["run_id", "fold", "alpha"]), "not fitted (no labels)"
     scores = ["loss", "loss_lastk", "loss_lam"]
@@ -104,9 +106,11 @@ def analyse(sweep: Sweep, criteria: pd.DataFrame | None = None, last_k: int = 3,
     scores = [k for base in scores for k in (base, SAFE + base)]
     groups = sorted(epochs["scale_group"].unique())
     if len(groups) > 1:
-        notes.append(f"the runs' losses are on {len(groups)} scales ({'; '.join(groups)}): the loss-based "
-                     f"healthy-only scores compare runs of `{group}` only (the group with the most healthy "
-                     f"checkpoints); RankMe, LiDAR and α-ReQ are scale-free and compare all healthy runs")
+        notes.append(
+            f"the runs' losses are on {len(groups)} scales ({'; '.join(groups)}): the loss-based "
+            f"healthy-only scores compare runs of `{group}` only (the group with the most healthy "
+            f"checkpoints); RankMe, LiDAR and α-ReQ are scale-free and compare all healthy runs"
+        )
     if group is None:
         notes.append("no checkpoint is healthy: the healthy-only scores pick nothing")
     runs = epochs[epochs["is_final"]].reset_index(drop=True)
@@ -116,12 +120,31 @@ def analyse(sweep: Sweep, criteria: pd.DataFrame | None = None, last_k: int = 3,
     if run_acc is None:
         notes.append(NO_LABELS)
     if pick_acc == "online_acc" and run_acc == "linear_probe_acc":
-        notes.append("the frozen linear probe was measured on final checkpoints only, so the selection evidence "
-                     "is the online probe of each epoch; `lejepa select --criteria` measures the frozen probe "
-                     "on every checkpoint")
-    return Analysis(sweep, epochs, runs, candidates, scores, run_acc, pick_acc, correlations, curve,
-                    alpha_in_sample, alphas, scheme, selection_table(candidates, scores, pick_acc), criteria,
-                    last_k, group, exclusions(runs, group), notes)
+        notes.append(
+            "the frozen linear probe was measured on final checkpoints only, so the selection evidence "
+            "is the online probe of each epoch; `lejepa select --criteria` measures the frozen probe "
+            "on every checkpoint"
+        )
+    return Analysis(
+        sweep,
+        epochs,
+        runs,
+        candidates,
+        scores,
+        run_acc,
+        pick_acc,
+        correlations,
+        curve,
+        alpha_in_sample,
+        alphas,
+        scheme,
+        selection_table(candidates, scores, pick_acc),
+        criteria,
+        last_k,
+        group,
+        exclusions(runs, group),
+        notes,
+    )
 
 
 # --------------------------------------------------------------------------- tables
@@ -181,14 +204,18 @@ def health_comparison(a: Analysis) -> pd.DataFrame:
 
 def terminal_table(a: Analysis) -> str:
     """The summary table as aligned text, with the oracle line and notes."""
-    lines = [f"sweep {a.sweep.name}: {a.runs.shape[0]} runs, {len(a.candidates)} checkpoints, "
-             f"architectures {', '.join(sorted(a.runs['arch'].astype(str).unique()))}"]
+    lines = [
+        f"sweep {a.sweep.name}: {a.runs.shape[0]} runs, {len(a.candidates)} checkpoints, "
+        f"architectures {', '.join(sorted(a.runs['arch'].astype(str).unique()))}"
+    ]
     lines.append(summary_table(a).to_string(index=False))
     if a.pick_acc is not None and len(a.selection):
         best = a.selection.iloc[0]
-        lines.append(f"oracle: {best.oracle_trial} @ epoch {best.oracle_epoch}, "
-                     f"{100 * best.oracle_accuracy:.2f}% ({EVIDENCE[a.pick_acc]}); random pick: expected regret "
-                     f"{random_regret(a.candidates, a.pick_acc):.2f} pts")
+        lines.append(
+            f"oracle: {best.oracle_trial} @ epoch {best.oracle_epoch}, "
+            f"{100 * best.oracle_accuracy:.2f}% ({EVIDENCE[a.pick_acc]}); random pick: expected regret "
+            f"{random_regret(a.candidates, a.pick_acc):.2f} pts"
+        )
     if len(a.excluded):
         lines.append(f"ruled out by the healthy-only scores ({len(a.excluded)} of {len(a.runs)} runs):")
         lines += [f"  {r.trial} ({r.arch}, λ={r['λ']:g}): {r.reason}" for _, r in a.excluded.iterrows()]
@@ -205,11 +232,15 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def _correlation_rows(a: Analysis, t: pd.DataFrame) -> pd.DataFrame:
     """``t``: ``a.correlations``."""
-    return pd.DataFrame({
-        "score": t["score"].map(a.label), "group": t["group"], "n": t["n"],
-        "Spearman ρ": [_with_ci(*v) for v in zip(t.rho, t.rho_lo, t.rho_hi)],
-        "Kendall τ": [_with_ci(*v) for v in zip(t.tau, t.tau_lo, t.tau_hi)],
-    })
+    return pd.DataFrame(
+        {
+            "score": t["score"].map(a.label),
+            "group": t["group"],
+            "n": t["n"],
+            "Spearman ρ": [_with_ci(*v) for v in zip(t.rho, t.rho_lo, t.rho_hi)],
+            "Kendall τ": [_with_ci(*v) for v in zip(t.tau, t.tau_lo, t.tau_hi)],
+        }
+    )
 
 
 # --------------------------------------------------------------------------- report files
@@ -222,44 +253,76 @@ def write_report(a: Analysis, out_dir: Path | str) -> Path:
     """Write ``report.md``, its PNGs and CSVs of the tables under ``out_dir``; returns the report path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# Label-free checkpoint selection: sweep `{a.sweep.name}`", "",
-          f"- tracking URI: `{a.sweep.tracking_uri}`; parent run: `{a.sweep.parent_run_id or '(none)'}`",
-          f"- {len(a.runs)} runs, {len(a.candidates)} checkpoints; architectures: "
-          f"{', '.join(sorted(a.runs['arch'].astype(str).unique()))}; λ: "
-          f"{', '.join(format(v, 'g') for v in sorted(a.runs['lam'].dropna().unique()))}",
-          f"- correlation evidence: {_evidence(a.run_acc)} on each run's final checkpoint; "
-          f"selection evidence: {_evidence(a.pick_acc)}",
-          f"- fitted α: {a.alpha_scheme}"
-          + (f"; in-sample α̂ on all runs = {a.alpha_in_sample:.2f}" if np.isfinite(a.alpha_in_sample) else ""),
-          "", "Scores are oriented so that higher predicts better; regret is in accuracy points against the best "
-          "checkpoint (oracle); rank 1 means no checkpoint is better than the pick.", "",
-          "## Selection", "", markdown_table(summary_table(a)), ""]
+    md = [
+        f"# Label-free checkpoint selection: sweep `{a.sweep.name}`",
+        "",
+        f"- tracking URI: `{a.sweep.tracking_uri}`; parent run: `{a.sweep.parent_run_id or '(none)'}`",
+        f"- {len(a.runs)} runs, {len(a.candidates)} checkpoints; architectures: "
+        f"{', '.join(sorted(a.runs['arch'].astype(str).unique()))}; λ: "
+        f"{', '.join(format(v, 'g') for v in sorted(a.runs['lam'].dropna().unique()))}",
+        f"- correlation evidence: {_evidence(a.run_acc)} on each run's final checkpoint; "
+        f"selection evidence: {_evidence(a.pick_acc)}",
+        f"- fitted α: {a.alpha_scheme}"
+        + (f"; in-sample α̂ on all runs = {a.alpha_in_sample:.2f}" if np.isfinite(a.alpha_in_sample) else ""),
+        "",
+        "Scores are oriented so that higher predicts better; regret is in accuracy points against the best "
+        "checkpoint (oracle); rank 1 means no checkpoint is better than the pick.",
+        "",
+        "## Selection",
+        "",
+        markdown_table(summary_table(a)),
+        "",
+    ]
     if a.pick_acc is not None and len(a.selection):
         best = a.selection.iloc[0]
-        md += [f"Oracle: `{best.oracle_trial}` epoch {best.oracle_epoch} at {100 * best.oracle_accuracy:.2f}%. "
-               f"A random pick loses {random_regret(a.candidates, a.pick_acc):.2f} points on average.", ""]
+        md += [
+            f"Oracle: `{best.oracle_trial}` epoch {best.oracle_epoch} at {100 * best.oracle_accuracy:.2f}%. "
+            f"A random pick loses {random_regret(a.candidates, a.pick_acc):.2f} points on average.",
+            "",
+        ]
     picks = a.selection[["score", "trial", "arch", "epoch", "checkpoint"]].copy() if len(a.selection) else None
     if picks is not None:
         picks["score"] = picks["score"].map(a.label)
         md += ["### Chosen checkpoints", "", markdown_table(picks), ""]
     verdicts = a.runs["verdict"].value_counts()
-    md += ["## Run health", "", "Each run's last-epoch verdict (`lejepa.health`): "
-           + ", ".join(f"{n} {v}" for v, n in verdicts.items()) + ". Healthy-only scores rank every other "
-           "run last and never pick its checkpoints.", ""]
+    md += [
+        "## Run health",
+        "",
+        "Each run's last-epoch verdict (`lejepa.health`): "
+        + ", ".join(f"{n} {v}" for v, n in verdicts.items())
+        + ". Healthy-only scores rank every other "
+        "run last and never pick its checkpoints.",
+        "",
+    ]
     if len(a.excluded):
         md += [markdown_table(a.excluded.assign(**{"λ": a.excluded["λ"].map(lambda v: f"{v:g}")})), ""]
     if a.correlations is not None and a.curve is not None and a.run_acc is not None:  # all three or none
         pooled = a.correlations[(a.correlations["group"] == "all") & (a.correlations["score"] == "loss")].iloc[0]
-        scatter = plots.loss_vs_accuracy(a.runs, a.run_acc, pooled.rho, pooled.tau, out / "loss_vs_accuracy.png",
-                                         acc_label=EVIDENCE[a.run_acc])
+        scatter = plots.loss_vs_accuracy(
+            a.runs, a.run_acc, pooled.rho, pooled.tau, out / "loss_vs_accuracy.png", acc_label=EVIDENCE[a.run_acc]
+        )
         curve = plots.alpha_curve_plot(a.curve, out / "alpha_curve.png", corr.FIXED_ALPHA, a.alpha_in_sample)
-        bars = plots.arch_correlation_bars(a.correlations, out / "arch_correlations.png",
-                                           {k: a.label(k) for k in a.scores})
-        md += ["## Correlation with accuracy", "", "Percentile bootstrap over runs, 95% intervals.", "",
-               markdown_table(_correlation_rows(a, a.correlations)), "",
-               f"![loss vs accuracy]({scatter.name})", "", "## C(α)", "",
-               "Spearman ρ of −loss/λ^α against accuracy over all runs (in sample; the α̂ score above is out of fold).",
-               "", f"![C(alpha)]({curve.name})", "", "## Per architecture", "", f"![per architecture]({bars.name})", ""]
+        bars = plots.arch_correlation_bars(a.correlations, out / "arch_correlations.png", {k: a.label(k) for k in a.scores})
+        md += [
+            "## Correlation with accuracy",
+            "",
+            "Percentile bootstrap over runs, 95% intervals.",
+            "",
+            markdown_table(_correlation_rows(a, a.correlations)),
+            "",
+            f"![loss vs accuracy]({scatter.name})",
+            "",
+            "## C(α)",
+            "",
+            "Spearman ρ of −loss/λ^α against accuracy over all runs (in sample; the α̂ score above is out of fold).",
+            "",
+            f"![C(alpha)]({curve.name})",
+            "",
+            "## Per architecture",
+            "",
+            f"![per architecture]({bars.name})",
+            "",
+        ]
         a.correlations.to_csv(out / "correlations.csv", index=False)
         a.curve.to_csv(out / "alpha_curve.csv", index=False)
     if a.criteria is not None and len(a.criteria):
@@ -267,8 +330,14 @@ def write_report(a: Analysis, out_dir: Path | str) -> Path:
         costs["seconds"] = costs["seconds"].map(lambda v: f"{v:.3f}")
         if "vs probe" in costs:
             costs["vs probe"] = costs["vs probe"].map(lambda v: f"{v:.2f}×")
-        md += ["## Cost per checkpoint", "", "Seconds per checkpoint, each including its own forward passes.", "",
-               markdown_table(costs), ""]
+        md += [
+            "## Cost per checkpoint",
+            "",
+            "Seconds per checkpoint, each including its own forward passes.",
+            "",
+            markdown_table(costs),
+            "",
+        ]
     if a.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in a.notes] + [""]
     a.selection.to_csv(out / "selection.csv", index=False)
@@ -286,7 +355,11 @@ def log_report(a: Analysis, out_dir: Path | str, pick_score: str | None = None) 
     client.log_artifacts(a.sweep.parent_run_id, str(out_dir), artifact_path=ARTIFACT_DIR)
     if pick_score is not None and len(a.selection):
         pick = a.selection.set_index("score").loc[pick_score]
-        for key, value in ((SELECTED_SCORE_TAG, pick_score), (SELECTED_RUN_ID_TAG, pick.run_id),
-                           (SELECTED_EPOCH_TAG, pick.epoch), (SELECTED_CHECKPOINT_TAG, pick.checkpoint)):
+        for key, value in (
+            (SELECTED_SCORE_TAG, pick_score),
+            (SELECTED_RUN_ID_TAG, pick.run_id),
+            (SELECTED_EPOCH_TAG, pick.epoch),
+            (SELECTED_CHECKPOINT_TAG, pick.checkpoint),
+        ):
             client.set_tag(a.sweep.parent_run_id, key, str(value))
     return True

@@ -87,9 +87,23 @@ def select(candidates: pd.DataFrame, score: str, acc: str | None = None) -> Pick
         oracle_trial, oracle_epoch = str(oracle["trial"]), int(oracle["epoch"])
         regret = regret_points(pick_acc, oracle_acc)
         rank = pick_rank(pick_acc, accuracies)
-    return Pick(score, float(row[f"score.{score}"]), str(row["run_id"]), str(row["trial"]), str(row["arch"]),
-                float(row["lam"]), int(row["epoch"]), checkpoint_ref(row), pick_acc, oracle_acc, oracle_trial,
-                oracle_epoch, regret, rank, int(len(candidates)))
+    return Pick(
+        score,
+        float(row[f"score.{score}"]),
+        str(row["run_id"]),
+        str(row["trial"]),
+        str(row["arch"]),
+        float(row["lam"]),
+        int(row["epoch"]),
+        checkpoint_ref(row),
+        pick_acc,
+        oracle_acc,
+        oracle_trial,
+        oracle_epoch,
+        regret,
+        rank,
+        int(len(candidates)),
+    )
 
 
 def selection_table(candidates: pd.DataFrame, scores: list[str], acc: str | None) -> pd.DataFrame:

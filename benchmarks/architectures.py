@@ -53,19 +53,30 @@ def measure(info: ArchInfo, batch: int, seconds: float) -> dict[str, object]:
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {
-        "name": info.name, "family": info.family, "params": info.params, "embed_dim": info.embed_dim,
-        "input_px": info.fixed_input or SMALL_RESOLUTION, "images_per_s": round(batch / median, 1),
-        "step_ms": round(1000 * median, 1), "steps": len(times),
+        "name": info.name,
+        "family": info.family,
+        "params": info.params,
+        "embed_dim": info.embed_dim,
+        "input_px": info.fixed_input or SMALL_RESOLUTION,
+        "images_per_s": round(batch / median, 1),
+        "step_ms": round(1000 * median, 1),
+        "steps": len(times),
     }
 
 
 def markdown(rows: list[dict[str, object]], header: str) -> str:
     """The Markdown report: a header paragraph and one table row per architecture."""
-    lines = [header, "", "| architecture | family | params | embed dim | model input px | images/s | ms/step |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "| architecture | family | params | embed dim | model input px | images/s | ms/step |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['family']} | {format_params(int(r['params']))} | {r['embed_dim']} | "
-                     f"{r['input_px']} | {r['images_per_s']} | {r['step_ms']} |")
+        lines.append(
+            f"| {r['name']} | {r['family']} | {format_params(int(r['params']))} | {r['embed_dim']} | "
+            f"{r['input_px']} | {r['images_per_s']} | {r['step_ms']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -87,15 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     except LejepaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"{len(entries)} architectures, load average {os.getloadavg()[0]:.1f}, "
-          f"{torch.get_num_threads()} thread(s)", flush=True)
+    print(f"{len(entries)} architectures, load average {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} thread(s)", flush=True)
     rows, loads = [], []
     for info in entries:
         loads.append(os.getloadavg()[0])
         row = measure(info, args.batch, args.seconds)
         rows.append(row)
-        print(f"{info.name:40s} {format_params(info.params):>7s} {row['images_per_s']:>9} img/s "
-              f"{row['step_ms']:>9} ms/step", flush=True)
+        print(
+            f"{info.name:40s} {format_params(info.params):>7s} {row['images_per_s']:>9} img/s {row['step_ms']:>9} ms/step",
+            flush=True,
+        )
     views = ViewsConfig()
     header = (
         f"# LeJEPA training throughput per architecture (CPU)\n\n"

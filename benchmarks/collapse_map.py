@@ -40,9 +40,19 @@ from lejepa.health import (
 from lejepa.probes import knn_accuracy
 from lejepa.trainer import Trainer
 
-BASE = ["tracking.enabled=false", "train.out_dir=/tmp/lejepa-collapse-map", "data.name=fashion-mnist-shifted",
-        "data.placements=1", "data.train_size=4000", "data.test_size=2000", "views.local_views=0",
-        "model.proj_hidden=256", "model.proj_dim=64", "loss.num_slices=256", "optim.lr=2e-3"]
+BASE = [
+    "tracking.enabled=false",
+    "train.out_dir=/tmp/lejepa-collapse-map",
+    "data.name=fashion-mnist-shifted",
+    "data.placements=1",
+    "data.train_size=4000",
+    "data.test_size=2000",
+    "views.local_views=0",
+    "model.proj_hidden=256",
+    "model.proj_dim=64",
+    "loss.num_slices=256",
+    "optim.lr=2e-3",
+]
 
 
 def knn(trainer: Trainer) -> float:
@@ -54,8 +64,17 @@ def knn(trainer: Trainer) -> float:
 def cell(lam: float, n: int, steps: int, data, overrides: list[str]) -> dict[str, float]:
     per_epoch = len(data.train) // n  # the loader drops the last partial batch
     epochs = math.ceil(steps / per_epoch)
-    cfg = load_config(None, [*BASE, f"loss.lam={lam}", f"optim.batch_size={n}", f"train.epochs={epochs}",
-                             f"optim.warmup_epochs={min(10 / per_epoch, epochs)}", *overrides])
+    cfg = load_config(
+        None,
+        [
+            *BASE,
+            f"loss.lam={lam}",
+            f"optim.batch_size={n}",
+            f"train.epochs={epochs}",
+            f"optim.warmup_epochs={min(10 / per_epoch, epochs)}",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg, [], data=data)
     start = time.perf_counter()
     sigregs: list[float] = []
@@ -67,8 +86,15 @@ def cell(lam: float, n: int, steps: int, data, overrides: list[str]) -> dict[str
                 break
             loss, _, reg, *_ = trainer._train_step(images, labels)
             if not math.isfinite(float(loss)):
-                return {"lam": lam, "batch": n, "steps": done, "collapse_ratio": float("nan"),
-                        "proj_rank": float("nan"), "knn": float("nan"), "seconds": time.perf_counter() - start}
+                return {
+                    "lam": lam,
+                    "batch": n,
+                    "steps": done,
+                    "collapse_ratio": float("nan"),
+                    "proj_rank": float("nan"),
+                    "knn": float("nan"),
+                    "seconds": time.perf_counter() - start,
+                }
             sigregs.append(float(reg))
             done += 1
     seconds = time.perf_counter() - start
@@ -77,9 +103,15 @@ def cell(lam: float, n: int, steps: int, data, overrides: list[str]) -> dict[str
         views = trainer.views(images, trainer.view_gen).global_views
         _, proj = trainer.model([views[0]])
     tail = sigregs[-10:]
-    return {"lam": lam, "batch": n, "steps": done,
-            "collapse_ratio": collapse_ratio(sum(tail) / len(tail), n, cfg.loss.t_max, cfg.loss.knots),
-            "proj_rank": effective_rank(proj[0]) / min(proj[0].shape), "knn": knn(trainer), "seconds": seconds}
+    return {
+        "lam": lam,
+        "batch": n,
+        "steps": done,
+        "collapse_ratio": collapse_ratio(sum(tail) / len(tail), n, cfg.loss.t_max, cfg.loss.knots),
+        "proj_rank": effective_rank(proj[0]) / min(proj[0].shape),
+        "knn": knn(trainer),
+        "seconds": seconds,
+    }
 
 
 def table(rows: list[dict[str, float]], key: str, fmt: str) -> str:
@@ -102,9 +134,11 @@ def verdict_of(row: dict[str, float]) -> str:
 def plot(rows: list[dict[str, float]], path: Path) -> None:
     """The collapse ratio over λ × N; each cell names its verdict; the dashed line is λ·N = 1."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     lams = sorted({r["lam"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
     grid = np.full((len(lams), len(batches)), np.nan)
@@ -120,17 +154,22 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     ax.set_xlabel("batch size N")
     ax.set_ylabel("λ")
     for (i, j), text in labels.items():
-        ax.text(j, i, f"{grid[i, j]:.2f}{text}", ha="center", va="center",
-                color="white" if grid[i, j] > 0.5 else "black", fontsize=8)
+        ax.text(
+            j, i, f"{grid[i, j]:.2f}{text}", ha="center", va="center", color="white" if grid[i, j] > 0.5 else "black", fontsize=8
+        )
     # λ·N = 1 in index coordinates: interpolate log λ over the rows, log N over the columns
     xs = np.linspace(0, len(batches) - 1, 50)
     lam_line = LAMBDA_BATCH_MIN / np.exp(np.interp(xs, range(len(batches)), np.log(batches)))
-    ax.plot(xs, np.interp(np.log(lam_line), np.log(lams), range(len(lams))), "c--", lw=2,
-            label=f"λ·N = {LAMBDA_BATCH_MIN:g} (warning below)")
+    ax.plot(
+        xs,
+        np.interp(np.log(lam_line), np.log(lams), range(len(lams))),
+        "c--",
+        lw=2,
+        label=f"λ·N = {LAMBDA_BATCH_MIN:g} (warning below)",
+    )
     ax.legend(loc="upper left", fontsize=8)
     fig.colorbar(im, label="collapse ratio (SIGReg / constant column)")
-    ax.set_title(f"Collapse map (collapsed: ratio ≥ {COLLAPSED_RATIO}; dim.: projector rank < {DIMENSIONAL_RANK})",
-                 fontsize=9)
+    ax.set_title(f"Collapse map (collapsed: ratio ≥ {COLLAPSED_RATIO}; dim.: projector rank < {DIMENSIONAL_RANK})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -159,8 +198,11 @@ def main() -> None:
             row = cell(lam, n, args.steps, data, args.overrides)
             row["random_init_knn"] = random_knn
             rows.append(row)
-            print(f"λ={lam:g} N={n}: collapse ratio {row['collapse_ratio']:.3f}, projector rank "
-                  f"{row['proj_rank']:.2f}, kNN {row['knn']:.3f} ({row['seconds']:.0f} s)", flush=True)
+            print(
+                f"λ={lam:g} N={n}: collapse ratio {row['collapse_ratio']:.3f}, projector rank "
+                f"{row['proj_rank']:.2f}, kNN {row['knn']:.3f} ({row['seconds']:.0f} s)",
+                flush=True,
+            )
             with open(args.out / "collapse_map.csv", "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
@@ -171,13 +213,15 @@ def main() -> None:
 def report(rows: list[dict[str, float]], out: Path, steps: int, random_knn: float) -> None:
     for r in rows:
         r["verdict"] = verdict_of(r)
-    text = (f"# Collapse map: resnet10t, fashion-mnist-shifted, {steps} steps per cell\n\n"
-            f"Verdicts with today's thresholds (collapsed: ratio ≥ {COLLAPSED_RATIO}; dimensional collapse: "
-            f"projector rank < {DIMENSIONAL_RANK} of min(N, D)). Random-init kNN: {random_knn:.3f}.\n\n"
-            f"## Verdict\n\n{table(rows, 'verdict', 's')}\n\n"
-            f"## Collapse ratio\n\n{table(rows, 'collapse_ratio', '.2f')}\n\n"
-            f"## Projector effective rank / min(N, dimension)\n\n{table(rows, 'proj_rank', '.2f')}\n\n"
-            f"## kNN top-1\n\n{table(rows, 'knn', '.3f')}\n\n![collapse map](collapse_map.png)\n")
+    text = (
+        f"# Collapse map: resnet10t, fashion-mnist-shifted, {steps} steps per cell\n\n"
+        f"Verdicts with today's thresholds (collapsed: ratio ≥ {COLLAPSED_RATIO}; dimensional collapse: "
+        f"projector rank < {DIMENSIONAL_RANK} of min(N, D)). Random-init kNN: {random_knn:.3f}.\n\n"
+        f"## Verdict\n\n{table(rows, 'verdict', 's')}\n\n"
+        f"## Collapse ratio\n\n{table(rows, 'collapse_ratio', '.2f')}\n\n"
+        f"## Projector effective rank / min(N, dimension)\n\n{table(rows, 'proj_rank', '.2f')}\n\n"
+        f"## kNN top-1\n\n{table(rows, 'knn', '.3f')}\n\n![collapse map](collapse_map.png)\n"
+    )
     (out / "collapse_map.md").write_text(text)
     plot(rows, out / "collapse_map.png")
     print(text)

@@ -58,8 +58,7 @@ from lejepa.trainer import Trainer  # noqa: E402
 
 SECTIONS = ("device", "sigreg", "bf16", "tests", "packing", "trainer")
 """In the order they run: the longest (compiling two models) last."""
-TARGETS = {"sigreg_time": 0.25, "sigreg_memory": 0.10, "trainer_vs_bare": 0.95, "compile_vs_eager": 1.3,
-           "bf16_loss": 0.01}
+TARGETS = {"sigreg_time": 0.25, "sigreg_memory": 0.10, "trainer_vs_bare": 0.95, "compile_vs_eager": 1.3, "bf16_loss": 0.01}
 
 
 class Report:
@@ -83,21 +82,39 @@ def synthetic_splits(n: int, resolution: int, classes: int = 10, seed: int = 0) 
     images = torch.randint(0, 256, (n, 3, resolution, resolution), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, classes, (n,), generator=gen)
     split = TensorImageDataset(images, labels)
-    return DatasetSplits(split, TensorImageDataset(images[:256], labels[:256]), classes, resolution, resolution,
-                         (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "synthetic")
+    return DatasetSplits(
+        split,
+        TensorImageDataset(images[:256], labels[:256]),
+        classes,
+        resolution,
+        resolution,
+        (0.5, 0.5, 0.5),
+        (0.25, 0.25, 0.25),
+        "synthetic",
+    )
 
 
 def _config(out: Path, *overrides: str):
-    return load_config(None, ["tracking.enabled=false", f"train.out_dir={out}", "train.eval_probe_epochs=1",
-                              "train.online_eval_images=64", *overrides])
+    return load_config(
+        None,
+        [
+            "tracking.enabled=false",
+            f"train.out_dir={out}",
+            "train.eval_probe_epochs=1",
+            "train.online_eval_images=64",
+            *overrides,
+        ],
+    )
 
 
 def section_device(report: Report, gpu: bool, quick: bool) -> None:
     report(f"torch {torch.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     if gpu:
         props = torch.cuda.get_device_properties(0)
-        report(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
-               f"compute capability {props.major}.{props.minor}, CUDA {torch.version.cuda}")
+        report(
+            f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+            f"compute capability {props.major}.{props.minor}, CUDA {torch.version.cuda}"
+        )
     else:
         report(f"device: CPU only ({torch.get_num_threads()} threads); reduced check")
     report(f"triton: {'installed' if triton_available() else 'not installed (loss.kernel=triton unavailable)'}")
@@ -107,39 +124,62 @@ def section_sigreg(report: Report, gpu: bool, quick: bool) -> None:
     device = torch.device("cuda" if gpu else "cpu")
     grid_n, grid_m = ((256, 1024, 4096), (256, 1024, 4096)) if gpu and not quick else ((64, 256), (256, 1024))
     precisions = ((None, "fp32"), (torch.bfloat16, "bf16")) if gpu else ((None, "fp32"),)
-    report(f"V={sigreg_bench.V} views, K={sigreg_bench.K}, {sigreg_bench.KNOTS} knots; forward + backward, "
-           "best of repeats; peak = tensor bytes allocated above the inputs")
+    report(
+        f"V={sigreg_bench.V} views, K={sigreg_bench.K}, {sigreg_bench.KNOTS} knots; forward + backward, "
+        "best of repeats; peak = tensor bytes allocated above the inputs"
+    )
     triton = gpu and triton_available()
-    report("ours = loss.kernel=torch; triton = loss.kernel=triton (fused kernels" +
-           ("" if triton else "; not measured: needs CUDA and the triton package") + ")")
-    report("| precision | N | M | ours ms | direct ms | time × | ours MiB | direct MiB | memory × | value rel | "
-           "triton ms | triton time × | triton memory × | triton value rel |")
+    report(
+        "ours = loss.kernel=torch; triton = loss.kernel=triton (fused kernels"
+        + ("" if triton else "; not measured: needs CUDA and the triton package")
+        + ")"
+    )
+    report(
+        "| precision | N | M | ours ms | direct ms | time × | ours MiB | direct MiB | memory × | value rel | "
+        "triton ms | triton time × | triton memory × | triton value rel |"
+    )
     report("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for autocast, label in precisions:
         for n in grid_n:
             for m in grid_m:
                 r = sigreg_bench.compare(n, m, device, autocast, min_seconds=0.3 if gpu else 0.5, triton=triton)
                 if "direct_ms" not in r:
-                    report(f"| {label} | {n} | {m} | {r['fast_ms']:.2f} | (too big) | | {r['fast_mib']:.1f} | | | | "
-                           f"{r.get('triton_ms', float('nan')):.2f} | | | |")
+                    report(
+                        f"| {label} | {n} | {m} | {r['fast_ms']:.2f} | (too big) | | {r['fast_mib']:.1f} | | | | "
+                        f"{r.get('triton_ms', float('nan')):.2f} | | | |"
+                    )
                     continue
                 flag = " **target**" if (n, m) == (1024, 4096) else ""
-                tri = (f"{r['triton_ms']:.2f} | {r['triton_time_ratio']:.3f} | {r['triton_memory_ratio']:.4f} | "
-                       f"{r['triton_value_diff']:.1e}" if triton else " | | ")
-                report(f"| {label} | {n} | {m} | {r['fast_ms']:.2f} | {r['direct_ms']:.2f} | {r['time_ratio']:.3f} | "
-                       f"{r['fast_mib']:.1f} | {r['direct_mib']:.1f} | {r['memory_ratio']:.4f}{flag} | "
-                       f"{r['value_diff']:.1e} | {tri} |")
+                tri = (
+                    f"{r['triton_ms']:.2f} | {r['triton_time_ratio']:.3f} | {r['triton_memory_ratio']:.4f} | "
+                    f"{r['triton_value_diff']:.1e}"
+                    if triton
+                    else " | | "
+                )
+                report(
+                    f"| {label} | {n} | {m} | {r['fast_ms']:.2f} | {r['direct_ms']:.2f} | {r['time_ratio']:.3f} | "
+                    f"{r['fast_mib']:.1f} | {r['direct_mib']:.1f} | {r['memory_ratio']:.4f}{flag} | "
+                    f"{r['value_diff']:.1e} | {tri} |"
+                )
     report(f"targets at N=1024, M=4096: time × ≤ {TARGETS['sigreg_time']}, memory × ≤ {TARGETS['sigreg_memory']}")
 
 
-def _throughput(report: Report, arch: str, res: int, batch: int, steps: int, rounds: int, out: Path,
-                modes: tuple[str, ...]) -> dict[str, float]:
+def _throughput(
+    report: Report, arch: str, res: int, batch: int, steps: int, rounds: int, out: Path, modes: tuple[str, ...]
+) -> dict[str, float]:
     data = synthetic_splits(batch * (steps + 4), res)
     results: dict[str, float] = {}
     for mode in modes:
-        cfg = _config(out, f"model.arch={arch}", f"data.resolution={res}", "views.global_views=2",
-                      "views.local_views=6", f"optim.batch_size={batch}", f"train.compile={mode}",
-                      "train.epochs=1000")
+        cfg = _config(
+            out,
+            f"model.arch={arch}",
+            f"data.resolution={res}",
+            "views.global_views=2",
+            "views.local_views=6",
+            f"optim.batch_size={batch}",
+            f"train.compile={mode}",
+            "train.epochs=1000",
+        )
         trainer = Trainer(cfg, data=data, run_dir=out / f"{arch}-{mode}")
         start = time.perf_counter()
         try:
@@ -150,13 +190,14 @@ def _throughput(report: Report, arch: str, res: int, batch: int, steps: int, rou
                 bare.append(train_throughput.bare_images_per_sec(trainer, steps))
                 ours.append(train_throughput.trainer_images_per_sec(trainer, steps))
         except Exception as exc:  # one configuration failing (a compiler error) leaves the others
-            report(f"| {arch} | {res} | {batch} | {mode} | FAILED: {type(exc).__name__}: "
-                   f"{first_line(exc, '')[:200]} | | | |")
+            report(f"| {arch} | {res} | {batch} | {mode} | FAILED: {type(exc).__name__}: {first_line(exc, '')[:200]} | | | |")
             continue
         results[f"{mode}_bare"], results[f"{mode}_trainer"] = statistics.median(bare), statistics.median(ours)
-        report(f"| {arch} | {res} | {batch} | {mode} | {results[f'{mode}_bare']:.0f} | "
-               f"{results[f'{mode}_trainer']:.0f} | {results[f'{mode}_trainer'] / results[f'{mode}_bare']:.3f} | "
-               f"{warm:.1f} |")
+        report(
+            f"| {arch} | {res} | {batch} | {mode} | {results[f'{mode}_bare']:.0f} | "
+            f"{results[f'{mode}_trainer']:.0f} | {results[f'{mode}_trainer'] / results[f'{mode}_bare']:.3f} | "
+            f"{warm:.1f} |"
+        )
         del trainer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -165,8 +206,10 @@ def _throughput(report: Report, arch: str, res: int, batch: int, steps: int, rou
 
 def section_trainer(report: Report, gpu: bool, quick: bool, compile_on_cpu: bool = False) -> None:
     out = Path(tempfile.mkdtemp(prefix="lejepa-gpu-check-"))
-    report("images/s on synthetic data, 2 global + 6 local views (local side = resolution·96/224), median of "
-           "rounds alternating bare loop and Trainer; warm-up s includes compilation")
+    report(
+        "images/s on synthetic data, 2 global + 6 local views (local side = resolution·96/224), median of "
+        "rounds alternating bare loop and Trainer; warm-up s includes compilation"
+    )
     report("| arch | px | batch | compile | bare img/s | Trainer img/s | Trainer / bare | warm-up s |")
     report("|---|---:|---:|---|---:|---:|---:|---:|")
     if gpu and not quick:
@@ -182,8 +225,10 @@ def section_trainer(report: Report, gpu: bool, quick: bool, compile_on_cpu: bool
         r = _throughput(report, arch, res, batch, steps, rounds, out, modes)
         if "default_trainer" in r:
             report(f"  {arch}: compiled / eager (Trainer) = {r['default_trainer'] / r['eager_trainer']:.2f}")
-    report(f"targets: Trainer ≥ {TARGETS['trainer_vs_bare']}× bare; compiled ≥ {TARGETS['compile_vs_eager']}× "
-           "eager for vit_small at 224 px (GPU)")
+    report(
+        f"targets: Trainer ≥ {TARGETS['trainer_vs_bare']}× bare; compiled ≥ {TARGETS['compile_vs_eager']}× "
+        "eager for vit_small at 224 px (GPU)"
+    )
 
 
 class _Losses(Callback):
@@ -201,26 +246,53 @@ def section_bf16(report: Report, gpu: bool, quick: bool) -> None:
     out = Path(tempfile.mkdtemp(prefix="lejepa-bf16-"))
     means = {}
     for precision in ("fp32", "bf16"):
-        cfg = _config(out, "data.name=digits-shifted", "data.resolution=32", "model.arch=resnet18",
-                      "views.local_views=2", "optim.batch_size=128", "train.max_steps=50", "train.log_every=1",
-                      f"train.precision={precision}", "train.compile=eager", "train.epochs=100")
+        cfg = _config(
+            out,
+            "data.name=digits-shifted",
+            "data.resolution=32",
+            "model.arch=resnet18",
+            "views.local_views=2",
+            "optim.batch_size=128",
+            "train.max_steps=50",
+            "train.log_every=1",
+            f"train.precision={precision}",
+            "train.compile=eager",
+            "train.epochs=100",
+        )
         rec = _Losses()
         Trainer(cfg, [rec], run_dir=out / precision).fit()
         means[precision] = statistics.fmean(rec.values[40:50])
         report(f"{precision}: mean loss of steps 41–50 = {means[precision]:.5f} (step 50: {rec.values[49]:.5f})")
     rel = abs(means["bf16"] - means["fp32"]) / abs(means["fp32"])
-    report(f"bf16 vs fp32: relative difference {rel:.4f} (target ≤ {TARGETS['bf16_loss']}) "
-           f"{'met' if rel <= TARGETS['bf16_loss'] else 'NOT met'}")
+    report(
+        f"bf16 vs fp32: relative difference {rel:.4f} (target ≤ {TARGETS['bf16_loss']}) "
+        f"{'met' if rel <= TARGETS['bf16_loss'] else 'NOT met'}"
+    )
 
 
 def _train_cmd(out: Path, name: str, gpu: bool) -> list[str]:
-    size = (["model.arch=resnet10t", "data.resolution=32"] if gpu else
-            ["model.arch=test_resnet", "data.resolution=16", "loss.num_slices=32", "train.max_steps=3",
-             "train.threads=1"])
-    return [sys.executable, "-m", "lejepa", "train", "--no-tracking", "data.name=digits-shifted", *size,
-            "views.local_views=2", "optim.batch_size=64", "train.epochs=1", "train.eval_probe_epochs=5",
-            "train.compile=eager", f"train.out_dir={out}", f"train.run_name={name}",
-            f"train.device={'cuda' if gpu else 'cpu'}"]
+    size = (
+        ["model.arch=resnet10t", "data.resolution=32"]
+        if gpu
+        else ["model.arch=test_resnet", "data.resolution=16", "loss.num_slices=32", "train.max_steps=3", "train.threads=1"]
+    )
+    return [
+        sys.executable,
+        "-m",
+        "lejepa",
+        "train",
+        "--no-tracking",
+        "data.name=digits-shifted",
+        *size,
+        "views.local_views=2",
+        "optim.batch_size=64",
+        "train.epochs=1",
+        "train.eval_probe_epochs=5",
+        "train.compile=eager",
+        f"train.out_dir={out}",
+        f"train.run_name={name}",
+        f"train.device={'cuda' if gpu else 'cpu'}",
+    ]
 
 
 def section_packing(report: Report, gpu: bool, quick: bool) -> None:
@@ -230,8 +302,10 @@ def section_packing(report: Report, gpu: bool, quick: bool) -> None:
 
     def run(names: list[str]) -> float:
         start = time.perf_counter()
-        procs = [subprocess.Popen(_train_cmd(out, n, gpu), env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for n in names]
+        procs = [
+            subprocess.Popen(_train_cmd(out, n, gpu), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for n in names
+        ]
         for p in procs:
             _, err = p.communicate()
             if p.returncode != 0:
@@ -241,14 +315,27 @@ def section_packing(report: Report, gpu: bool, quick: bool) -> None:
     sequential = sum(run([f"seq{i}"]) for i in range(trials))
     packed = run([f"packed{i}" for i in range(trials)])
     what = "resnet10t, digits-shifted 32 px, 1 epoch" if gpu else "test_resnet, 16 px, 3 steps"
-    report(f"{trials} trials ({what}, each its own process): one after another "
-           f"{sequential:.1f} s, {trials} at once on one {'GPU' if gpu else 'CPU'} {packed:.1f} s, "
-           f"speed-up {sequential / packed:.2f}×")
+    report(
+        f"{trials} trials ({what}, each its own process): one after another "
+        f"{sequential:.1f} s, {trials} at once on one {'GPU' if gpu else 'CPU'} {packed:.1f} s, "
+        f"speed-up {sequential / packed:.2f}×"
+    )
 
 
 def section_tests(report: Report, gpu: bool, quick: bool) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-k", "cuda",
-           str(ROOT / "tests" / "test_trainer.py"), str(ROOT / "tests" / "test_views.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "cuda",
+        str(ROOT / "tests" / "test_trainer.py"),
+        str(ROOT / "tests" / "test_views.py"),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
     for line in lines:
@@ -260,8 +347,11 @@ def section_tests(report: Report, gpu: bool, quick: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the reduced check (always so without CUDA)")
-    p.add_argument("--compile", action="store_true", help="on CPU: also time train.compile=default, with "
-                   "resnet10t at 32 px (compiling takes minutes on 2 cores)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="on CPU: also time train.compile=default, with resnet10t at 32 px (compiling takes minutes on 2 cores)",
+    )
     p.add_argument("--only", help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check")
     args = p.parse_args(argv)

@@ -22,9 +22,18 @@ from lejepa.config import load_config
 from lejepa.health import batch_health
 from lejepa.trainer import Trainer
 
-BASE = ["tracking.enabled=false", "train.out_dir=/tmp/lejepa-health-bench", "data.name=fashion-mnist-shifted",
-        "data.placements=1", "data.train_size=4000", "data.test_size=2000", "views.local_views=0",
-        "model.proj_hidden=256", "model.proj_dim=64", "loss.num_slices=256"]
+BASE = [
+    "tracking.enabled=false",
+    "train.out_dir=/tmp/lejepa-health-bench",
+    "data.name=fashion-mnist-shifted",
+    "data.placements=1",
+    "data.train_size=4000",
+    "data.test_size=2000",
+    "views.local_views=0",
+    "model.proj_hidden=256",
+    "model.proj_dim=64",
+    "loss.num_slices=256",
+]
 
 
 def main() -> None:
@@ -62,8 +71,10 @@ def main() -> None:
             direct.append(time.perf_counter() - t0)
     on, off = statistics.median(timings[True]), statistics.median(timings[False])
     cost = statistics.median(direct)
-    print(f"{cfg.model.arch}, batch {cfg.optim.batch_size}, {cfg.views.global_views}+{cfg.views.local_views} views, "
-          f"device {trainer.rt.device}, {torch.get_num_threads()} threads, {args.steps} steps each")
+    print(
+        f"{cfg.model.arch}, batch {cfg.optim.batch_size}, {cfg.views.global_views}+{cfg.views.local_views} views, "
+        f"device {trainer.rt.device}, {torch.get_num_threads()} threads, {args.steps} steps each"
+    )
     print(f"median step: health on {1000 * on:.1f} ms, off {1000 * off:.1f} ms, ratio on/off {on / off:.3f}")
     print(f"batch_health alone: {1000 * cost:.2f} ms = {100 * cost / off:.2f} % of the step (target <= 2 %)")
 

@@ -42,10 +42,17 @@ def main(argv: list[str] | None = None) -> int:
             epochs[f"score.{col}"] = epochs[col] if col != "alpha_req" else -(epochs[col] - 1).abs()
     a = analyse(Sweep(args.epochs_csv.parent.name, str(args.epochs_csv), None, epochs), n_boot=args.bootstrap)
     runs = a.runs
-    print(f"{args.epochs_csv}: {len(runs)} runs, batch {args.batch_size}; verdicts: "
-          + ", ".join(f"{n} {v}" for v, n in runs["verdict"].value_counts().items()))
-    print(runs.groupby("lam")["collapse_ratio"].agg(["min", "max"]).round(3)
-          .rename(columns={"min": "collapse ratio min", "max": "max"}).to_string())
+    print(
+        f"{args.epochs_csv}: {len(runs)} runs, batch {args.batch_size}; verdicts: "
+        + ", ".join(f"{n} {v}" for v, n in runs["verdict"].value_counts().items())
+    )
+    print(
+        runs.groupby("lam")["collapse_ratio"]
+        .agg(["min", "max"])
+        .round(3)
+        .rename(columns={"min": "collapse ratio min", "max": "max"})
+        .to_string()
+    )
     print()
     print(markdown_table(health_comparison(a)))
     return 0

@@ -51,10 +51,21 @@ from lejepa.trainer import Trainer  # noqa: E402
 # Small enough for 24 runs on a 2-core CPU in about half an hour: the timm test_* nets at 16 px
 # with their standard 4x stem, one thread per run (two threads thrash a busy 2-core machine).
 BASE = [
-    "data.name=digits-shifted", "data.resolution=16", "data.placements=2", "model.small_stem=false",
-    "model.proj_hidden=64", "model.proj_dim=32", "views.global_views=2", "views.local_views=2",
-    "loss.num_slices=256", "optim.batch_size=128", "optim.warmup_epochs=1",
-    "train.epochs=6", "train.keep_checkpoints=3", "train.log_every=5", "train.eval_probe_epochs=30",
+    "data.name=digits-shifted",
+    "data.resolution=16",
+    "data.placements=2",
+    "model.small_stem=false",
+    "model.proj_hidden=64",
+    "model.proj_dim=32",
+    "views.global_views=2",
+    "views.local_views=2",
+    "loss.num_slices=256",
+    "optim.batch_size=128",
+    "optim.warmup_epochs=1",
+    "train.epochs=6",
+    "train.keep_checkpoints=3",
+    "train.log_every=5",
+    "train.eval_probe_epochs=30",
     "train.threads=1",
 ]
 ARCHS = ["test_resnet", "test_efficientnet", "test_convnext"]
@@ -62,8 +73,15 @@ LAMS = [0.005, 0.02, 0.1, 0.5]
 LRS = [5e-4, 3e-3]
 
 
-def train_sweep(name: str, trials: list[list[str]], tracking_uri: str, out_dir: Path, experiment: str = "lejepa",
-                callback=MLflowCallback, log=print) -> str:
+def train_sweep(
+    name: str,
+    trials: list[list[str]],
+    tracking_uri: str,
+    out_dir: Path,
+    experiment: str = "lejepa",
+    callback=MLflowCallback,
+    log=print,
+) -> str:
     """Train every override list of ``trials`` as a child run of a new sweep parent run; its id.
 
     Tags follow the sweep layer's schema (:mod:`lejepa.record`: kind, sweep and trial id);
@@ -98,21 +116,24 @@ def pruning_figures(a, patience: int, score: str = DEFAULT_SCORE) -> str:
     key = SAFE + score
     survivors = a.candidates.merge(kept[["run_id", "epoch"]], on=["run_id", "epoch"])
     full, pruned = select(a.candidates, key, a.pick_acc), select(survivors, key, a.pick_acc)
-    lines = [f"\nlabel-free pruning replayed (prune_collapsed: {patience}): {int(runs['stopped_at'].notna().sum())} "
-             f"of {len(runs)} runs stopped, {saved} of {total} trial-epochs not run ({100 * saved / total:.0f}% of the "
-             f"compute, excluding final evaluations)"]
+    lines = [
+        f"\nlabel-free pruning replayed (prune_collapsed: {patience}): {int(runs['stopped_at'].notna().sum())} "
+        f"of {len(runs)} runs stopped, {saved} of {total} trial-epochs not run ({100 * saved / total:.0f}% of the "
+        f"compute, excluding final evaluations)"
+    ]
     for label, pick in (("full sweep", full), ("pruned sweep", pruned)):
         if pick is not None:
             regret = 100 * (full.oracle_accuracy - pick.accuracy)
-            lines.append(f"  {label}: {a.label(key)} picks {pick.trial} epoch {pick.epoch} at "
-                         f"{100 * pick.accuracy:.2f}%, regret {regret:.2f} pts against the full sweep's oracle")
+            lines.append(
+                f"  {label}: {a.label(key)} picks {pick.trial} epoch {pick.epoch} at "
+                f"{100 * pick.accuracy:.2f}%, regret {regret:.2f} pts against the full sweep's oracle"
+            )
     return "\n".join(lines)
 
 
 def grid(archs: list[str], lams: list[float], lrs: list[float], base: list[str] = BASE) -> list[list[str]]:
     """The trial overrides: ``base`` plus every (arch, λ, lr)."""
-    return [[*base, f"model.arch={a}", f"loss.lam={lam}", f"optim.lr={lr}"]
-            for a, lam, lr in itertools.product(archs, lams, lrs)]
+    return [[*base, f"model.arch={a}", f"loss.lam={lam}", f"optim.lr={lr}"] for a, lam, lr in itertools.product(archs, lams, lrs)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,10 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
     p.add_argument("--no-criteria", action="store_true", help="skip RankMe / LiDAR / α-ReQ")
     p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--final-only", action="store_true",
-                   help="candidates are the runs' final checkpoints only (criteria and frozen probe on those)")
-    p.add_argument("--prune-patience", type=int, default=2,
-                   help="replay label-free pruning (prune_collapsed) with this patience on the full sweep")
+    p.add_argument(
+        "--final-only",
+        action="store_true",
+        help="candidates are the runs' final checkpoints only (criteria and frozen probe on those)",
+    )
+    p.add_argument(
+        "--prune-patience",
+        type=int,
+        default=2,
+        help="replay label-free pruning (prune_collapsed) with this patience on the full sweep",
+    )
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -138,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     name = args.sweep
     if name is None:
         name = f"bench-selection-{datetime.now():%Y%m%d-%H%M%S}"
-        trials = grid(args.archs.split(","), [float(v) for v in args.lams.split(",")],
-                      [float(v) for v in args.lrs.split(",")], BASE + args.set)
+        trials = grid(
+            args.archs.split(","),
+            [float(v) for v in args.lams.split(",")],
+            [float(v) for v in args.lrs.split(",")],
+            BASE + args.set,
+        )
         print(f"training {len(trials)} runs into sweep {name} ({uri})", flush=True)
         start = time.perf_counter()
         train_sweep(name, trials, uri, out / "runs", log=lambda m: print(m, flush=True))
@@ -160,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         table = a.correlations.assign(score=a.correlations["score"].map(a.label))
         print(table.pivot(index="score", columns="group", values="rho").round(3).to_string())
         print(table.pivot(index="score", columns="group", values="tau").round(3).to_string())
-        print(f"\nfitted α: {a.alpha_scheme}; per fold: "
-              + ", ".join(f"{f}={v:.2f}" for f, v in a.alphas.groupby("fold")["alpha"].first().items())
-              + f"; in-sample α̂ = {a.alpha_in_sample:.2f}")
+        print(
+            f"\nfitted α: {a.alpha_scheme}; per fold: "
+            + ", ".join(f"{f}={v:.2f}" for f, v in a.alphas.groupby("fold")["alpha"].first().items())
+            + f"; in-sample α̂ = {a.alpha_in_sample:.2f}"
+        )
     if criteria is not None:
         from analysis.criteria import cost_table
+
         print("\ncost per checkpoint:\n" + cost_table(criteria).round(3).to_string(index=False))
     print("\nold scores and their healthy-only twins (pooled over all runs; ruled-out runs rank last):")
     print(markdown_table(health_comparison(a)))

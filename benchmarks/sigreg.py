@@ -81,8 +81,7 @@ def direct_fits(n: int, m: int, device) -> bool:
     return need < room / 2
 
 
-def compare(n: int, m: int, device, autocast: torch.dtype | None, min_seconds: float = 3.0,
-            triton: bool = False) -> dict:
+def compare(n: int, m: int, device, autocast: torch.dtype | None, min_seconds: float = 3.0, triton: bool = False) -> dict:
     """Time and peak memory of ours (``fast``), the direct formula and, with ``triton``, the fused
     Triton kernels, interleaved; ratios to the direct formula, relative differences of values and
     gradients."""
@@ -135,10 +134,7 @@ def table(device, autocast: torch.dtype | None) -> None:
                     f"{r['memory_ratio']:6.3f} | {r['value_diff']:9.1e} {r['grad_diff']:9.1e}"
                 )
             else:
-                print(
-                    f"{n:>5} {m:>5} | {r['fast_ms']:8.2f} {'(too big)':>9} {'':>7} | "
-                    f"{r['fast_mib']:8.1f} {'':>10} {'':>6} |"
-                )
+                print(f"{n:>5} {m:>5} | {r['fast_ms']:8.2f} {'(too big)':>9} {'':>7} | {r['fast_mib']:8.1f} {'':>10} {'':>6} |")
 
 
 def main() -> int:
@@ -154,18 +150,20 @@ def main() -> int:
     )
     n, m = HEADLINE
     r = compare(n, m, cpu, None)
-    ok = (
-        r["time_ratio"] <= TARGET_TIME
-        and r["memory_ratio"] <= TARGET_MEMORY
-        and r["value_diff"] <= TARGET_VALUE
-    )
+    ok = r["time_ratio"] <= TARGET_TIME and r["memory_ratio"] <= TARGET_MEMORY and r["value_diff"] <= TARGET_VALUE
     print(f"\nHeadline (CPU, fp32), V={V} N={n} K={K} M={m}, forward + backward:")
-    print(f"  time   fast {r['fast_ms']:.1f} ms, direct {r['direct_ms']:.1f} ms, "
-          f"ratio {r['time_ratio']:.3f} (target <= {TARGET_TIME})")
-    print(f"  memory fast {r['fast_mib']:.1f} MiB, direct {r['direct_mib']:.1f} MiB, "
-          f"ratio {r['memory_ratio']:.4f} (target <= {TARGET_MEMORY})")
-    print(f"  value  relative difference {r['value_diff']:.1e} (target <= {TARGET_VALUE}), "
-          f"gradient max relative difference {r['grad_diff']:.1e}")
+    print(
+        f"  time   fast {r['fast_ms']:.1f} ms, direct {r['direct_ms']:.1f} ms, "
+        f"ratio {r['time_ratio']:.3f} (target <= {TARGET_TIME})"
+    )
+    print(
+        f"  memory fast {r['fast_mib']:.1f} MiB, direct {r['direct_mib']:.1f} MiB, "
+        f"ratio {r['memory_ratio']:.4f} (target <= {TARGET_MEMORY})"
+    )
+    print(
+        f"  value  relative difference {r['value_diff']:.1e} (target <= {TARGET_VALUE}), "
+        f"gradient max relative difference {r['grad_diff']:.1e}"
+    )
     print(f"  targets met: {'yes' if ok else 'NO'}")
 
     print("\nCPU, fp32:")

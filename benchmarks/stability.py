@@ -46,8 +46,28 @@ from lejepa.errors import LejepaError  # noqa: E402
 
 UNFINISHED = ("running", "killed", "scheduled", "interrupted")
 """Run states that are no outcome yet (``lejepa sweep --resume`` continues them)."""
-COLUMNS = ["arch", "family", "params", "adaptation", "sweep", "lr", "status", "verdict", "loss", "collapse_ratio", "proj_rank",
-           "init_probe", "probe", "gain", "init_knn", "knn", "images_per_s", "wall_s", "learns", "learns_strict"]
+COLUMNS = [
+    "arch",
+    "family",
+    "params",
+    "adaptation",
+    "sweep",
+    "lr",
+    "status",
+    "verdict",
+    "loss",
+    "collapse_ratio",
+    "proj_rank",
+    "init_probe",
+    "probe",
+    "gain",
+    "init_knn",
+    "knn",
+    "images_per_s",
+    "wall_s",
+    "learns",
+    "learns_strict",
+]
 
 
 def walk_rows(ref: str, tracking_uri: str) -> pd.DataFrame:
@@ -60,20 +80,40 @@ def walk_rows(ref: str, tracking_uri: str) -> pd.DataFrame:
     speed = epochs.groupby("run_id")["images_per_sec"].median()
     rows = []
     for r in epochs[epochs["is_final"]].itertuples():
-        rows.append({"run_id": r.run_id, "sweep": sweep.name, "arch": r.arch, "lr": r.lr,
-                     "status": r.status, "verdict": r.verdict, "loss": r.loss,
-                     "collapse_ratio": r.collapse_ratio, "proj_rank": r.proj_rank, "init_probe": r.init_linear_probe_acc,
-                     "probe": r.linear_probe_acc, "init_knn": r.init_knn_acc, "knn": r.knn_acc,
-                     "images_per_s": speed.get(r.run_id, np.nan), "wall_s": r.wall_s})
+        rows.append(
+            {
+                "run_id": r.run_id,
+                "sweep": sweep.name,
+                "arch": r.arch,
+                "lr": r.lr,
+                "status": r.status,
+                "verdict": r.verdict,
+                "loss": r.loss,
+                "collapse_ratio": r.collapse_ratio,
+                "proj_rank": r.proj_rank,
+                "init_probe": r.init_linear_probe_acc,
+                "probe": r.linear_probe_acc,
+                "init_knn": r.init_knn_acc,
+                "knn": r.knn_acc,
+                "images_per_s": speed.get(r.run_id, np.nan),
+                "wall_s": r.wall_s,
+            }
+        )
     for run in sweep.excluded:
         status = str(run["status"])
         if status.split(" ")[0] in UNFINISHED:  # an interrupted part of the walk: resumed later, not an outcome
             continue
-        rows.append({"run_id": run["run_id"], "sweep": sweep.name, "arch": run["arch"], "status": status.split(" ")[0],
-                     "verdict": "diverged" if status.startswith("diverged") else status})
+        rows.append(
+            {
+                "run_id": run["run_id"],
+                "sweep": sweep.name,
+                "arch": run["arch"],
+                "status": status.split(" ")[0],
+                "verdict": "diverged" if status.startswith("diverged") else status,
+            }
+        )
     out = pd.DataFrame(rows)
-    for col in ("lr", "loss", "collapse_ratio", "proj_rank", "init_probe", "probe", "init_knn", "knn", "images_per_s",
-                "wall_s"):
+    for col in ("lr", "loss", "collapse_ratio", "proj_rank", "init_probe", "probe", "init_knn", "knn", "images_per_s", "wall_s"):
         out[col] = pd.to_numeric(out.get(col), errors="coerce")
     out["gain"] = out["probe"] - out["init_probe"]
     return out
@@ -90,10 +130,15 @@ def seed_spread(seeds: pd.DataFrame) -> tuple[float, float, pd.DataFrame]:
     the pooled standard deviation (root mean of the per-architecture variances), and the largest
     max − min of any architecture."""
     done = seeds[seeds["probe"].notna()]
-    table = done.groupby("arch").agg(seeds=("probe", "size"), probe_mean=("probe", "mean"),
-                                     probe_sd=("probe", "std"), probe_range=("probe", lambda s: s.max() - s.min()),
-                                     gain_mean=("gain", "mean"), gain_min=("gain", "min"),
-                                     init_range=("init_probe", lambda s: s.max() - s.min()))
+    table = done.groupby("arch").agg(
+        seeds=("probe", "size"),
+        probe_mean=("probe", "mean"),
+        probe_sd=("probe", "std"),
+        probe_range=("probe", lambda s: s.max() - s.min()),
+        gain_mean=("gain", "mean"),
+        gain_min=("gain", "min"),
+        init_range=("init_probe", lambda s: s.max() - s.min()),
+    )
     table = table[table["seeds"] >= 2]
     if table.empty:
         raise LejepaError("the seeds sweep has no architecture with 2 or more finished seeds")
@@ -196,44 +241,67 @@ def markdown(walk: pd.DataFrame, spread: float, strict: float, seeds: pd.DataFra
     """The results page: targets, per-family summary, the seeds table, the per-architecture table."""
     done = walk[walk["probe"].notna()]
     unhealthy = walk[walk["verdict"] != "healthy"]
-    families = done.groupby("family").agg(archs=("arch", "size"), learn=("learns", "sum"),
-                                          gain_median=("gain", "median"), gain_min=("gain", "min"),
-                                          probe_median=("probe", "median"))
+    families = done.groupby("family").agg(
+        archs=("arch", "size"),
+        learn=("learns", "sum"),
+        gain_median=("gain", "median"),
+        gain_min=("gain", "min"),
+        probe_median=("probe", "median"),
+    )
     share = done["learns"].mean() if len(done) else float("nan")
-    lines = [header, "",
-             f"- **Walked:** {len(done)} architectures with a final probe in {done['family'].nunique()} families "
-             f"({len(walk)} trials; wall time {walk['wall_s'].sum() / 3600:.2f} h of trial time).",
-             f"- **Unhealthy (collapsed, dimensional collapse, diverged, failed):** {len(unhealthy)}"
-             + (f": {', '.join(f'{r.arch} ({r.verdict})' for r in unhealthy.itertuples())}" if len(unhealthy) else ""),
-             f"- **Seed-to-seed spread** of the trained probe ({len(seeds)} architectures × "
-             f"{int(seeds['seeds'].max())} seeds): pooled standard deviation {spread:.3f}; largest max − min "
-             f"{strict:.3f}.",
-             f"- **Learn** (healthy and probe gain over own random init > {spread:.3f}, the pooled standard "
-             f"deviation): {int(done['learns'].sum())} of {len(done)} = {share:.0%} (target ≥ 90 %). With the "
-             f"strict spread (gain > {strict:.3f}): {int(done['learns_strict'].sum())} of {len(done)} = "
-             f"{done['learns_strict'].mean() if len(done) else float('nan'):.0%}.", "",
-             "## Per family", "",
-             "| family | archs | learn | median gain | min gain | median probe |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        f"- **Walked:** {len(done)} architectures with a final probe in {done['family'].nunique()} families "
+        f"({len(walk)} trials; wall time {walk['wall_s'].sum() / 3600:.2f} h of trial time).",
+        f"- **Unhealthy (collapsed, dimensional collapse, diverged, failed):** {len(unhealthy)}"
+        + (f": {', '.join(f'{r.arch} ({r.verdict})' for r in unhealthy.itertuples())}" if len(unhealthy) else ""),
+        f"- **Seed-to-seed spread** of the trained probe ({len(seeds)} architectures × "
+        f"{int(seeds['seeds'].max())} seeds): pooled standard deviation {spread:.3f}; largest max − min "
+        f"{strict:.3f}.",
+        f"- **Learn** (healthy and probe gain over own random init > {spread:.3f}, the pooled standard "
+        f"deviation): {int(done['learns'].sum())} of {len(done)} = {share:.0%} (target ≥ 90 %). With the "
+        f"strict spread (gain > {strict:.3f}): {int(done['learns_strict'].sum())} of {len(done)} = "
+        f"{done['learns_strict'].mean() if len(done) else float('nan'):.0%}.",
+        "",
+        "## Per family",
+        "",
+        "| family | archs | learn | median gain | min gain | median probe |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for fam, r in families.iterrows():
-        lines.append(f"| {fam} | {int(r.archs)} | {int(r.learn)} | {r.gain_median:+.3f} | {r.gain_min:+.3f} | "
-                     f"{r.probe_median:.3f} |")
-    lines += ["", "## Seed-to-seed spread", "",
-              "| arch | seeds | probe mean | probe sd | probe max − min | random-init max − min | gain mean | gain min |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {fam} | {int(r.archs)} | {int(r.learn)} | {r.gain_median:+.3f} | {r.gain_min:+.3f} | {r.probe_median:.3f} |"
+        )
+    lines += [
+        "",
+        "## Seed-to-seed spread",
+        "",
+        "| arch | seeds | probe mean | probe sd | probe max − min | random-init max − min | gain mean | gain min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in seeds.itertuples():
-        lines.append(f"| {r.arch} | {r.seeds} | {r.probe_mean:.3f} | {r.probe_sd:.3f} | {r.probe_range:.3f} | "
-                     f"{r.init_range:.3f} | {r.gain_mean:+.3f} | {r.gain_min:+.3f} |")
-    lines += ["", "## Per architecture", "",
-              "| arch | family | params | lr | verdict | loss | collapse | rank | random init | trained | gain | learns "
-              "| images/s | wall s | adaptation |",
-              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+        lines.append(
+            f"| {r.arch} | {r.seeds} | {r.probe_mean:.3f} | {r.probe_sd:.3f} | {r.probe_range:.3f} | "
+            f"{r.init_range:.3f} | {r.gain_mean:+.3f} | {r.gain_min:+.3f} |"
+        )
+    lines += [
+        "",
+        "## Per architecture",
+        "",
+        "| arch | family | params | lr | verdict | loss | collapse | rank | random init | trained | gain | learns "
+        "| images/s | wall s | adaptation |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
     for r in walk.itertuples():
         params = f"{r.params / 1e6:.1f}M" if np.isfinite(r.params) else ""
         lr = f"{r.lr:g}" if np.isfinite(r.lr) else ""
-        lines.append(f"| {r.arch} | {r.family} | {params} | {lr} | {r.verdict} | {_fmt(r.loss)} | {_fmt(r.collapse_ratio, 2)} "
-                     f"| {_fmt(r.proj_rank, 2)} | {_fmt(r.init_probe)} | {_fmt(r.probe)} | "
-                     f"{'' if not np.isfinite(r.gain) else f'{r.gain:+.3f}'} | {'yes' if r.learns else 'NO'} | "
-                     f"{_fmt(r.images_per_s, 1)} | {_fmt(r.wall_s, 0)} | {r.adaptation} |")
+        lines.append(
+            f"| {r.arch} | {r.family} | {params} | {lr} | {r.verdict} | {_fmt(r.loss)} | {_fmt(r.collapse_ratio, 2)} "
+            f"| {_fmt(r.proj_rank, 2)} | {_fmt(r.init_probe)} | {_fmt(r.probe)} | "
+            f"{'' if not np.isfinite(r.gain) else f'{r.gain:+.3f}'} | {'yes' if r.learns else 'NO'} | "
+            f"{_fmt(r.images_per_s, 1)} | {_fmt(r.wall_s, 0)} | {r.adaptation} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -249,8 +317,12 @@ def plot(walk: pd.DataFrame, spread: float, path: Path) -> None:
     colours = dict(zip(families, plt.cm.tab20(np.linspace(0, 1, max(len(families), 2)))))
     fig, ax = plt.subplots(figsize=(8, max(4.0, 0.16 * len(done) + 1.5)))
     y = np.arange(len(done))
-    ax.barh(y, done["gain"], color=[colours[f] for f in done["family"]],
-            edgecolor=["black" if not ok else "none" for ok in done["learns"]])
+    ax.barh(
+        y,
+        done["gain"],
+        color=[colours[f] for f in done["family"]],
+        edgecolor=["black" if not ok else "none" for ok in done["learns"]],
+    )
     ax.set_yticks(y, [f"{a} ({f})" for a, f in zip(done["arch"], done["family"])], fontsize=6)
     ax.axvline(spread, color="black", linestyle="--", linewidth=1, label=f"seed-to-seed sd {spread:.3f}")
     ax.axvline(0, color="grey", linewidth=0.8)
@@ -265,15 +337,22 @@ def plot(walk: pd.DataFrame, spread: float, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--walk", required=True, nargs="+",
-                   help="the walk's parts: sweeps (name, name prefix or parent run id) or an earlier report's "
-                        "stability.csv; a later part's trial of an architecture supersedes an earlier one's")
+    p.add_argument(
+        "--walk",
+        required=True,
+        nargs="+",
+        help="the walk's parts: sweeps (name, name prefix or parent run id) or an earlier report's "
+        "stability.csv; a later part's trial of an architecture supersedes an earlier one's",
+    )
     p.add_argument("--seeds", required=True, help="the seeds sweep, or an earlier report's seeds.csv")
     p.add_argument("--tracking-uri", help="the MLflow store of the sweeps (not needed for CSV parts)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stability")
     p.add_argument("--title", default="LeJEPA stability walk (CPU)")
-    p.add_argument("--update-catalog", action="store_true",
-                   help="write each architecture's outcome and gain into lejepa/catalog/architectures.csv")
+    p.add_argument(
+        "--update-catalog",
+        action="store_true",
+        help="write each architecture's outcome and gain into lejepa/catalog/architectures.csv",
+    )
     args = p.parse_args(argv)
     try:
         spread, strict, seeds = load_seeds(args.seeds, args.tracking_uri)
@@ -284,8 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     walk[COLUMNS].to_csv(args.out / "stability.csv", index=False, float_format="%.4f")
     seeds.to_csv(args.out / "seeds.csv", index=False, float_format="%.4f")
-    page = markdown(walk, spread, strict, seeds, f"# {args.title}\n\nGenerated by `benchmarks/stability.py` from walk parts "
-                    f"{', '.join(f'`{w}`' for w in args.walk)} and seeds `{args.seeds}`.")
+    page = markdown(
+        walk,
+        spread,
+        strict,
+        seeds,
+        f"# {args.title}\n\nGenerated by `benchmarks/stability.py` from walk parts "
+        f"{', '.join(f'`{w}`' for w in args.walk)} and seeds `{args.seeds}`.",
+    )
     (args.out / "stability.md").write_text(page)
     plot(walk, spread, args.out / "stability.png")
     print(page.split("## Per architecture")[0])

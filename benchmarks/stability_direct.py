@@ -57,8 +57,23 @@ from lejepa.record import (  # noqa: E402
 BASE = ROOT / "sweeps" / "stability_base.yaml"
 SEED_ARCHS = ("ghostnet_050", "levit_128s", "mobilenetv2_050", "regnetx_002")
 """The seeds sweep's architectures (sweeps/stability_seeds.yaml)."""
-TRIAL_COLUMNS = ["arch", "seed", "status", "verdict", "loss", "collapse_ratio", "proj_rank", "init_probe", "probe",
-                 "init_knn", "knn", "images_per_s", "wall_s", "lr", "error"]
+TRIAL_COLUMNS = [
+    "arch",
+    "seed",
+    "status",
+    "verdict",
+    "loss",
+    "collapse_ratio",
+    "proj_rank",
+    "init_probe",
+    "probe",
+    "init_knn",
+    "knn",
+    "images_per_s",
+    "wall_s",
+    "lr",
+    "error",
+]
 
 
 def train_one(arch: str, seed: int, overrides: list[str], out: Path) -> dict:
@@ -80,20 +95,35 @@ def train_one(arch: str, seed: int, overrides: list[str], out: Path) -> dict:
     row: dict = {"arch": arch, "seed": seed}
     start = time.perf_counter()
     try:
-        cfg = load_config(BASE, ["tracking.enabled=false", f"train.out_dir={out}", "train.keep_checkpoints=1",
-                                 *overrides, f"model.arch={arch}", f"train.seed={seed}"])
+        cfg = load_config(
+            BASE,
+            [
+                "tracking.enabled=false",
+                f"train.out_dir={out}",
+                "train.keep_checkpoints=1",
+                *overrides,
+                f"model.arch={arch}",
+                f"train.seed={seed}",
+            ],
+        )
         row["lr"] = cfg.optim.lr
         epochs = Epochs()
         final = Trainer(cfg, [epochs], run_dir=out / f"{arch}-s{seed}").fit()
         last = epochs.last
-        row.update(status=STATUS_FINISHED, verdict=VERDICTS[int(last[VERDICT])], loss=last[EPOCH_LOSS],
-                   collapse_ratio=last[COLLAPSE_RATIO], proj_rank=last[PROJ_RANK],
-                   init_probe=final.get(INIT_LINEAR_PROBE_ACC), probe=final[LINEAR_PROBE_ACC],
-                   init_knn=final.get(INIT_KNN_ACC), knn=final[KNN_ACC],
-                   images_per_s=statistics.median(epochs.speeds))
+        row.update(
+            status=STATUS_FINISHED,
+            verdict=VERDICTS[int(last[VERDICT])],
+            loss=last[EPOCH_LOSS],
+            collapse_ratio=last[COLLAPSE_RATIO],
+            proj_rank=last[PROJ_RANK],
+            init_probe=final.get(INIT_LINEAR_PROBE_ACC),
+            probe=final[LINEAR_PROBE_ACC],
+            init_knn=final.get(INIT_KNN_ACC),
+            knn=final[KNN_ACC],
+            images_per_s=statistics.median(epochs.speeds),
+        )
     except Exception as exc:  # one architecture failing is an outcome of the walk, not its end
-        row.update(status=STATUS_FAILED, verdict=STATUS_FAILED,
-                   error=f"{type(exc).__name__}: {first_line(exc, '')}"[:300])
+        row.update(status=STATUS_FAILED, verdict=STATUS_FAILED, error=f"{type(exc).__name__}: {first_line(exc, '')}"[:300])
     row["wall_s"] = time.perf_counter() - start
     return row
 
@@ -118,8 +148,15 @@ def plan(max_params: str, seed_archs: tuple[str, ...], seeds: int, limit: int | 
     return [(a, 0) for a in archs] + [(a, s) for a in seed_archs for s in range(1, seeds)]
 
 
-def run(tasks: list[tuple[str, int]], overrides: list[str], workers: int, deadline_s: float, out: Path,
-        threads: int, append: bool = False) -> pd.DataFrame:
+def run(
+    tasks: list[tuple[str, int]],
+    overrides: list[str],
+    workers: int,
+    deadline_s: float,
+    out: Path,
+    threads: int,
+    append: bool = False,
+) -> pd.DataFrame:
     """Train ``tasks`` in ``workers`` processes until done or ``deadline_s`` has passed (a trial
     already started finishes); rows are written to ``out/trials.csv`` as they come (after the
     rows already there when ``append``)."""
@@ -129,8 +166,7 @@ def run(tasks: list[tuple[str, int]], overrides: list[str], workers: int, deadli
         task_q.put(t)
     deadline = time.time() + deadline_s
     scratch = tempfile.mkdtemp(prefix="lejepa-walk-")
-    procs = [ctx.Process(target=_worker, args=(task_q, result_q, overrides, scratch, deadline, threads))
-             for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(task_q, result_q, overrides, scratch, deadline, threads)) for _ in range(workers)]
     for p in procs:
         p.start()
     rows: list[dict] = []
@@ -149,8 +185,11 @@ def run(tasks: list[tuple[str, int]], overrides: list[str], workers: int, deadli
             writer.writerow({k: row.get(k, "") for k in TRIAL_COLUMNS})
             f.flush()
             probe = f"{row['init_probe']:.3f} -> {row['probe']:.3f}" if row["status"] == "finished" else row["error"]
-            print(f"[{len(rows)}/{len(tasks)}] {row['arch']} seed {row['seed']}: {row['verdict']}, probe {probe}, "
-                  f"{row['wall_s']:.0f} s", flush=True)
+            print(
+                f"[{len(rows)}/{len(tasks)}] {row['arch']} seed {row['seed']}: {row['verdict']}, probe {probe}, "
+                f"{row['wall_s']:.0f} s",
+                flush=True,
+            )
     for p in procs:
         p.join()
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
@@ -160,8 +199,7 @@ def report(trials: pd.DataFrame, out: Path, title: str, note: str) -> tuple[str,
     """The walk's CSV, Markdown page and plot, as ``benchmarks/stability.py`` writes them;
     returns (page, one row per architecture)."""
     trials = trials.copy()
-    for col in ("loss", "collapse_ratio", "proj_rank", "init_probe", "probe", "init_knn", "knn", "images_per_s",
-                "wall_s", "lr"):
+    for col in ("loss", "collapse_ratio", "proj_rank", "init_probe", "probe", "init_knn", "knn", "images_per_s", "wall_s", "lr"):
         trials[col] = pd.to_numeric(trials[col], errors="coerce")
     trials["gain"] = trials["probe"] - trials["init_probe"]
     trials["sweep"] = "direct"
@@ -186,25 +224,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-archs", nargs="*", default=list(SEED_ARCHS))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "stability_direct")
     p.add_argument("--title", default="LeJEPA stability walk (direct)")
-    p.add_argument("--resume", action="store_true", help="keep <out>/trials.csv: train only the trials not "
-                   "finished there (failed ones again), then report on all")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep <out>/trials.csv: train only the trials not finished there (failed ones again), then report on all",
+    )
     p.add_argument("--report-only", action="store_true", help="write the report from <out>/trials.csv, train nothing")
-    p.add_argument("--update-catalog", choices=("cpu", "gpu"), help="write each finished architecture's outcome and "
-                   "gain into the catalog's walk_* (cpu) or gpu_walk_* (gpu) columns; failed trials are left out")
+    p.add_argument(
+        "--update-catalog",
+        choices=("cpu", "gpu"),
+        help="write each finished architecture's outcome and "
+        "gain into the catalog's walk_* (cpu) or gpu_walk_* (gpu) columns; failed trials are left out",
+    )
     args = p.parse_args(argv)
     trials_csv = args.out / "trials.csv"
     previous = pd.DataFrame(columns=TRIAL_COLUMNS)
     if args.resume or args.report_only:
         if not trials_csv.is_file():
-            print(f"error: {trials_csv} does not exist: nothing to resume or report (run without --resume first)",
-                  file=sys.stderr)
+            print(
+                f"error: {trials_csv} does not exist: nothing to resume or report (run without --resume first)", file=sys.stderr
+            )
             return 2
         previous = pd.read_csv(trials_csv)
     try:
         tasks = plan(args.max_params, tuple(args.seed_archs), args.seeds, args.limit)
         seed_tasks = [t for t in tasks if t[1] > 0]
-        tasks = [t for t in tasks if t[1] == 0 and t[0] in args.seed_archs] + seed_tasks + \
-            [t for t in tasks if t[1] == 0 and t[0] not in args.seed_archs]  # the spread first: the report needs it
+        tasks = (
+            [t for t in tasks if t[1] == 0 and t[0] in args.seed_archs]
+            + seed_tasks
+            + [t for t in tasks if t[1] == 0 and t[0] not in args.seed_archs]
+        )  # the spread first: the report needs it
     except LejepaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -212,15 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     todo = [] if args.report_only else [t for t in tasks if t not in done]
     start = time.perf_counter()
     if todo:
-        print(f"{len(todo)} trials ({len(done)} done before), {args.workers} workers, deadline {args.deadline:.0f} s, "
-              f"overrides: {' '.join(args.set) or '(none)'}; cpus {os.cpu_count()}", flush=True)
+        print(
+            f"{len(todo)} trials ({len(done)} done before), {args.workers} workers, deadline {args.deadline:.0f} s, "
+            f"overrides: {' '.join(args.set) or '(none)'}; cpus {os.cpu_count()}",
+            flush=True,
+        )
         new = run(todo, args.set, args.workers, args.deadline, args.out, args.threads, append=args.resume)
         previous = pd.concat([previous, new], ignore_index=True) if len(previous) else new
     wall = time.perf_counter() - start
     trials = previous.drop_duplicates(["arch", "seed"], keep="last").reset_index(drop=True)
-    note = (f"Generated by `benchmarks/stability_direct.py` ({args.workers} workers on one device, overrides "
-            f"`{' '.join(args.set) or 'none'}`): {len(trials)} of {len(tasks)} trials"
-            + (f"; this part {len(todo)} trials in {wall:.0f} s wall." if todo else "."))
+    note = (
+        f"Generated by `benchmarks/stability_direct.py` ({args.workers} workers on one device, overrides "
+        f"`{' '.join(args.set) or 'none'}`): {len(trials)} of {len(tasks)} trials"
+        + (f"; this part {len(todo)} trials in {wall:.0f} s wall." if todo else ".")
+    )
     try:
         page, walk = report(trials, args.out, args.title, note)
     except LejepaError as exc:
@@ -230,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.update_catalog:
         finished = walk[walk["status"] == "finished"]
         changed = stability.update_catalog(finished, budget="" if args.update_catalog == "cpu" else "gpu")
-        print(f"catalog: {changed} architectures' {args.update_catalog} walk outcome updated "
-              f"({len(walk) - len(finished)} failed, left out)")
+        print(
+            f"catalog: {changed} architectures' {args.update_catalog} walk outcome updated "
+            f"({len(walk) - len(finished)} failed, left out)"
+        )
     print(f"wrote {args.out}/trials.csv, stability.csv, stability.md, stability.png")
     return 0
 

@@ -148,8 +148,17 @@ def logging_cost(tree: dict, threads: int, work: Path) -> TimedMLflow:
 
 
 def quickstart(work: Path) -> tuple[float, subprocess.CompletedProcess]:
-    cmd = [sys.executable, "-m", "lejepa", "sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--storage",
-           str(work / "quickstart"), "--tracking-uri", sqlite_uri(work / "quickstart.db")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lejepa",
+        "sweep",
+        str(REPO / "sweeps" / "quickstart.yaml"),
+        "--storage",
+        str(work / "quickstart"),
+        "--tracking-uri",
+        sqlite_uri(work / "quickstart.db"),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     return time.perf_counter() - start, proc
@@ -174,9 +183,11 @@ def main() -> int:
     cfg = build_config(tree)
     cpus = spec.resources_for(cfg.model.arch).cpus
     threads = max(1, int(cpus))
-    print(f"config: {cfg.model.arch} on {cfg.data.name} @ {cfg.data.resolution}px, batch {cfg.optim.batch_size}, "
-          f"λ={cfg.loss.lam}, {args.epochs} epochs, {threads} thread(s); load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print(
+        f"config: {cfg.model.arch} on {cfg.data.name} @ {cfg.data.resolution}px, batch {cfg.optim.batch_size}, "
+        f"λ={cfg.loss.lam}, {args.epochs} epochs, {threads} thread(s); load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"
+    )
     missed = False
     with tempfile.TemporaryDirectory(prefix="sweep-overhead-") as tmp:
         work = Path(tmp)
@@ -185,15 +196,21 @@ def main() -> int:
             rows = []
             for i in range(args.repeats):
                 (out_ips, out_wall), (in_ips, in_wall) = side_by_side(tree, cpus, threads, work, f"overhead-{i}")
-                rows.append((_median_after_first(out_ips), _median_after_first(in_ips),
-                             statistics.median(out_wall) if out_wall else float("nan"),
-                             statistics.median(in_wall) if in_wall else float("nan")))
+                rows.append(
+                    (
+                        _median_after_first(out_ips),
+                        _median_after_first(in_ips),
+                        statistics.median(out_wall) if out_wall else float("nan"),
+                        statistics.median(in_wall) if in_wall else float("nan"),
+                    )
+                )
         finally:
             ray.shutdown()
-        print("\nthroughput, side by side: training-loop images/s and epoch wall time (s), medians over epochs "
-              "after the first")
-        print(f"{'repeat':>6}  {'outside img/s':>13}  {'inside img/s':>12}  {'ratio':>5}  "
-              f"{'outside epoch s':>15}  {'inside epoch s':>14}  {'speed ratio':>11}")
+        print("\nthroughput, side by side: training-loop images/s and epoch wall time (s), medians over epochs after the first")
+        print(
+            f"{'repeat':>6}  {'outside img/s':>13}  {'inside img/s':>12}  {'ratio':>5}  "
+            f"{'outside epoch s':>15}  {'inside epoch s':>14}  {'speed ratio':>11}"
+        )
         for i, (o, n, ow, iw) in enumerate(rows, 1):
             print(f"{i:>6}  {o:>13.1f}  {n:>12.1f}  {n / o:>5.3f}  {ow:>15.2f}  {iw:>14.2f}  {ow / iw:>11.3f}")
         ratio = statistics.median(n / o for o, n, _, _ in rows)
@@ -203,16 +220,20 @@ def main() -> int:
         tracking = logging_cost(tree, threads, work)
         share = tracking.seconds / (tracking.loop_seconds + tracking.epoch_end_seconds)
         missed |= share > TARGET_LOGGING
-        print(f"\nMLflow logging at log_every={cfg.train.log_every}: {tracking.seconds:.3f} s in the callback over "
-              f"{tracking.step_events} step events and {args.epochs} epochs, training {tracking.loop_seconds:.1f} s: "
-              f"{100 * share:.2f} % (target ≤ {100 * TARGET_LOGGING:.0f} %) {'OK' if share <= TARGET_LOGGING else 'MISSED'}")
+        print(
+            f"\nMLflow logging at log_every={cfg.train.log_every}: {tracking.seconds:.3f} s in the callback over "
+            f"{tracking.step_events} step events and {args.epochs} epochs, training {tracking.loop_seconds:.1f} s: "
+            f"{100 * share:.2f} % (target ≤ {100 * TARGET_LOGGING:.0f} %) {'OK' if share <= TARGET_LOGGING else 'MISSED'}"
+        )
 
         if args.quickstart:
             wall, proc = quickstart(work)
             ok = proc.returncode == 0 and wall <= TARGET_QUICKSTART_S
             missed |= not ok
-            print(f"\nquickstart.yaml: {wall / 60:.1f} min wall, exit {proc.returncode} "
-                  f"(target ≈ {TARGET_QUICKSTART_S // 60} min) {'OK' if ok else 'MISSED'}")
+            print(
+                f"\nquickstart.yaml: {wall / 60:.1f} min wall, exit {proc.returncode} "
+                f"(target ≈ {TARGET_QUICKSTART_S // 60} min) {'OK' if ok else 'MISSED'}"
+            )
             print("\n".join(proc.stdout.strip().splitlines()[-12:]))
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)

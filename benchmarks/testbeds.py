@@ -38,10 +38,14 @@ and reached a higher probe in less time (results/testbeds/explore-*.log)."""
 
 TESTBEDS: dict[str, list[str]] = {
     "digits-shifted": ["data.name=digits-shifted", "train.epochs=11"],
-    "fashion-mnist": ["data.name=fashion-mnist", "data.train_size=10000", "train.epochs=6",
-                      "optim.warmup_epochs=0.5"],
-    "fashion-mnist-shifted": ["data.name=fashion-mnist-shifted", "data.train_size=10000", "data.placements=1",
-                              "train.epochs=6", "optim.warmup_epochs=0.5"],
+    "fashion-mnist": ["data.name=fashion-mnist", "data.train_size=10000", "train.epochs=6", "optim.warmup_epochs=0.5"],
+    "fashion-mnist-shifted": [
+        "data.name=fashion-mnist-shifted",
+        "data.train_size=10000",
+        "data.placements=1",
+        "train.epochs=6",
+        "optim.warmup_epochs=0.5",
+    ],
 }
 """Each testbed's data and length: about 465 steps of 128 images each (warm-up about 40 steps),
 which fits 10 minutes on a 2-core AVX2 CPU; every split's full test set (digits-shifted: 1,800
@@ -68,21 +72,27 @@ def supervised_upper_bound(trainer: Trainer) -> tuple[float, float]:
             trainer.optimizer.step()
             head_opt.step()
             trainer.scheduler.step()
-        print(f"  supervised epoch {epoch + 1}/{trainer.cfg.train.epochs}  loss {loss.item():.3f}  "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"  supervised epoch {epoch + 1}/{trainer.cfg.train.epochs}  loss {loss.item():.3f}  "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
     elapsed = time.perf_counter() - start
     return probe(trainer, trainer.features(trainer.data.train), trainer.features(trainer.data.test)), elapsed
 
 
 def measure(name: str, overrides: list[str], baselines_only: bool, supervised: bool = True) -> dict[str, object]:
-    cfg = load_config(None, ["tracking.enabled=false", "train.out_dir=/tmp/lejepa-bench", *RECIPE, *TESTBEDS[name],
-                                *overrides])
+    cfg = load_config(None, ["tracking.enabled=false", "train.out_dir=/tmp/lejepa-bench", *RECIPE, *TESTBEDS[name], *overrides])
     clock = Clock()
     trainer = Trainer(cfg, [ConsoleProgress(), clock])
     row: dict[str, object] = {
-        "testbed": name, "arch": cfg.model.arch, "resolution": cfg.data.resolution,
-        "train_images": len(trainer.data.train), "test_images": len(trainer.data.test),
-        "epochs": cfg.train.epochs, "steps": trainer.total_steps,
+        "testbed": name,
+        "arch": cfg.model.arch,
+        "resolution": cfg.data.resolution,
+        "train_images": len(trainer.data.train),
+        "test_images": len(trainer.data.test),
+        "epochs": cfg.train.epochs,
+        "steps": trainer.total_steps,
     }
     row["raw_pixels"] = probe(trainer, pixels(trainer, trainer.data.train), pixels(trainer, trainer.data.test))
     random_train, random_test = trainer.features(trainer.data.train), trainer.features(trainer.data.test)
@@ -92,8 +102,9 @@ def measure(name: str, overrides: list[str], baselines_only: bool, supervised: b
     if baselines_only:
         return row
     final = trainer.fit()
-    row.update(lejepa=final[LINEAR_PROBE_ACC], lejepa_knn=final[KNN_ACC],
-               lejepa_seconds=round(clock.elapsed), supervised=float("nan"))
+    row.update(
+        lejepa=final[LINEAR_PROBE_ACC], lejepa_knn=final[KNN_ACC], lejepa_seconds=round(clock.elapsed), supervised=float("nan")
+    )
     if not supervised:
         return row
     fresh = Trainer(cfg, [], data=trainer.data)  # a fresh backbone: Trainer seeds it with the same seed
@@ -108,17 +119,20 @@ def _gain(lejepa, base) -> str:
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    lines = ["| testbed | train / test images | raw pixels | random init | LeJEPA (kNN) | supervised | "
-             "LeJEPA − random | LeJEPA − pixels | LeJEPA train time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| testbed | train / test images | raw pixels | random init | LeJEPA (kNN) | supervised | "
+        "LeJEPA − random | LeJEPA − pixels | LeJEPA train time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         lejepa = r.get("lejepa")
         lines.append(
             f"| {r['testbed']} | {r['train_images']:,} / {r['test_images']:,} | {r['raw_pixels']:.3f} | "
-            f"{r['random_init']:.3f} | " + (f"{lejepa:.3f} ({r['lejepa_knn']:.3f}) | {r['supervised']:.3f} | "
-                                            if lejepa is not None else "| | ")
+            f"{r['random_init']:.3f} | "
+            + (f"{lejepa:.3f} ({r['lejepa_knn']:.3f}) | {r['supervised']:.3f} | " if lejepa is not None else "| | ")
             + f"{_gain(lejepa, r['random_init'])} | {_gain(lejepa, r['raw_pixels'])} | "
-            + (f"{r['lejepa_seconds']} s |" if lejepa is not None else "|"))
+            + (f"{r['lejepa_seconds']} s |" if lejepa is not None else "|")
+        )
     return "\n".join(lines)
 
 
@@ -134,13 +148,14 @@ def main() -> None:
     for name in args.testbeds:
         rows.append(measure(name, args.overrides, args.baselines_only, not args.no_supervised))
         print(table(rows), flush=True)
-    header = (f"{rows[0]['arch']}, 32 px, 2 global views, λ 0.05, batch 128, ~465 steps; "
-              f"{torch.get_num_threads()} CPU threads; frozen linear probe top-1 on the test split")
+    header = (
+        f"{rows[0]['arch']}, 32 px, 2 global views, λ 0.05, batch 128, ~465 steps; "
+        f"{torch.get_num_threads()} CPU threads; frozen linear probe top-1 on the test split"
+    )
     print(f"\n{header}\n{table(rows)}")
     for r in rows:
         if r.get("lejepa") is not None:
-            ok = r["lejepa"] - r["random_init"] >= 0.05 and r["lejepa"] - r["raw_pixels"] >= 0.10 \
-                and r["lejepa_seconds"] <= 600
+            ok = r["lejepa"] - r["random_init"] >= 0.05 and r["lejepa"] - r["raw_pixels"] >= 0.10 and r["lejepa_seconds"] <= 600
             print(f"{r['testbed']}: target (>= random init + 5, >= pixels + 10, <= 600 s): {'met' if ok else 'NOT met'}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,9 @@ def pixels(trainer: Trainer, dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def probe(trainer: Trainer, train, test) -> float:
-    return linear_probe(*train, *test, trainer.data.num_classes, epochs=trainer.cfg.train.eval_probe_epochs,
-                        seed=trainer.cfg.train.seed)
+    return linear_probe(
+        *train, *test, trainer.data.num_classes, epochs=trainer.cfg.train.eval_probe_epochs, seed=trainer.cfg.train.seed
+    )
 
 
 def main() -> None:
@@ -59,8 +60,10 @@ def main() -> None:
     rand = probe(trainer, random_train, random_test)
     rand_knn = knn_accuracy(*random_train, *random_test, k=cfg.train.eval_knn_k)
     final = trainer.fit()
-    print(f"\n{cfg.data.name} @ {cfg.data.resolution}px, {cfg.model.arch}, {cfg.train.epochs} epochs, "
-          f"{torch.get_num_threads()} threads; training wall time {clock.elapsed:.0f} s")
+    print(
+        f"\n{cfg.data.name} @ {cfg.data.resolution}px, {cfg.model.arch}, {cfg.train.epochs} epochs, "
+        f"{torch.get_num_threads()} threads; training wall time {clock.elapsed:.0f} s"
+    )
     print("| features | linear probe top-1 | kNN top-1 |")
     print("| --- | --- | --- |")
     print(f"| raw pixels | {raw:.3f} | |")

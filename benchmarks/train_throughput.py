@@ -58,9 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(None, ["tracking.enabled=false", "train.out_dir=/tmp/lejepa-bench", *args.overrides])
     trainer = Trainer(cfg)
-    print(f"{cfg.model.arch} @ {cfg.data.resolution}px, batch {cfg.optim.batch_size}, "
-          f"{cfg.views.global_views}+{cfg.views.local_views} views, M={cfg.loss.num_slices}, "
-          f"{torch.get_num_threads()} threads, {args.steps} steps per round")
+    print(
+        f"{cfg.model.arch} @ {cfg.data.resolution}px, batch {cfg.optim.batch_size}, "
+        f"{cfg.views.global_views}+{cfg.views.local_views} views, M={cfg.loss.num_slices}, "
+        f"{torch.get_num_threads()} threads, {args.steps} steps per round"
+    )
     bare_images_per_sec(trainer, 2)  # warm-up
     bare, ours = [], []
     for r in range(args.rounds):
@@ -68,8 +70,10 @@ def main() -> None:
         ours.append(trainer_images_per_sec(trainer, args.steps))
         print(f"round {r + 1}: bare {bare[-1]:.1f} img/s   trainer {ours[-1]:.1f} img/s")
     ratio = statistics.median(ours) / statistics.median(bare)
-    print(f"median: bare {statistics.median(bare):.1f} img/s, trainer {statistics.median(ours):.1f} img/s, "
-          f"ratio {ratio:.3f} (target >= 0.95)")
+    print(
+        f"median: bare {statistics.median(bare):.1f} img/s, trainer {statistics.median(ours):.1f} img/s, "
+        f"ratio {ratio:.3f} (target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

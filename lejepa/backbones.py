@@ -74,8 +74,16 @@ class Backbone(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, arch: str, embed_dim: int, *, fixed_input: int | None = None, min_input: int = 1,
-        multiple: int = 1, small_stem: bool = False, adaptation: str = "",
+        self,
+        model: nn.Module,
+        arch: str,
+        embed_dim: int,
+        *,
+        fixed_input: int | None = None,
+        min_input: int = 1,
+        multiple: int = 1,
+        small_stem: bool = False,
+        adaptation: str = "",
     ) -> None:
         super().__init__()
         self.model = model
@@ -146,8 +154,16 @@ def build_backbone(
     if plan.multiple > 1:
         notes.append(f"sides rounded up to a multiple of {plan.multiple}")
     model = _create(arch, plan, device or "cpu")
-    return Backbone(model, arch, embed_dim, fixed_input=fixed, min_input=min_input, multiple=plan.multiple,
-                    small_stem=plan.small_stem, adaptation=", ".join(notes))
+    return Backbone(
+        model,
+        arch,
+        embed_dim,
+        fixed_input=fixed,
+        min_input=min_input,
+        multiple=plan.multiple,
+        small_stem=plan.small_stem,
+        adaptation=", ".join(notes),
+    )
 
 
 def check_arch_name(arch: str) -> None:
@@ -230,8 +246,12 @@ def _has_4x_stem(model: nn.Module) -> bool:
 def _stride2_stem_conv(model: nn.Module) -> nn.Conv2d | None:
     """The 3×3 stride-2 stem conv of RegNet, EfficientNet/MobileNetV2, MobileNetV3/V4 and
     GhostNet builds, else None."""
-    families = (timm.models.regnet.RegNet, timm.models.efficientnet.EfficientNet,
-                timm.models.mobilenetv3.MobileNetV3, timm.models.ghostnet.GhostNet)
+    families = (
+        timm.models.regnet.RegNet,
+        timm.models.efficientnet.EfficientNet,
+        timm.models.mobilenetv3.MobileNetV3,
+        timm.models.ghostnet.GhostNet,
+    )
     if not isinstance(model, families):
         return None
     conv = model.stem.conv if isinstance(model, timm.models.regnet.RegNet) else getattr(model, "conv_stem", None)

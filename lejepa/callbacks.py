@@ -34,9 +34,9 @@ from lejepa.record import (
 class RunInfo:
     """What callbacks learn at the start of training."""
 
-    config: Any                 # lejepa.config.Config
+    config: Any  # lejepa.config.Config
     run_dir: Path
-    start_epoch: int            # epochs already done (0 unless resumed)
+    start_epoch: int  # epochs already done (0 unless resumed)
     start_step: int
     steps_per_epoch: int
     total_steps: int
@@ -101,8 +101,7 @@ def health_text(metrics: dict[str, float]) -> str:
     """``  collapse 0.12  rank 0.85  healthy`` from an epoch's health metrics ('' without them)."""
     if VERDICT not in metrics:
         return ""
-    return (f"  collapse {metrics[COLLAPSE_RATIO]:.2f}  rank {metrics[PROJ_RANK]:.2f}  "
-            f"{VERDICTS[int(metrics[VERDICT])]}")
+    return f"  collapse {metrics[COLLAPSE_RATIO]:.2f}  rank {metrics[PROJ_RANK]:.2f}  {VERDICTS[int(metrics[VERDICT])]}"
 
 
 class ConsoleProgress(Callback):
@@ -135,8 +134,9 @@ class ConsoleProgress(Callback):
             return
         self._last = now
         total = self._info.total_steps
-        self._print(f"  step {step}/{total} ({100 * step / total:.0f}%)  loss {metrics[TRAIN_LOSS]:.4f}  "
-                    f"lr {metrics[TRAIN_LR]:.2e}")
+        self._print(
+            f"  step {step}/{total} ({100 * step / total:.0f}%)  loss {metrics[TRAIN_LOSS]:.4f}  lr {metrics[TRAIN_LR]:.2e}"
+        )
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self._last = time.monotonic()

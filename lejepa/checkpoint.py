@@ -118,8 +118,10 @@ def disk_full(folder: Path, need: int, what: str) -> DiskFullError:
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
     except OSError:
         free = 0
-    return DiskFullError(f"no room for {what} in {folder}: {_mib(free)} free, about {_mib(need)} needed; free some "
-                         f"space (or train elsewhere: train.out_dir), then --resume continues from the last checkpoint")
+    return DiskFullError(
+        f"no room for {what} in {folder}: {_mib(free)} free, about {_mib(need)} needed; free some "
+        f"space (or train elsewhere: train.out_dir), then --resume continues from the last checkpoint"
+    )
 
 
 def _mib(n: int) -> str:

@@ -26,8 +26,7 @@ def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
     overrides = [i for i in items if "=" in i]
     for item in paths:
         if Path(item).suffix.lower() not in (".yaml", ".yml") and not Path(item).exists():
-            raise ConfigError(f"{item!r} is neither a config file (.yaml) nor a key=value override "
-                              f"(e.g. loss.lam=0.02)")
+            raise ConfigError(f"{item!r} is neither a config file (.yaml) nor a key=value override (e.g. loss.lam=0.02)")
     if len(paths) > 1:
         raise ConfigError(f"expected one config file and key=value overrides, got several files: {paths}")
     return (paths[0] if paths else None), overrides
@@ -65,6 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, callbacks=callbacks, run_dir=run_dir, resume=resume)
     if uri is not None and trainer.rt.is_main:
         from lejepa.tracking import MLflowCallback
+
         experiment = args.experiment or cfg.tracking.experiment
         trainer.add_callback(MLflowCallback(uri, experiment=experiment, flush_every=cfg.tracking.flush_every))
     metrics = trainer.fit()
@@ -91,9 +91,12 @@ def _train_preflight(cfg, run_dir: Path | None, tracking_uri: str | None) -> str
 
 
 def _register_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one LeJEPA model",
-                       description="Train one LeJEPA model. CONFIG is a YAML file; key=value pairs override "
-                                   "fields by dotted path (e.g. loss.lam=0.02 model.arch=vit_tiny_patch16_224).")
+    p = sub.add_parser(
+        "train",
+        help="train one LeJEPA model",
+        description="Train one LeJEPA model. CONFIG is a YAML file; key=value pairs override "
+        "fields by dotted path (e.g. loss.lam=0.02 model.arch=vit_tiny_patch16_224).",
+    )
     p.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or <out_dir>/mlflow.db)")
@@ -107,15 +110,24 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_archs(args: argparse.Namespace) -> int:
     from lejepa.catalog import format_table, query
 
-    entries = query(family=args.family, max_params=args.max_params, min_params=args.min_params,
-                    pattern=args.pattern, include_gpu_scale=args.all, runnable_only=not args.all)
+    entries = query(
+        family=args.family,
+        max_params=args.max_params,
+        min_params=args.min_params,
+        pattern=args.pattern,
+        include_gpu_scale=args.all,
+        runnable_only=not args.all,
+    )
     print(format_table(entries))
     return 0
 
 
 def _register_archs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("archs", help="list the architecture catalog",
-                       description="List catalog architectures, filtered by family, parameter budget and name.")
+    p = sub.add_parser(
+        "archs",
+        help="list the architecture catalog",
+        description="List catalog architectures, filtered by family, parameter budget and name.",
+    )
     p.add_argument("--family", action="append", help="family name (repeatable), e.g. vit, resnet, convnext")
     p.add_argument("--max-params", help="parameter budget, e.g. 20M")
     p.add_argument("--min-params", help="lower parameter bound, e.g. 1M")
@@ -140,11 +152,25 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     check_tracking_uri(uri)  # a truncated or foreign SQLite file: one line, not MLflow's traceback
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving MLflow on {args.host}: anyone who can reach this address can read and "
-              f"change your runs", file=sys.stderr)
+        print(
+            f"warning: serving MLflow on {args.host}: anyone who can reach this address can read and change your runs",
+            file=sys.stderr,
+        )
     _check_port_free(args.host, args.port)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--default-artifact-root", artifact_root(uri), "--host", args.host, "--port", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        artifact_root(uri),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {db}); Ctrl-C to stop", file=sys.stderr)
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover - execv does not return
@@ -164,8 +190,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
-            raise ConfigError(f"port {port} on {host} is taken ({exc.strerror}): another `lejepa ui` or MLflow "
-                              f"server? pass --port <free port>") from None
+            raise ConfigError(
+                f"port {port} on {host} is taken ({exc.strerror}): another `lejepa ui` or MLflow server? pass --port <free port>"
+            ) from None
 
 
 def _register_ui(sub: argparse._SubParsersAction) -> None:
@@ -215,8 +242,10 @@ def _check_not_shadowed(top: str) -> None:
     spec = importlib.util.find_spec(top) if top not in sys.modules else sys.modules[top].__spec__
     origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
     if origin is not None and origin.parent != ours:
-        raise ShadowedPackage(f"'{top}' resolves to {origin}, not to this installation's {ours}: a file or package of "
-                          f"that name shadows it; rename it or run lejepa from another folder")
+        raise ShadowedPackage(
+            f"'{top}' resolves to {origin}, not to this installation's {ours}: a file or package of "
+            f"that name shadows it; rename it or run lejepa from another folder"
+        )
 
 
 def _unavailable(sub: argparse._SubParsersAction, name: str, exc: Exception) -> None:
@@ -241,6 +270,7 @@ def _stop_on_sigterm_as_on_sigint() -> None:
     does: the signal is re-raised as SIGINT, so training ends between steps with its checkpoints
     consistent and its MLflow run KILLED, and a sweep stops through Ray Tune's own SIGINT handler;
     ``--resume`` continues both."""
+
     def as_sigint(signum, frame) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 

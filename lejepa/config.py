@@ -46,19 +46,27 @@ def _numeric(annotation: Any) -> bool:
 class DataConfig(_Section):
     """Which dataset, where it lives and at which resolution the encoder sees it."""
 
-    name: str = Field("digits-shifted", description="digits | digits-shifted | fashion-mnist | fashion-mnist-shifted | "
-                      "mnist | kmnist | emnist | cifar10 | cifar100 | stl10 | imagefolder | imagenet | imagenette | galaxy10")
-    root: str | None = Field(None, description="folder holding the dataset files (file-backed datasets; "
-                             "fashion-mnist defaults to Debian's /usr/share/datasets/fashion-mnist)")
+    name: str = Field(
+        "digits-shifted",
+        description="digits | digits-shifted | fashion-mnist | fashion-mnist-shifted | "
+        "mnist | kmnist | emnist | cifar10 | cifar100 | stl10 | imagefolder | imagenet | imagenette | galaxy10",
+    )
+    root: str | None = Field(
+        None,
+        description="folder holding the dataset files (file-backed datasets; "
+        "fashion-mnist defaults to Debian's /usr/share/datasets/fashion-mnist)",
+    )
     resolution: int = Field(32, ge=8, le=1024, description="side of the global views, in pixels")
     download: bool = Field(False, description="allow torchvision to download CIFAR/STL-10 into root")
     placements: int = Field(4, ge=1, le=64, description="*-shifted: random placements per source image")
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="digits*: fraction held out for testing")
-    train_size: int | None = Field(None, ge=1, description="stratified, seeded subset of the training split "
-                                   "(source images for *-shifted); None = all")
+    train_size: int | None = Field(
+        None, ge=1, description="stratified, seeded subset of the training split (source images for *-shifted); None = all"
+    )
     test_size: int | None = Field(None, ge=1, description="the same for the test split")
-    fit: Literal["auto", "pad", "resize"] = Field("auto", description="MNIST-style 28 px images: pad onto the "
-                                                  "canvas, or resize; auto = pad up to 4 px per side (28 -> 32)")
+    fit: Literal["auto", "pad", "resize"] = Field(
+        "auto", description="MNIST-style 28 px images: pad onto the canvas, or resize; auto = pad up to 4 px per side (28 -> 32)"
+    )
     seed: int = Field(0, description="seed for synthetic splits, subsets and placements")
 
 
@@ -66,9 +74,12 @@ class ModelConfig(_Section):
     """Backbone (any timm model) and projector."""
 
     arch: str = Field("resnet10t", description="timm architecture name (see `lejepa archs`)")
-    small_stem: bool | None = Field(False, description="the family's small-input adaptation (lejepa/backbones.py): "
-                                    "CNN stems down-sample 2x less (output stride 16, 4x the compute), strided 1x1 "
-                                    "shortcuts become average-pooled; every parameter kept; None = on below 64 px")
+    small_stem: bool | None = Field(
+        False,
+        description="the family's small-input adaptation (lejepa/backbones.py): "
+        "CNN stems down-sample 2x less (output stride 16, 4x the compute), strided 1x1 "
+        "shortcuts become average-pooled; every parameter kept; None = on below 64 px",
+    )
     proj_layers: int = Field(3, ge=1, le=8, description="projector MLP depth")
     proj_hidden: int = Field(512, ge=8, description="projector hidden width")
     proj_dim: int = Field(64, ge=2, description="projector output dimension (SIGReg acts here)")
@@ -85,7 +96,8 @@ class ViewsConfig(_Section):
     flip_p: float = Field(0.5, ge=0.0, le=1.0)
     jitter_p: float = Field(0.8, ge=0.0, le=1.0)
     jitter: tuple[float, float, float, float] = Field(
-        (0.4, 0.4, 0.2, 0.1), description="ColorJitter (brightness, contrast, saturation, hue) strengths")
+        (0.4, 0.4, 0.2, 0.1), description="ColorJitter (brightness, contrast, saturation, hue) strengths"
+    )
     grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
     blur_p: float = Field(0.5, ge=0.0, le=1.0)
     solarize_p: float = Field(0.2, ge=0.0, le=1.0)
@@ -113,8 +125,10 @@ class LossConfig(_Section):
     num_slices: int = Field(1024, ge=1, description="number M of random 1-D projections")
     knots: int = Field(17, ge=3, description="quadrature knots on [0, t_max] (odd)")
     t_max: float = Field(3.0, gt=0.0, description="upper end of the integration range")
-    kernel: Literal["torch", "triton"] = Field("torch", description="SIGReg's implementation: torch (any device) "
-                                               "or triton (two fused CUDA kernels; needs the triton package)")
+    kernel: Literal["torch", "triton"] = Field(
+        "torch",
+        description="SIGReg's implementation: torch (any device) or triton (two fused CUDA kernels; needs the triton package)",
+    )
 
     @field_validator("knots")
     @classmethod
@@ -145,30 +159,45 @@ class TrainConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere; bf16 is refused on CPU")
+        "auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere; bf16 is refused on CPU"
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (pinned memory on CUDA)")
     prefetch_factor: int = Field(4, ge=1, description="batches each DataLoader worker loads ahead (num_workers > 0)")
     compile: Literal["auto", "eager", "default", "reduce-overhead", "max-autotune"] = Field(
-        "auto", description="torch.compile mode of the backbone and projector (false = eager, true = default); "
-        "auto = default on CUDA, eager elsewhere (on 2 CPU cores compiling did not pay: benchmarks/gpu_check.py)")
-    channels_last: bool | None = Field(None, description="channels-last memory format for convolutional backbones; "
-                                       "None = on CUDA only")
+        "auto",
+        description="torch.compile mode of the backbone and projector (false = eager, true = default); "
+        "auto = default on CUDA, eager elsewhere (on 2 CPU cores compiling did not pay: benchmarks/gpu_check.py)",
+    )
+    channels_last: bool | None = Field(
+        None, description="channels-last memory format for convolutional backbones; None = on CUDA only"
+    )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = leave as is")
     keep_checkpoints: int = Field(2, ge=1, description="how many epoch checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between per-step metric events")
     eval_knn_k: int = Field(20, ge=1)
-    online_eval_images: int | None = Field(2048, ge=1, description="test images scored by the online probe after "
-                                           "each epoch (an evenly spaced subset); None = the whole test split")
+    online_eval_images: int | None = Field(
+        2048,
+        ge=1,
+        description="test images scored by the online probe after "
+        "each epoch (an evenly spaced subset); None = the whole test split",
+    )
     eval_probe_epochs: int = Field(100, ge=1, description="epochs of the final frozen linear probe")
-    eval_at_init: bool = Field(False, description="also score the untrained backbone (frozen linear probe and "
-                               "kNN, logged at the end as eval/init_*): the random-init baseline of this run")
+    eval_at_init: bool = Field(
+        False,
+        description="also score the untrained backbone (frozen linear probe and "
+        "kNN, logged at the end as eval/init_*): the random-init baseline of this run",
+    )
     out_dir: str = Field("runs", description="folder for checkpoints and the embedded MLflow store")
     run_name: str | None = Field(None, description="run folder name under out_dir; None = <arch>-<timestamp>")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (for smoke tests)")
-    health: bool = Field(True, description="measure run health (collapse ratio every step, effective ranks every "
-                         "log_every steps) and log a verdict per epoch")
-    collapse_patience: int | None = Field(None, ge=1, description="stop the run after this many consecutive "
-                                          "epochs with the verdict 'collapsed'; None = never")
+    health: bool = Field(
+        True,
+        description="measure run health (collapse ratio every step, effective ranks every "
+        "log_every steps) and log a verdict per epoch",
+    )
+    collapse_patience: int | None = Field(
+        None, ge=1, description="stop the run after this many consecutive epochs with the verdict 'collapsed'; None = never"
+    )
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -212,9 +241,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.views.local_size is not None and self.views.local_size > self.data.resolution:
-            raise ValueError(
-                f"views.local_size={self.views.local_size} exceeds data.resolution={self.data.resolution}"
-            )
+            raise ValueError(f"views.local_size={self.views.local_size} exceeds data.resolution={self.data.resolution}")
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -325,7 +352,7 @@ def _describe(exc: ValidationError, tree: dict[str, Any]) -> str:
     value = err.get("input")
     msg = err["msg"]
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if err["type"] == "literal_error":
         return f"{field}={value!r} is not allowed: {msg[0].lower() + msg[1:]}"
     if isinstance(value, dict):

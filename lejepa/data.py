@@ -155,11 +155,14 @@ def _split_indices(labels: Tensor, cfg: DataConfig) -> tuple[Tensor, Tensor]:
     classes = int(labels.unique().numel())
     n_test = int(np.ceil(cfg.test_fraction * len(labels)))
     if n_test < classes or len(labels) - n_test < classes:
-        raise DataError(f"data.test_fraction={cfg.test_fraction} gives {n_test} test and {len(labels) - n_test} "
-                        f"training items of {len(labels)}: each split needs at least the {classes} classes once; "
-                        f"use a test_fraction between {classes / len(labels):.3g} and {1 - classes / len(labels):.3g}")
-    train, test = train_test_split(np.arange(len(labels)), test_size=cfg.test_fraction,
-                                   stratify=labels.numpy(), random_state=cfg.seed)
+        raise DataError(
+            f"data.test_fraction={cfg.test_fraction} gives {n_test} test and {len(labels) - n_test} "
+            f"training items of {len(labels)}: each split needs at least the {classes} classes once; "
+            f"use a test_fraction between {classes / len(labels):.3g} and {1 - classes / len(labels):.3g}"
+        )
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=cfg.test_fraction, stratify=labels.numpy(), random_state=cfg.seed
+    )
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
 
 
@@ -173,22 +176,29 @@ def _to_uint8_rgb(gray: Tensor) -> Tensor:
     return _to_uint8(gray).expand(-1, 3, -1, -1).contiguous()
 
 
-def _splits(name: str, cfg: DataConfig, train: TensorImageDataset, test: TensorImageDataset,
-            num_classes: int) -> DatasetSplits:
+def _splits(name: str, cfg: DataConfig, train: TensorImageDataset, test: TensorImageDataset, num_classes: int) -> DatasetSplits:
     mean, std = _channel_stats(train.images)
-    return DatasetSplits(train=train, test=test, num_classes=num_classes, resolution=cfg.resolution,
-                         source_size=train.images.shape[-1], mean=mean, std=std, name=name)
+    return DatasetSplits(
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        resolution=cfg.resolution,
+        source_size=train.images.shape[-1],
+        mean=mean,
+        std=std,
+        name=name,
+    )
 
 
 def _digits(cfg: DataConfig) -> DatasetSplits:
     """8x8 digits upsampled (bilinear, antialiased) to the resolution, stratified split."""
     images, labels = _digit_arrays()
-    big = NF.interpolate(images, size=(cfg.resolution, cfg.resolution), mode="bilinear",
-                         align_corners=False, antialias=True)
+    big = NF.interpolate(images, size=(cfg.resolution, cfg.resolution), mode="bilinear", align_corners=False, antialias=True)
     rgb = _to_uint8_rgb(big.clamp(0.0, 1.0))
     train, test = _split_indices(labels, cfg)
-    return _splits("digits", cfg, TensorImageDataset(rgb[train], labels[train], train),
-                   TensorImageDataset(rgb[test], labels[test], test), 10)
+    return _splits(
+        "digits", cfg, TensorImageDataset(rgb[train], labels[train], train), TensorImageDataset(rgb[test], labels[test], test), 10
+    )
 
 
 def _place(digits: Tensor, size: int, generator: torch.Generator, fraction: float = DIGIT_FRACTION) -> Tensor:
@@ -212,8 +222,9 @@ def _digits_shifted(cfg: DataConfig) -> DatasetSplits:
     images, labels = _digit_arrays()
     generator = torch.Generator().manual_seed(cfg.seed)
     parts = []
-    for index, size, what in zip(_split_indices(labels, cfg), (cfg.train_size, cfg.test_size),
-                                 ("data.train_size", "data.test_size")):
+    for index, size, what in zip(
+        _split_indices(labels, cfg), (cfg.train_size, cfg.test_size), ("data.train_size", "data.test_size")
+    ):
         index = index[_subset_indices(labels[index], size, cfg.seed, what)]
         sources = index.repeat_interleave(cfg.placements)
         placed = _place(images[sources], cfg.resolution, generator)
@@ -237,14 +248,16 @@ _CIFAR10 = _existence_checked(tvd.CIFAR10, ("train_list", "test_list"))
 _CIFAR100 = _existence_checked(tvd.CIFAR100, ("train_list", "test_list"))
 # Labelled splits only (train 5k, test 8k), as the probes need labels; the 100k unlabeled
 # images (unlabeled_X.bin, split "unlabeled") could be added to the training set for SSL.
-_STL10: type[tvd.STL10] = type("STL10", (tvd.STL10,), {"train_list": [["train_X.bin", None], ["train_y.bin", None]],
-                                      "test_list": [["test_X.bin", None], ["test_y.bin", None]]})
+_STL10: type[tvd.STL10] = type(
+    "STL10",
+    (tvd.STL10,),
+    {"train_list": [["train_X.bin", None], ["train_y.bin", None]], "test_list": [["test_X.bin", None], ["test_y.bin", None]]},
+)
 
 
 def _root(cfg: DataConfig, title: str) -> Path:
     if cfg.root is None:
-        raise DataError(f"{title} needs data.root=<folder> (the folder holding it, or where "
-                        f"data.download=true should put it)")
+        raise DataError(f"{title} needs data.root=<folder> (the folder holding it, or where data.download=true should put it)")
     return Path(cfg.root).expanduser()
 
 
@@ -260,8 +273,7 @@ def _require_files(cfg: DataConfig, title: str, files: Sequence[str], how: str) 
 _D = TypeVar("_D", bound=Dataset)
 
 
-def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], _D], files: Sequence[str],
-                       how: str) -> tuple[_D, _D]:
+def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], _D], files: Sequence[str], how: str) -> tuple[_D, _D]:
     """Load train and test with a torchvision class; map every failure to one DataError line."""
     root, missing = _require_files(cfg, title, files, how)
     try:
@@ -273,11 +285,17 @@ def _torchvision_split(title: str, cfg: DataConfig, make: Callable[[bool], _D], 
         raise DataError(f"{title} under {root}: {what}: {first_line(exc)}") from None
 
 
-_ARRAY_PICKLE_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-})
+_ARRAY_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
 """The only callables a pickled data file may name: NumPy array reconstruction and bytes decoding."""
 
 
@@ -288,8 +306,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ARRAY_PICKLE_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a dataset file may hold only arrays, "
-                                     "lists and strings")
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a dataset file may hold only arrays, lists and strings")
 
 
 def load_array_pickle(path: Path) -> dict:
@@ -313,8 +330,11 @@ def _cifar_files(cls: type[tvd.CIFAR10], name: str) -> tuple[str, list[str], str
     """(title, files under data.root, how to get them) of CIFAR-10 or CIFAR-100."""
     base = cls.base_folder
     files = [f"{base}/{n}" for n, _ in cls.train_list + cls.test_list] + [f"{base}/{cls.meta['filename']}"]
-    return ("CIFAR-10" if name == "cifar10" else "CIFAR-100", files,
-            f"pass data.download=true or put {base} there (https://www.cs.toronto.edu/~kriz/cifar.html, {cls.filename})")
+    return (
+        "CIFAR-10" if name == "cifar10" else "CIFAR-100",
+        files,
+        f"pass data.download=true or put {base} there (https://www.cs.toronto.edu/~kriz/cifar.html, {cls.filename})",
+    )
 
 
 def _cifar(cfg: DataConfig, cls: type[tvd.CIFAR10], num_classes: int) -> DatasetSplits:
@@ -336,18 +356,23 @@ def _cifar(cfg: DataConfig, cls: type[tvd.CIFAR10], num_classes: int) -> Dataset
 
 def _stl10_files() -> tuple[str, list[str], str]:
     base = _STL10.base_folder
-    return ("STL-10", [f"{base}/{name}" for name, _ in _STL10.train_list + _STL10.test_list],
-            f"pass data.download=true or put {base} there (https://cs.stanford.edu/~acoates/stl10/, stl10_binary.tar.gz)")
+    return (
+        "STL-10",
+        [f"{base}/{name}" for name, _ in _STL10.train_list + _STL10.test_list],
+        f"pass data.download=true or put {base} there (https://cs.stanford.edu/~acoates/stl10/, stl10_binary.tar.gz)",
+    )
 
 
 def _stl10(cfg: DataConfig) -> DatasetSplits:
     title, files, how = _stl10_files()
     root = _root(cfg, title)
     train, test = _torchvision_split(
-        title, cfg, lambda t: _STL10(str(root), split="train" if t else "test", download=cfg.download),
-        files, how)
-    parts = [TensorImageDataset(torch.from_numpy(np.ascontiguousarray(d.data)),
-                                torch.from_numpy(d.labels.astype(np.int64))) for d in (train, test)]
+        title, cfg, lambda t: _STL10(str(root), split="train" if t else "test", download=cfg.download), files, how
+    )
+    parts = [
+        TensorImageDataset(torch.from_numpy(np.ascontiguousarray(d.data)), torch.from_numpy(d.labels.astype(np.int64)))
+        for d in (train, test)
+    ]
     return _splits("stl10", cfg, parts[0], parts[1], 10)
 
 
@@ -370,15 +395,23 @@ def _channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, floa
 # ---------------------------------------------------------------------------- image folders
 
 _FOLDER_HELP = {
-    "imagefolder": ("image folder", "a class-per-folder tree <root>/train/<class>/*.jpg and <root>/val (or test)/"
-                    "<class>/*.jpg"),
-    "imagenet": ("ImageNet", "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG from https://image-net.org (sort the "
-                 "validation images into class folders, e.g. with the usual valprep.sh)"),
-    "imagenette": ("Imagenette", "the extracted imagenette2-320.tgz (train/ and val/) from "
-                   "https://github.com/fastai/imagenette; point data.root at imagenette2-320"),
-    "galaxy10": ("Galaxy10", "class folders train/<class>/*.png and test/<class>/*.png: Galaxy10 ships as "
-                 "Galaxy10_DECals.h5 (https://github.com/henrysky/Galaxy10); write its 'images' with PIL into the "
-                 "folder of their 'ans' label, split as you like"),
+    "imagefolder": ("image folder", "a class-per-folder tree <root>/train/<class>/*.jpg and <root>/val (or test)/<class>/*.jpg"),
+    "imagenet": (
+        "ImageNet",
+        "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG from https://image-net.org (sort the "
+        "validation images into class folders, e.g. with the usual valprep.sh)",
+    ),
+    "imagenette": (
+        "Imagenette",
+        "the extracted imagenette2-320.tgz (train/ and val/) from "
+        "https://github.com/fastai/imagenette; point data.root at imagenette2-320",
+    ),
+    "galaxy10": (
+        "Galaxy10",
+        "class folders train/<class>/*.png and test/<class>/*.png: Galaxy10 ships as "
+        "Galaxy10_DECals.h5 (https://github.com/henrysky/Galaxy10); write its 'images' with PIL into the "
+        "folder of their 'ans' label, split as you like",
+    ),
 }
 
 
@@ -416,46 +449,67 @@ def _image_folder(cfg: DataConfig) -> DatasetSplits:
     size = max(cfg.resolution, round(cfg.resolution / FOLDER_CROP))
     loader = functools.partial(_load_image, size=size)
     try:
-        train, test = (tvd.ImageFolder(str(d), loader=loader)
-                       for d in (root / "train", test_dir))
+        train, test = (tvd.ImageFolder(str(d), loader=loader) for d in (root / "train", test_dir))
     except FileNotFoundError as exc:
         raise DataError(f"{title} under {root}: {first_line(exc)} (expected {how})") from None
     if train.classes != test.classes:
         extra = sorted(set(train.classes) ^ set(test.classes))
-        raise DataError(f"{title} under {root}: train/ and {test_dir.name}/ have different class folders "
-                        f"(e.g. {extra[0]!r})")
-    return DatasetSplits(train=train, test=test, num_classes=len(train.classes), resolution=cfg.resolution,
-                         source_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, name=cfg.name)
+        raise DataError(f"{title} under {root}: train/ and {test_dir.name}/ have different class folders (e.g. {extra[0]!r})")
+    return DatasetSplits(
+        train=train,
+        test=test,
+        num_classes=len(train.classes),
+        resolution=cfg.resolution,
+        source_size=size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        name=cfg.name,
+    )
 
 
 # ---------------------------------------------------------------------------- IDX (MNIST family)
 
 IDX_PARTS = {  # file-name stems of the four files, as the MNIST family names them
-    "train images": "train-images", "train labels": "train-labels",
-    "test images": "t10k-images", "test labels": "t10k-labels",
+    "train images": "train-images",
+    "train labels": "train-labels",
+    "test images": "t10k-images",
+    "test labels": "t10k-labels",
 }
 
 _IDX_HELP = {
-    "fashion-mnist": ("Fashion-MNIST", "install Debian's package dataset-fashion-mnist (apt-get install "
-                      "dataset-fashion-mnist) or pass data.root=<folder holding the four IDX files>"),
-    "mnist": ("MNIST", "pass data.root=<folder holding train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte, "
-              "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte>"),
-    "kmnist": ("KMNIST", "pass data.root=<folder holding the four KMNIST IDX files (train-images-idx3-ubyte.gz, "
-               "...)>"),
-    "emnist": ("EMNIST", "pass data.root=<folder holding the four IDX files of one EMNIST split, e.g. "
-               "emnist-balanced-train-images-idx3-ubyte.gz, ...>"),
+    "fashion-mnist": (
+        "Fashion-MNIST",
+        "install Debian's package dataset-fashion-mnist (apt-get install "
+        "dataset-fashion-mnist) or pass data.root=<folder holding the four IDX files>",
+    ),
+    "mnist": (
+        "MNIST",
+        "pass data.root=<folder holding train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte>",
+    ),
+    "kmnist": ("KMNIST", "pass data.root=<folder holding the four KMNIST IDX files (train-images-idx3-ubyte.gz, ...)>"),
+    "emnist": (
+        "EMNIST",
+        "pass data.root=<folder holding the four IDX files of one EMNIST split, e.g. "
+        "emnist-balanced-train-images-idx3-ubyte.gz, ...>",
+    ),
 }
 
 
 def _idx_file(root: Path, stem: str, title: str, how: str) -> Path:
     """The one file under ``root`` named ``[prefix-]<stem>[-.]idx?-ubyte[.gz]``."""
-    found = sorted(p for p in root.glob(f"*{stem}[-.]idx*-ubyte*") if p.is_file()
-                   and (p.name.startswith(stem) or p.name.split(stem)[0].endswith("-")))
+    found = sorted(
+        p
+        for p in root.glob(f"*{stem}[-.]idx*-ubyte*")
+        if p.is_file() and (p.name.startswith(stem) or p.name.split(stem)[0].endswith("-"))
+    )
     if not found:
         raise DataError(f"{title} not found under {root} (no {stem}-idx*-ubyte[.gz]): {how}")
     if len(found) > 1:
-        raise DataError(f"{title} under {root}: several {stem} files ({', '.join(p.name for p in found[:3])}); "
-                        f"point data.root at a folder holding one set")
+        raise DataError(
+            f"{title} under {root}: several {stem} files ({', '.join(p.name for p in found[:3])}); "
+            f"point data.root at a folder holding one set"
+        )
     return found[0]
 
 
@@ -473,8 +527,7 @@ def idx_arrays(root: Path, title: str = "IDX dataset", how: str = "") -> dict[st
     for split in ("train", "test"):
         images, labels = arrays[f"{split} images"], arrays[f"{split} labels"]
         if images.ndim != 3 or images.dtype != np.uint8:
-            raise DataError(f"{title} under {root}: {split} images must be uint8 [N, H, W], got "
-                            f"{images.dtype} {images.shape}")
+            raise DataError(f"{title} under {root}: {split} images must be uint8 [N, H, W], got {images.dtype} {images.shape}")
         if labels.ndim != 1 or len(labels) != len(images):
             raise DataError(f"{title} under {root}: {len(images)} {split} images but labels of shape {labels.shape}")
         arrays[f"{split} labels"] = labels.astype(np.int64)
@@ -528,8 +581,13 @@ def _fit(gray: Tensor, resolution: int, fit: str) -> Tensor:
         before = (resolution - side) // 2
         return NF.pad(gray, (before, resolution - side - before, before, resolution - side - before))
     if resolution < side:
-        small = NF.interpolate(gray.unsqueeze(1).float().div(255.0), size=(resolution, resolution),
-                               mode="bilinear", align_corners=False, antialias=True)
+        small = NF.interpolate(
+            gray.unsqueeze(1).float().div(255.0),
+            size=(resolution, resolution),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
         return _to_uint8(small)[:, 0]
     return gray
 
@@ -567,9 +625,12 @@ def _idx_dataset(cfg: DataConfig, shifted: bool = False) -> DatasetSplits:
         if shifted:
             sources = sources.repeat_interleave(cfg.placements)
             labels = labels.repeat_interleave(cfg.placements)
-            gray = torch.cat([_to_uint8(_place(chunk.unsqueeze(1).float().div(255.0), cfg.resolution, generator,
-                                               ITEM_FRACTION))[:, 0]
-                              for chunk in images.repeat_interleave(cfg.placements, dim=0).split(8192)])
+            gray = torch.cat(
+                [
+                    _to_uint8(_place(chunk.unsqueeze(1).float().div(255.0), cfg.resolution, generator, ITEM_FRACTION))[:, 0]
+                    for chunk in images.repeat_interleave(cfg.placements, dim=0).split(8192)
+                ]
+            )
         else:
             gray = _fit(images.contiguous(), cfg.resolution, cfg.fit)
         parts.append(TensorImageDataset(_gray_rgb(gray), labels, sources))

@@ -67,8 +67,10 @@ class TrainingCollapsed(LejepaError):
     exit_code = 4
 
     def __init__(self, epoch: int, ratio: float, patience: int) -> None:
-        super().__init__(f"training stopped at epoch {epoch}: collapsed for {patience} epoch(s) in a row "
-                         f"(collapse ratio {ratio:.2f}; raise loss.lam or optim.batch_size)")
+        super().__init__(
+            f"training stopped at epoch {epoch}: collapsed for {patience} epoch(s) in a row "
+            f"(collapse ratio {ratio:.2f}; raise loss.lam or optim.batch_size)"
+        )
         self.epoch = epoch
         self.ratio = ratio
 
@@ -107,8 +109,11 @@ def out_of_memory(exc: BaseException) -> str | None:
     """One line for an allocator failure (a CPU ``MemoryError`` or allocator ``RuntimeError``, or
     CUDA's ``OutOfMemoryError``) naming the size asked for and what to lower; None for any other error."""
     text = str(exc).strip()
-    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            or (isinstance(exc, RuntimeError) and any(m in text for m in _ALLOCATOR_MESSAGES))):
+    if not (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and any(m in text for m in _ALLOCATOR_MESSAGES))
+    ):
         return None
     size = ""
     if found := re.search(r"allocate (\d+) bytes", text):
@@ -120,5 +125,7 @@ def out_of_memory(exc: BaseException) -> str | None:
         size = f" (an allocation of {n:.1f} {unit})"
     elif found := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGTP]i?B)", text):
         size = f" (an allocation of {found.group(1)})"
-    return (f"out of memory{size}: the model, batch and views do not fit; lower optim.batch_size, data.resolution, "
-            f"views.local_views or model.proj_hidden / model.proj_dim, or choose a smaller model.arch")
+    return (
+        f"out of memory{size}: the model, batch and views do not fit; lower optim.batch_size, data.resolution, "
+        f"views.local_views or model.proj_hidden / model.proj_dim, or choose a smaller model.arch"
+    )

@@ -108,8 +108,7 @@ def batch_health(proj: Tensor, feats: Tensor) -> Tensor:
     device (a rank cannot exceed the smaller side, so both fractions reach 1 at full rank)."""
     std = proj.detach().to(torch.float64).std(dim=0)
     spread = std.std() / std.mean().clamp_min(torch.finfo(torch.float64).tiny)
-    return torch.stack([_effective_rank(proj) / min(proj.shape), spread,
-                        _effective_rank(feats) / min(feats.shape)])
+    return torch.stack([_effective_rank(proj) / min(proj.shape), spread, _effective_rank(feats) / min(feats.shape)])
 
 
 def verdict(collapse: float, proj_rank: float, loss: float = 0.0) -> str:
@@ -129,9 +128,11 @@ def collapse_risk(lam: float, batch_size: int) -> str | None:
         return None
     if lam <= 0:
         return "λ = 0 trains without SIGReg: the embedding collapses"
-    return (f"λ={lam:g} × batch {batch_size} = {lam * batch_size:.2g} lies in the collapse region λ·N < "
-            f"{LAMBDA_BATCH_MIN:g} (benchmarks/results/collapse_map): raise loss.lam to ≥ "
-            f"{LAMBDA_BATCH_MIN / batch_size:.2g} or the batch size")
+    return (
+        f"λ={lam:g} × batch {batch_size} = {lam * batch_size:.2g} lies in the collapse region λ·N < "
+        f"{LAMBDA_BATCH_MIN:g} (benchmarks/results/collapse_map): raise loss.lam to ≥ "
+        f"{LAMBDA_BATCH_MIN / batch_size:.2g} or the batch size"
+    )
 
 
 def std_spread(z: Tensor) -> float:

@@ -17,8 +17,12 @@ import numpy as np
 from lejepa.errors import DataError
 
 IDX_TYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
 }
 """IDX type code to the numpy dtype of its big-endian values."""
 GZIP_MAGIC = b"\x1f\x8b"
@@ -52,7 +56,6 @@ def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise DataError(f"{name}: IDX header says {shape} ({expected} bytes of data), the file holds "
-                        f"{len(raw) - header}")
+        raise DataError(f"{name}: IDX header says {shape} ({expected} bytes of data), the file holds {len(raw) - header}")
     values = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return values.astype(dtype.newbyteorder("="), copy=True)

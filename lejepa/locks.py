@@ -34,8 +34,9 @@ class ProcessLock:
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
-            raise ConfigError(f"{self.what} is in use by another process (pid {holder}): wait for it to end or "
-                              f"stop it first") from None
+            raise ConfigError(
+                f"{self.what} is in use by another process (pid {holder}): wait for it to end or stop it first"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))

@@ -48,7 +48,7 @@ class LeJEPAModel(nn.Module):
         for idx in by_size.values():
             out = self.backbone(torch.cat([views[i] for i in idx]))
             for j, i in enumerate(idx):
-                feats[i] = out[j * batch:(j + 1) * batch]
+                feats[i] = out[j * batch : (j + 1) * batch]
         return torch.stack(feats)  # type: ignore[arg-type]
 
     def forward(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:

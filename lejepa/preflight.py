@@ -46,8 +46,9 @@ def check_writable(path: str | Path, what: str) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise PreflightError(f"{what} {path} is not writable: {probe}: {exc.strerror or exc}; "
-                             f"choose another folder or fix its permissions") from None
+        raise PreflightError(
+            f"{what} {path} is not writable: {probe}: {exc.strerror or exc}; choose another folder or fix its permissions"
+        ) from None
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -58,11 +59,11 @@ def check_tracking_uri(uri: str) -> None:
     if path is not None:
         db = Path(path).expanduser()
         if db.is_dir():
-            raise PreflightError(f"tracking store {uri}: {db} is a folder, not a SQLite file; "
-                                 f"use sqlite:///<folder>/mlflow.db")
+            raise PreflightError(f"tracking store {uri}: {db} is a folder, not a SQLite file; use sqlite:///<folder>/mlflow.db")
         if db.exists() and not os.access(db, os.R_OK | os.W_OK):
-            raise PreflightError(f"tracking store {uri}: {db} is not readable and writable; fix its permissions "
-                                 f"or pass another --tracking-uri")
+            raise PreflightError(
+                f"tracking store {uri}: {db} is not readable and writable; fix its permissions or pass another --tracking-uri"
+            )
         check_writable(db.parent, f"tracking store {uri}: the folder")
         if db.is_file() and db.stat().st_size > 0:
             _check_sqlite_store(db, uri)
@@ -72,9 +73,11 @@ def check_tracking_uri(uri: str) -> None:
         _check_server(uri)
         return
     if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
-        raise PreflightError(f"tracking URI {uri!r} is a file store, which MLflow no longer writes to (maintenance "
-                             f"mode): use sqlite:///<folder>/mlflow.db (`mlflow migrate-filestore` moves old runs), "
-                             f"or set MLFLOW_ALLOW_FILE_STORE=true to use it anyway")
+        raise PreflightError(
+            f"tracking URI {uri!r} is a file store, which MLflow no longer writes to (maintenance "
+            f"mode): use sqlite:///<folder>/mlflow.db (`mlflow migrate-filestore` moves old runs), "
+            f"or set MLFLOW_ALLOW_FILE_STORE=true to use it anyway"
+        )
     if "://" not in uri and not uri.startswith(URI_SCHEMES_WITHOUT_SLASHES):
         raise PreflightError(f"tracking URI {uri!r} is not a URI: use sqlite:///<path> or http://host:port")
 
@@ -105,8 +108,10 @@ def _check_sqlite_store(db: Path, uri: str) -> None:
     except sqlite3.Error as exc:
         raise PreflightError(f"tracking store {uri}: {db} cannot be read ({exc}); {fix}") from None
     if tables and "experiments" not in tables:
-        raise PreflightError(f"tracking store {uri}: {db} is a SQLite database but not an MLflow store "
-                             f"(tables: {', '.join(sorted(tables)[:4])}); pass the store's own file")
+        raise PreflightError(
+            f"tracking store {uri}: {db} is a SQLite database but not an MLflow store "
+            f"(tables: {', '.join(sorted(tables)[:4])}); pass the store's own file"
+        )
 
 
 def _check_server(uri: str) -> None:
@@ -124,14 +129,18 @@ def _check_server(uri: str) -> None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
-        raise PreflightError(f"MLflow tracking server {uri} does not answer ({text.splitlines()[0]}): start it "
-                             f"(mlflow server --host 127.0.0.1 --port PORT) or pass another --tracking-uri") from None
+        raise PreflightError(
+            f"MLflow tracking server {uri} does not answer ({text.splitlines()[0]}): start it "
+            f"(mlflow server --host 127.0.0.1 --port PORT) or pass another --tracking-uri"
+        ) from None
     try:
         json.loads(body)
     except ValueError:
-        raise PreflightError(f"{uri} answers HTTP but is not an MLflow tracking server (GET "
-                             f"/api/2.0/mlflow/experiments/search gave {status}, not MLflow's JSON): check the "
-                             f"host and port, or pass another --tracking-uri") from None
+        raise PreflightError(
+            f"{uri} answers HTTP but is not an MLflow tracking server (GET "
+            f"/api/2.0/mlflow/experiments/search gave {status}, not MLflow's JSON): check the "
+            f"host and port, or pass another --tracking-uri"
+        ) from None
 
 
 def check_ray_address(address: str | None) -> None:
@@ -151,5 +160,7 @@ def check_ray_address(address: str | None) -> None:
             return
     except OSError as exc:
         reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
-        raise PreflightError(f"cannot reach the Ray cluster at {address} ({reason}): start one with "
-                             f"`ray start --head` there, or check --address / RAY_ADDRESS") from None
+        raise PreflightError(
+            f"cannot reach the Ray cluster at {address} ({reason}): start one with "
+            f"`ray start --head` there, or check --address / RAY_ADDRESS"
+        ) from None

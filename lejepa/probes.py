@@ -37,9 +37,18 @@ def standardise(train_x: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Te
     return tuple((x.float() - mean) / std for x in (train_x, *others))
 
 
-def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
-                 epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 256,
-                 seed: int = 0) -> float:
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
     """Top-1 accuracy on ``test`` of softmax regression fitted on standardised ``train`` features."""
     train_x, test_x = standardise(train_x, test_x)
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +62,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(probe(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -58,7 +58,7 @@ def sqlite_uri(path: object) -> str:
 
 def sqlite_path(uri: str) -> str | None:
     """The database path of a SQLite tracking URI, else None (a server, or another scheme)."""
-    return uri[len(SQLITE_PREFIX):] if uri.startswith(SQLITE_PREFIX) else None
+    return uri[len(SQLITE_PREFIX) :] if uri.startswith(SQLITE_PREFIX) else None
 
 
 # --------------------------------------------------------------------------- metrics: per step
@@ -100,8 +100,21 @@ VERDICT = "health/verdict"
 TRAIN_SCORE = "train/score"
 """The label-free score a sweep trial adds to every epoch: :func:`label_free_score` of ``epoch/loss``."""
 
-EPOCH_METRICS = (EPOCH, EPOCH_LOSS, EPOCH_INVARIANCE, EPOCH_SIGREG, EPOCH_PROBE_LOSS, EPOCH_IMAGES_PER_SEC,
-                 EPOCH_TIME_S, EPOCH_LR, ONLINE_TRAIN_ACC, ONLINE_TEST_ACC, *HEALTH_METRICS, VERDICT, TRAIN_SCORE)
+EPOCH_METRICS = (
+    EPOCH,
+    EPOCH_LOSS,
+    EPOCH_INVARIANCE,
+    EPOCH_SIGREG,
+    EPOCH_PROBE_LOSS,
+    EPOCH_IMAGES_PER_SEC,
+    EPOCH_TIME_S,
+    EPOCH_LR,
+    ONLINE_TRAIN_ACC,
+    ONLINE_TEST_ACC,
+    *HEALTH_METRICS,
+    VERDICT,
+    TRAIN_SCORE,
+)
 """Logged at each epoch's end (the health ones when ``train.health``, the score by sweep trials)."""
 
 # --------------------------------------------------------------------------- metrics: at the end
@@ -217,13 +230,45 @@ SELECTED_RUN_ID_TAG = "lejepa.selected.run_id"
 SELECTED_EPOCH_TAG = "lejepa.selected.epoch"
 SELECTED_CHECKPOINT_TAG = "lejepa.selected.checkpoint"
 
-RUN_TAGS = frozenset((PARENT_TAG, ARCH_TAG, FAMILY_TAG, DATASET_TAG, RUN_DIR_TAG, CHECKPOINT_TAG, HEALTH_TAG,
-                      STATUS_TAG, ERROR_TAG, PREVIOUS_ERROR_TAG, RESUMED_FROM_EPOCH_TAG, DIVERGED_STEP_TAG,
-                      COLLAPSED_AT_EPOCH_TAG, PRUNED_AT_EPOCH_TAG, KIND_TAG, SWEEP_TAG, TRIAL_ID_TAG, RAY_NODE_TAG))
+RUN_TAGS = frozenset(
+    (
+        PARENT_TAG,
+        ARCH_TAG,
+        FAMILY_TAG,
+        DATASET_TAG,
+        RUN_DIR_TAG,
+        CHECKPOINT_TAG,
+        HEALTH_TAG,
+        STATUS_TAG,
+        ERROR_TAG,
+        PREVIOUS_ERROR_TAG,
+        RESUMED_FROM_EPOCH_TAG,
+        DIVERGED_STEP_TAG,
+        COLLAPSED_AT_EPOCH_TAG,
+        PRUNED_AT_EPOCH_TAG,
+        KIND_TAG,
+        SWEEP_TAG,
+        TRIAL_ID_TAG,
+        RAY_NODE_TAG,
+    )
+)
 """Every tag a training run (or sweep trial) may carry, besides MLflow's own ``mlflow.*`` tags."""
-SWEEP_TAGS = frozenset((KIND_TAG, SWEEP_TAG, STORAGE_TAG, SPEC_TAG, NOTE_TAG, RESUMED_AT_TAG, RESTARTED_AT_TAG,
-                        SELECTED_SCORE_TAG, SELECTED_RUN_ID_TAG, SELECTED_EPOCH_TAG, SELECTED_CHECKPOINT_TAG,
-                        *(f(m) for m in (BEST_SCORE, BEST_LINEAR_PROBE_ACC) for f in (best_trial_tag, best_run_tag))))
+SWEEP_TAGS = frozenset(
+    (
+        KIND_TAG,
+        SWEEP_TAG,
+        STORAGE_TAG,
+        SPEC_TAG,
+        NOTE_TAG,
+        RESUMED_AT_TAG,
+        RESTARTED_AT_TAG,
+        SELECTED_SCORE_TAG,
+        SELECTED_RUN_ID_TAG,
+        SELECTED_EPOCH_TAG,
+        SELECTED_CHECKPOINT_TAG,
+        *(f(m) for m in (BEST_SCORE, BEST_LINEAR_PROBE_ACC) for f in (best_trial_tag, best_run_tag)),
+    )
+)
 """Every tag a sweep's parent run may carry."""
 
 # Tags of a model version registered by ``lejepa select --register``
@@ -240,13 +285,17 @@ RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 
 STATUS_FINISHED, STATUS_PRUNED, STATUS_COLLAPSED, STATUS_DIVERGED = "finished", "pruned", "collapsed", "diverged"
 STATUS_FAILED, STATUS_INTERRUPTED, STATUS_PENDING = "failed", "interrupted", "pending"
-STATUSES = (STATUS_FINISHED, STATUS_PRUNED, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_FAILED, STATUS_INTERRUPTED,
-            STATUS_PENDING)
+STATUSES = (STATUS_FINISHED, STATUS_PRUNED, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_PENDING)
 """How a run or trial ended (:data:`STATUS_TAG`; a sweep's summary); :func:`run_status` maps each
 to the MLflow status the run ends with."""
 
-_RUN_STATUS = {STATUS_FINISHED: FINISHED, STATUS_PRUNED: FINISHED, STATUS_COLLAPSED: FINISHED,
-               STATUS_FAILED: FAILED, STATUS_DIVERGED: FAILED}
+_RUN_STATUS = {
+    STATUS_FINISHED: FINISHED,
+    STATUS_PRUNED: FINISHED,
+    STATUS_COLLAPSED: FINISHED,
+    STATUS_FAILED: FAILED,
+    STATUS_DIVERGED: FAILED,
+}
 
 
 def run_status(status: str) -> str:
@@ -255,6 +304,7 @@ def run_status(status: str) -> str:
     pruning is an outcome), FAILED for failed and diverged, KILLED for interrupted and pending
     (``--resume`` continues them)."""
     return _RUN_STATUS.get(status, KILLED)
+
 
 # --------------------------------------------------------------------------- health verdicts
 HEALTHY, DIMENSIONAL, COLLAPSED, DIVERGED = "healthy", "dimensional collapse", "collapsed", "diverged"
@@ -272,4 +322,4 @@ def label_free_score(loss: Any, lam: Any, alpha: Any = SCORE_ALPHA) -> Any:
     """``loss / λ^α`` (docs/method.md §3): ranks runs across λ without labels (lower is better).
     Floats, or numpy arrays element-wise; λ must be positive (:func:`analysis.correlation.lambda_scaled`
     masks λ ≤ 0)."""
-    return loss / lam ** alpha
+    return loss / lam**alpha

@@ -22,7 +22,7 @@ class Runtime:
     rank: int
     world_size: int
     local_rank: int
-    autocast_dtype: torch.dtype | None   # None = fp32
+    autocast_dtype: torch.dtype | None  # None = fp32
 
     @property
     def is_main(self) -> bool:
@@ -66,8 +66,10 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if precision == "bf16" and dev.type == "cpu":
         # measured with torch 2.14 (tests/test_trainer.py): bf16 convolution backward on CPU returns
         # NaN weight gradients now and then on small feature maps, and a run diverges within steps
-        raise ConfigError("train.precision=bf16 is for CUDA: on CPU, PyTorch's bf16 convolution backward "
-                          "intermittently gives NaN gradients; use train.precision=fp32 (or auto)")
+        raise ConfigError(
+            "train.precision=bf16 is for CUDA: on CPU, PyTorch's bf16 convolution backward "
+            "intermittently gives NaN gradients; use train.precision=fp32 (or auto)"
+        )
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

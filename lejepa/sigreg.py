@@ -164,9 +164,7 @@ def epps_pulley_direct(x: Tensor, t_max: float = 3.0, knots: int = 17) -> Tensor
     return x.shape[-2] * (((cos - phi).square() + sin.square()) @ (w * phi))
 
 
-def sample_directions(
-    dim: int, num_slices: int, seed: int, device=None, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def sample_directions(dim: int, num_slices: int, seed: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Gaussian (dim, num_slices) matrix with unit-norm columns, a function of ``seed`` only.
 
     Drawn in float32 on ``device`` (same seed, same device type → same directions), then cast.
@@ -250,8 +248,7 @@ class SIGReg(nn.Module):
         step, n_max, n_min = int(buf[0]), int(buf[1]), -int(buf[2])
         if n_max != n_min:
             raise ValueError(
-                f"SIGReg needs the same batch size on every rank, got {n_min} to {n_max} "
-                "(drop the last incomplete batch)"
+                f"SIGReg needs the same batch size on every rank, got {n_min} to {n_max} (drop the last incomplete batch)"
             )
         return step, n * dist.get_world_size()
 
@@ -266,9 +263,7 @@ class SIGReg(nn.Module):
                 self.step.fill_(step + 1)  # host to device: no wait
                 self._host_step = step + 1
         elif directions.dim() != 2 or directions.shape[0] != z.shape[-1]:
-            raise ValueError(
-                f"directions must be shaped ({z.shape[-1]}, M), got {tuple(directions.shape)}"
-            )
+            raise ValueError(f"directions must be shaped ({z.shape[-1]}, M), got {tuple(directions.shape)}")
         with torch.autocast(device_type=z.device.type, enabled=False):
             x = z.to(dtype) @ directions.to(dtype)
             cf = _characteristic(x, self.t_max, self.knots, self.kernel)

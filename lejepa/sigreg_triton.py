@@ -96,6 +96,7 @@ class TritonCharacteristic(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         rows, n, cols = x.shape
         grid = (rows, triton.cdiv(n, _BLOCK_N), triton.cdiv(cols, _BLOCK_M))
-        _backward_kernel[grid](x, grad.float().contiguous(), grad_x, n, cols, ctx.dt, 1.0 / n, grad.shape[1],
-                               BLOCK_N=_BLOCK_N, BLOCK_M=_BLOCK_M)
+        _backward_kernel[grid](
+            x, grad.float().contiguous(), grad_x, n, cols, ctx.dt, 1.0 / n, grad.shape[1], BLOCK_N=_BLOCK_N, BLOCK_M=_BLOCK_M
+        )
         return grad_x, None, None

@@ -100,6 +100,7 @@ def arch_family(arch: str) -> str:
     """The catalog family of ``arch``, or the leading alphabetic part of its name."""
     try:
         from lejepa.catalog import get_arch
+
         return get_arch(arch).family
     except Exception:  # architectures outside the catalog are allowed
         head = arch.split("_")[0]
@@ -165,8 +166,7 @@ class MetricSender:
             left = len(self.pending)
             self.cond.notify_all()
         if not done:
-            print(f"warning: MLflow unreachable; {left} metrics of run {self.run_id} could not be delivered",
-                  file=sys.stderr)
+            print(f"warning: MLflow unreachable; {left} metrics of run {self.run_id} could not be delivered", file=sys.stderr)
         return done
 
     def _loop(self) -> None:
@@ -185,8 +185,7 @@ class MetricSender:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as exc:  # tracking must never kill training
                 if not warned:
-                    print(f"warning: MLflow unreachable ({first_line(exc)[:120]}); metrics are kept "
-                          f"and retried", file=sys.stderr)
+                    print(f"warning: MLflow unreachable ({first_line(exc)[:120]}); metrics are kept and retried", file=sys.stderr)
                     warned = True
                 with self.cond:
                     self.cond.wait_for(lambda: self.closed, timeout=backoff)
@@ -196,7 +195,7 @@ class MetricSender:
                 print("MLflow reachable again: buffered metrics delivered", file=sys.stderr)
             backoff, warned = 1.0, False
             with self.cond:
-                del self.pending[:len(batch)]
+                del self.pending[: len(batch)]
                 self.sent += len(batch)
                 self.urgent = self.urgent or bool(self.pending)
                 self.cond.notify_all()
@@ -211,10 +210,17 @@ class MLflowCallback(Callback):
     end of training waits up to :data:`FINAL_WAIT_S` for them to be delivered.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str = "lejepa", run_name: str | None = None,
-                 parent_run_id: str | None = None, run_id: str | None = None,
-                 tags: dict[str, str] | None = None, flush_every: int = 10,
-                 log_checkpoint: bool = True) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str = "lejepa",
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        flush_every: int = 10,
+        log_checkpoint: bool = True,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         self.experiment = experiment
@@ -234,8 +240,7 @@ class MLflowCallback(Callback):
     # ---------------------------------------------------------------- helpers
     def _metrics(self, values: dict[str, float], step: int) -> list[Metric]:
         now = int(time.time() * 1000)
-        return [Metric(key, float(v), now, step) for key, v in values.items()
-                if step > self._logged.get(key, -1)]
+        return [Metric(key, float(v), now, step) for key, v in values.items() if step > self._logged.get(key, -1)]
 
     def flush(self, retry_for: float = 0.0) -> bool:
         """Wait up to ``retry_for`` s for every queued metric to reach MLflow; True when none is left."""
@@ -264,8 +269,7 @@ class MLflowCallback(Callback):
 
     def logged_steps(self, run_id: str, keys: Iterable[str]) -> dict[str, int]:
         """The highest step run ``run_id`` holds for each metric of ``keys`` (the keys it has logged)."""
-        return {key: max((int(m.step) for m in self.client.get_metric_history(run_id, key)), default=-1)
-                for key in keys}
+        return {key: max((int(m.step) for m in self.client.get_metric_history(run_id, key)), default=-1) for key in keys}
 
     def _start(self, info: RunInfo) -> str:
         """Open the run (a new one, or the one this callback or the run folder names); returns its id."""
@@ -279,16 +283,22 @@ class MLflowCallback(Callback):
             self._continue(info, self.run_id)
             return self.run_id
         exp_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
-        tags = {ARCH_TAG: cfg.model.arch, FAMILY_TAG: arch_family(cfg.model.arch), DATASET_TAG: cfg.data.name,
-                RUN_DIR_TAG: str(info.run_dir), **self.tags}
+        tags = {
+            ARCH_TAG: cfg.model.arch,
+            FAMILY_TAG: arch_family(cfg.model.arch),
+            DATASET_TAG: cfg.data.name,
+            RUN_DIR_TAG: str(info.run_dir),
+            **self.tags,
+        }
         if self.parent_run_id:
             tags[PARENT_TAG] = self.parent_run_id
-        run = self.client.create_run(exp_id, run_name=self.run_name or info.run_dir.name,
-                                     tags={k: str(v) for k, v in tags.items()})
+        run = self.client.create_run(
+            exp_id, run_name=self.run_name or info.run_dir.name, tags={k: str(v) for k, v in tags.items()}
+        )
         self.run_id = run.info.run_id
         params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
         for start in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[start:start + 100])
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
         self.client.log_batch(self.run_id, params=[Param(NUM_PARAMS_PARAM, str(info.num_params))])
         info.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_file.with_suffix(".tmp")

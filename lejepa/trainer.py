@@ -110,9 +110,15 @@ class Trainer:
     folder. Metrics reach the outside world only through ``callbacks`` (rank 0 only).
     """
 
-    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = (),
-                 run_dir: Path | str | None = None, resume: Path | str | None = None,
-                 runtime: Runtime | None = None, data: DatasetSplits | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        callbacks: Sequence[Callback] = (),
+        run_dir: Path | str | None = None,
+        resume: Path | str | None = None,
+        runtime: Runtime | None = None,
+        data: DatasetSplits | None = None,
+    ) -> None:
         self.cfg = cfg
         self.rt = runtime or setup_runtime(cfg.train.device, cfg.train.precision)
         self.callbacks = CallbackList(list(callbacks) if self.rt.is_main else [])
@@ -146,16 +152,20 @@ class Trainer:
         # the training forward, compiled or not; evaluation and checkpoints use self.model (eager, same weights).
         # Static shapes: a run trains at fixed view sizes, one graph per size.
         self.compile_mode = compile_mode(cfg.train.compile, self.rt.device)
-        self.train_model = (torch.compile(self.model, mode=self.compile_mode, dynamic=False)
-                            if self.compile_mode is not None else self.model)
+        self.train_model = (
+            torch.compile(self.model, mode=self.compile_mode, dynamic=False) if self.compile_mode is not None else self.model
+        )
         self._compiled_once = False
 
         self.loader, self.sampler = self._train_loader()
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.optim.weight_decay),
-                                           lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                           **adamw_kernel(cfg.optim.fused, self.rt.device))
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            **adamw_kernel(cfg.optim.fused, self.rt.device),
+        )
         self.probe_optimizer = torch.optim.AdamW(self.probe.parameters(), lr=cfg.optim.probe_lr, weight_decay=0.0)
         warmup = min(self.total_steps, round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps, cfg.optim.final_lr_ratio)
@@ -192,20 +202,30 @@ class Trainer:
     def _train_loader(self) -> tuple[DataLoader, DistributedSampler]:
         per_rank = self.cfg.optim.batch_size // self.rt.world_size
         if per_rank * self.rt.world_size != self.cfg.optim.batch_size:
-            raise ConfigError(f"optim.batch_size={self.cfg.optim.batch_size} is not divisible by the "
-                              f"{self.rt.world_size} processes")
+            raise ConfigError(
+                f"optim.batch_size={self.cfg.optim.batch_size} is not divisible by the {self.rt.world_size} processes"
+            )
         train = self.data.train
         n_train = len(train)  # type: ignore[arg-type]  # a map-style dataset; torch's Dataset type has no __len__
         if n_train < self.cfg.optim.batch_size:
-            raise ConfigError(f"optim.batch_size={self.cfg.optim.batch_size} exceeds the {n_train} "
-                              f"training images of {self.data.name}")
-        sampler: DistributedSampler[int] = DistributedSampler(train, num_replicas=self.rt.world_size, rank=self.rt.rank,
-                                     shuffle=True, seed=self.cfg.train.seed, drop_last=True)
+            raise ConfigError(
+                f"optim.batch_size={self.cfg.optim.batch_size} exceeds the {n_train} training images of {self.data.name}"
+            )
+        sampler: DistributedSampler[int] = DistributedSampler(
+            train, num_replicas=self.rt.world_size, rank=self.rt.rank, shuffle=True, seed=self.cfg.train.seed, drop_last=True
+        )
         workers = self.cfg.train.num_workers
-        loader = DataLoader(train, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=workers,
-                            collate_fn=batch_collate, pin_memory=self.rt.device.type == "cuda",
-                            persistent_workers=workers > 0,
-                            prefetch_factor=self.cfg.train.prefetch_factor if workers > 0 else None)
+        loader = DataLoader(
+            train,
+            batch_size=per_rank,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=workers,
+            collate_fn=batch_collate,
+            pin_memory=self.rt.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=self.cfg.train.prefetch_factor if workers > 0 else None,
+        )
         return loader, sampler
 
     # ------------------------------------------------------------------ checkpoints
@@ -232,8 +252,7 @@ class Trainer:
         state, meta = load_checkpoint(path, map_location=self.rt.device)
         arch = meta.get("arch")
         if arch is not None and arch != self.cfg.model.arch:
-            raise CheckpointError(f"checkpoint {path} is for architecture {arch!r}, the config asks for "
-                                  f"{self.cfg.model.arch!r}")
+            raise CheckpointError(f"checkpoint {path} is for architecture {arch!r}, the config asks for {self.cfg.model.arch!r}")
         try:
             _unwrap(self.model).load_state_dict(state["model"])
             self.sigreg.load_state_dict(state["sigreg"])
@@ -245,13 +264,17 @@ class Trainer:
             _unwrap(self.probe).load_state_dict(state["probe"])
             self.probe_optimizer.load_state_dict(state["probe_optimizer"])
         except (KeyError, RuntimeError, ValueError):
-            print(f"lejepa: warning: {path} holds an online probe of an older layout; the probe restarts "
-                  "(training state is unaffected)", file=sys.stderr)
+            print(
+                f"lejepa: warning: {path} holds an online probe of an older layout; the probe restarts "
+                "(training state is unaffected)",
+                file=sys.stderr,
+            )
         torch.set_rng_state(state["rng"]["torch"].cpu())
         views_rng = state["rng"]["views"]
         if len(views_rng) != self.rt.world_size:
-            raise CheckpointError(f"checkpoint {path} was written by {len(views_rng)} processes, "
-                                  f"resuming with {self.rt.world_size}")
+            raise CheckpointError(
+                f"checkpoint {path} was written by {len(views_rng)} processes, resuming with {self.rt.world_size}"
+            )
         self.view_gen.set_state(views_rng[self.rt.rank].cpu())
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
@@ -261,13 +284,13 @@ class Trainer:
         state = self._state()  # collective under DDP: every rank takes part
         if not self.rt.is_main:
             return None
-        meta = {"step": self.step, "arch": self.cfg.model.arch, "metrics": metrics,
-                "config": self.cfg.model_dump(mode="json")}
+        meta = {"step": self.step, "arch": self.cfg.model.arch, "metrics": metrics, "config": self.cfg.model_dump(mode="json")}
         return save_checkpoint(self.run_dir / CHECKPOINTS_DIR, self.epoch, state, meta, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ training
-    def _train_step(self, images: Tensor, labels: Tensor,
-                    measure: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    def _train_step(
+        self, images: Tensor, labels: Tensor, measure: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """One optimisation step; returns loss, invariance, SIGReg, probe loss, correct probe
         predictions and, when ``measure``, the batch's health measures
         (:func:`lejepa.health.batch_health` of the first global view; else None), all detached."""
@@ -293,8 +316,7 @@ class Trainer:
         self.scheduler.step()
         correct = (logits.argmax(dim=1) == probe_targets).sum()
         health = batch_health(proj[0].detach().float(), feats[0].detach().float()) if measure else None
-        return (terms.loss.detach(), terms.invariance.detach(), terms.sigreg.detach(), probe_loss.detach(), correct,
-                health)
+        return (terms.loss.detach(), terms.invariance.detach(), terms.sigreg.detach(), probe_loss.detach(), correct, health)
 
     def _forward(self, view_list: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(features, projections) of the views; a compilation that fails on the first step falls
@@ -308,10 +330,14 @@ class Trainer:
                 raise
             reason = f"{type(exc).__name__}: {first_line(exc, '')}"[:300]
             if self.cfg.train.compile != "auto":
-                raise ConfigError(f"train.compile={self.cfg.train.compile} failed for {self.cfg.model.arch} "
-                                  f"({reason}); use train.compile=eager") from None
-            print(f"lejepa: warning: torch.compile failed for {self.cfg.model.arch} ({reason}); training eager "
-                  "(train.compile=eager skips compiling)", file=sys.stderr)
+                raise ConfigError(
+                    f"train.compile={self.cfg.train.compile} failed for {self.cfg.model.arch} ({reason}); use train.compile=eager"
+                ) from None
+            print(
+                f"lejepa: warning: torch.compile failed for {self.cfg.model.arch} ({reason}); training eager "
+                "(train.compile=eager skips compiling)",
+                file=sys.stderr,
+            )
             self.train_model = self.model
             with self.rt.autocast():
                 out = self.model(view_list)
@@ -345,10 +371,16 @@ class Trainer:
                 sums[8] += 1
             if self.step % self.cfg.train.log_every == 0:
                 self._check_finite(loss)
-                self.callbacks.on_step_end(self.step, {
-                    TRAIN_LOSS: float(loss), TRAIN_INVARIANCE: float(inv), TRAIN_SIGREG: float(reg),
-                    TRAIN_PROBE_LOSS: float(probe_loss), TRAIN_LR: float(self.scheduler.get_last_lr()[0]),
-                })
+                self.callbacks.on_step_end(
+                    self.step,
+                    {
+                        TRAIN_LOSS: float(loss),
+                        TRAIN_INVARIANCE: float(inv),
+                        TRAIN_SIGREG: float(reg),
+                        TRAIN_PROBE_LOSS: float(probe_loss),
+                        TRAIN_LR: float(self.scheduler.get_last_lr()[0]),
+                    },
+                )
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize(self.rt.device)  # the epoch's time includes its queued kernels
         elapsed = time.perf_counter() - start
@@ -356,17 +388,21 @@ class Trainer:
         if self.rt.distributed:
             dist.all_reduce(sums)
             sums /= self.rt.world_size
-        (loss_sum, inv_sum, reg_sum, probe_loss_sum, correct_sum, proj_rank, spread, feat_rank,
-         measured) = (float(v) for v in sums)
+        (loss_sum, inv_sum, reg_sum, probe_loss_sum, correct_sum, proj_rank, spread, feat_rank, measured) = (
+            float(v) for v in sums
+        )
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(self.step, loss_sum)
         images_per_sec = seen * self.rt.world_size / max(elapsed, 1e-9)
         collapse = reg_sum / steps / self.collapsed_ep
         metrics = {
-            EPOCH_LOSS: loss_sum / steps, EPOCH_INVARIANCE: inv_sum / steps, EPOCH_SIGREG: reg_sum / steps,
+            EPOCH_LOSS: loss_sum / steps,
+            EPOCH_INVARIANCE: inv_sum / steps,
+            EPOCH_SIGREG: reg_sum / steps,
             EPOCH_PROBE_LOSS: probe_loss_sum / steps,
             ONLINE_TRAIN_ACC: correct_sum / max(1, seen * self.num_global),
-            EPOCH_IMAGES_PER_SEC: images_per_sec, EPOCH_TIME_S: elapsed,
+            EPOCH_IMAGES_PER_SEC: images_per_sec,
+            EPOCH_TIME_S: elapsed,
             EPOCH_LR: float(self.scheduler.get_last_lr()[0]),
         }
         if measured:
@@ -381,8 +417,9 @@ class Trainer:
         backbone = cast(LeJEPAModel, _unwrap(self.model)).backbone
         was_training = backbone.training
         backbone.eval()
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=batch_collate,
-                            num_workers=self.cfg.train.num_workers)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, collate_fn=batch_collate, num_workers=self.cfg.train.num_workers
+        )
         feats, labels = [], []
         for images, y in loader:
             x = eval_images(images.to(self.rt.device), self.data.resolution, self.data.mean, self.data.std)
@@ -414,8 +451,15 @@ class Trainer:
         train_x, train_y = self.features(self.data.train)
         test_x, test_y = self.features(self.data.test)
         metrics = {
-            LINEAR_PROBE_ACC: linear_probe(train_x, train_y, test_x, test_y, self.data.num_classes,
-                                                  epochs=self.cfg.train.eval_probe_epochs, seed=self.cfg.train.seed),
+            LINEAR_PROBE_ACC: linear_probe(
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                self.data.num_classes,
+                epochs=self.cfg.train.eval_probe_epochs,
+                seed=self.cfg.train.seed,
+            ),
             KNN_ACC: knn_accuracy(train_x, train_y, test_x, test_y, k=self.cfg.train.eval_knn_k),
         }
         if online:
@@ -432,8 +476,7 @@ class Trainer:
         """``config.yaml`` written whole or not at all; before it, the run's folder must have room for
         a checkpoint (the last one's size, else weights and AdamW's two moments)."""
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        check_free_space(self.run_dir, checkpoint_bytes(self.run_dir / CHECKPOINTS_DIR, 3 * params),
-                         "this run's checkpoints")
+        check_free_space(self.run_dir, checkpoint_bytes(self.run_dir / CHECKPOINTS_DIR, 3 * params), "this run's checkpoints")
         path = self.run_dir / CONFIG_FILE
         tmp = path.with_suffix(".yaml.tmp")
         try:
@@ -460,9 +503,17 @@ class Trainer:
     def _fit(self) -> dict[str, float]:
         if self.rt.is_main:
             self._write_config()
-        info = RunInfo(self.cfg, self.run_dir, self.epoch, self.step, self.steps_per_epoch, self.total_steps,
-                       str(self.rt.device), self.rt.world_size,
-                       sum(p.numel() for p in cast(LeJEPAModel, _unwrap(self.model)).backbone.parameters()))
+        info = RunInfo(
+            self.cfg,
+            self.run_dir,
+            self.epoch,
+            self.step,
+            self.steps_per_epoch,
+            self.total_steps,
+            str(self.rt.device),
+            self.rt.world_size,
+            sum(p.numel() for p in cast(LeJEPAModel, _unwrap(self.model)).backbone.parameters()),
+        )
         checkpoint: Path | None = self.resume_path
         collapsed_epochs = 0
         try:

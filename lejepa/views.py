@@ -80,8 +80,7 @@ class ViewSampler:
             local = self._views(x, self.cfg.local_views, self.local_size, self.cfg.local_scale, generator)
         return Views(glob, local)
 
-    def _views(self, x: Tensor, count: int, size: int, scale: tuple[float, float],
-               generator: torch.Generator | None) -> Tensor:
+    def _views(self, x: Tensor, count: int, size: int, scale: tuple[float, float], generator: torch.Generator | None) -> Tensor:
         """``count`` augmented views of every image: [count, B, 3, size, size], normalised."""
         batch = x.shape[0]
         views = self.augment(crop_views(x, count, size, scale, generator), generator)
@@ -117,8 +116,7 @@ def to_unit(images: Tensor) -> Tensor:
     return images.float()
 
 
-def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
-               generator: torch.Generator | None = None) -> Tensor:
+def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator | None = None) -> Tensor:
     """``n`` RandomResizedCrop boxes (x1, y1, x2, y2) in pixel-edge coordinates, float [n, 4]:
     torchvision's sampler vectorised over samples and tries (integer sides and offsets)."""
     area = height * width
@@ -138,8 +136,7 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
-def crop_views(x: Tensor, count: int, size: int, scale: tuple[float, float],
-               generator: torch.Generator | None = None) -> Tensor:
+def crop_views(x: Tensor, count: int, size: int, scale: tuple[float, float], generator: torch.Generator | None = None) -> Tensor:
     """``count`` random resized crops of each image of ``x`` [B, 3, H, W] (float), all in one
     ``roi_align``; result [count * B, 3, size, size], view-major (view v of image b at v*B + b)."""
     batch, _, height, width = x.shape
@@ -166,11 +163,18 @@ def apply_where(x: Tensor, mask: Tensor, fn: Callable[..., Tensor], *params: Ten
     return x.index_copy_(0, index, fn(x.index_select(0, index), *rows))
 
 
-def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor, hue: Tensor,
-                 active: Sequence[bool] = (True, True, True, True)) -> Tensor:
+def color_jitter(
+    x: Tensor,
+    brightness: Tensor,
+    contrast: Tensor,
+    saturation: Tensor,
+    hue: Tensor,
+    active: Sequence[bool] = (True, True, True, True),
+) -> Tensor:
     """Per-sample adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue (in that
     order) of float [n, 3, H, W] in [0, 1], overwriting ``x``; factors [n]; ops with
     ``active`` False are skipped."""
+
     def per_sample(v: Tensor) -> Tensor:
         return v.view(-1, 1, 1, 1)
 
@@ -196,8 +200,7 @@ def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     low, high = torch.aminmax(x, dim=-3)
     chroma = high - low
     inv = 1.0 / chroma.clamp_min(1e-12)  # chroma 0: any hue, the result is grey
-    h6 = torch.where(high == r, (g - b) * inv,
-                     torch.where(high == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h6 = torch.where(high == r, (g - b) * inv, torch.where(high == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
     h6 = h6.add_(6.0 * shift.view(-1, 1, 1)).unsqueeze(-3)
     k = (h6 + x.new_tensor([5.0, 3.0, 1.0]).view(3, 1, 1)).remainder_(6.0)
     return torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(-chroma.unsqueeze(-3)).add_(high.unsqueeze(-3))

@@ -33,8 +33,7 @@ def check_archs(base: dict[str, Any], space: list[Param], fail) -> None:
             raise fail(where, str(exc)) from None
 
 
-def overrides_table(base: dict[str, Any], space: list[Param], rules: list[ArchOverride], fail
-                    ) -> dict[str, dict[str, Any]]:
+def overrides_table(base: dict[str, Any], space: list[Param], rules: list[ArchOverride], fail) -> dict[str, dict[str, Any]]:
     """Per architecture of the sweep, the values of its first matching ``arch_overrides`` rule,
     each trial config it yields validated."""
     swept = {p.key for p in space}

@@ -16,19 +16,20 @@ from lejepa.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``sweep`` sub-command to the ``lejepa`` parser."""
     p = sub.add_parser(
-        "sweep", help="run a Ray Tune sweep of LeJEPA trials, tracked in MLflow",
+        "sweep",
+        help="run a Ray Tune sweep of LeJEPA trials, tracked in MLflow",
         description="Run the sweep SPEC (YAML, see sweeps/quickstart.yaml): every trial is a LeJEPA run and a "
-                    "child of the sweep's MLflow run. --dry-run prints the trials without running anything; "
-                    "--resume NAME continues an interrupted sweep.")
+        "child of the sweep's MLflow run. --dry-run prints the trials without running anything; "
+        "--resume NAME continues an interrupted sweep.",
+    )
     p.add_argument("spec", nargs="?", metavar="SPEC", help="sweep spec file (optional with --resume)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded trial table and exit")
     p.add_argument("--resume", metavar="NAME", help="continue the sweep NAME (its folder under the storage)")
-    p.add_argument("--address", help="join a running Ray cluster ('auto', or host:port; default RAY_ADDRESS, "
-                                     "else a local Ray)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, MLFLOW_TRACKING_URI, "
-                                          "or <out_dir>/mlflow.db)")
-    p.add_argument("--storage", help="folder holding sweeps (default <train.out_dir>/sweeps); shared by all "
-                                     "nodes on a cluster")
+    p.add_argument("--address", help="join a running Ray cluster ('auto', or host:port; default RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the spec's, MLFLOW_TRACKING_URI, or <out_dir>/mlflow.db)"
+    )
+    p.add_argument("--storage", help="folder holding sweeps (default <train.out_dir>/sweeps); shared by all nodes on a cluster")
     p.add_argument("--name", help="sweep name (default: the spec's name plus a timestamp)")
     p.set_defaults(func=_cmd_sweep)
 
@@ -55,8 +56,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         outcome = resume_sweep(args.resume, storage=storage, address=args.address)
     else:
         assert spec is not None  # without --resume a SPEC is required (checked above)
-        outcome = run_sweep(spec, storage=args.storage, name=args.name, address=args.address,
-                            tracking_uri=args.tracking_uri)
+        outcome = run_sweep(spec, storage=args.storage, name=args.name, address=args.address, tracking_uri=args.tracking_uri)
     print(outcome.render())
     if outcome.interrupted:
         return 130
@@ -80,13 +80,20 @@ def dry_run(spec) -> str:
         f"sweep {spec.name} ({spec.path}): {spec.num_trials()} trials × {spec.epochs} epochs"
         + (f" — {spec.description}" if spec.description else ""),
         f"search: {search} on {spec.search.metric} ({spec.search.mode}); scheduler: {spec.scheduler.type}"
-        + (f" on {spec.scheduler.metric} ({spec.scheduler.mode}), grace {spec.scheduler.grace_period}, "
-           f"reduction {spec.scheduler.reduction_factor:g}" if spec.scheduler.type != "none" else ""),
+        + (
+            f" on {spec.scheduler.metric} ({spec.scheduler.mode}), grace {spec.scheduler.grace_period}, "
+            f"reduction {spec.scheduler.reduction_factor:g}"
+            if spec.scheduler.type != "none"
+            else ""
+        ),
         format_table(["#", *keys, "cpus", "gpus", "workers"], rows),
         f"expected concurrency on this machine ({cpus} CPUs, {gpus} GPUs): {spec.expected_concurrency(cpus, gpus)} "
         f"trial(s) at a time (max_concurrent_trials={spec.max_concurrent_trials or 'unlimited'})",
-        *(f"  {arch}: {res.cpus:g} CPUs, {res.gpus:g} GPUs × {res.workers} worker(s)"
-          for arch, res in spec.arch_resources.items() if not uniform),
+        *(
+            f"  {arch}: {res.cpus:g} CPUs, {res.gpus:g} GPUs × {res.workers} worker(s)"
+            for arch, res in spec.arch_resources.items()
+            if not uniform
+        ),
         f"max failures per trial: {spec.max_failures}; MLflow experiment {spec.tracking.experiment!r}",
     ]
     warning = collapse_warning(spec)
@@ -130,4 +137,3 @@ def _local_resources() -> tuple[int, int]:
 
         gpus = torch.cuda.device_count()
     return os.cpu_count() or 1, gpus
-

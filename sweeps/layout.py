@@ -30,8 +30,8 @@ class Sweep:
     """Where a sweep lives and where it is tracked."""
 
     name: str
-    path: Path                 # <storage>/<name>, absolute
-    tracking_uri: str          # absolute
+    path: Path  # <storage>/<name>, absolute
+    tracking_uri: str  # absolute
     experiment: str
     parent_run_id: str
 
@@ -45,8 +45,12 @@ class Sweep:
         return self.path / "ray_train"
 
     def save(self) -> None:
-        record = {"name": self.name, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
-                  "parent_run_id": self.parent_run_id}
+        record = {
+            "name": self.name,
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "parent_run_id": self.parent_run_id,
+        }
         (self.path / SWEEP_FILE).write_text(json.dumps(record, indent=2))
 
     @classmethod
@@ -64,8 +68,10 @@ def default_storage(spec: SweepSpec | None) -> Path:
 def storage_root(storage: str | Path | None, spec: SweepSpec | None) -> Path:
     """The folder holding sweeps: ``storage`` (a path, made absolute), else :func:`default_storage`."""
     if storage is not None and "://" in str(storage):
-        raise ConfigError(f"--storage {storage}: trials write their run folders there, so it must be a path "
-                          f"(on a cluster: a shared filesystem mounted at the same path on every node)")
+        raise ConfigError(
+            f"--storage {storage}: trials write their run folders there, so it must be a path "
+            f"(on a cluster: a shared filesystem mounted at the same path on every node)"
+        )
     return Path(storage).expanduser().resolve() if storage is not None else default_storage(spec)
 
 

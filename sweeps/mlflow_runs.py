@@ -55,10 +55,18 @@ def create_parent_run(spec: SweepSpec, name: str, path: Path, uri: str) -> str:
     if spec.description:
         tags[NOTE_TAG] = spec.description
     run = client.create_run(experiment_id, run_name=name, tags=tags)
-    params = {"num_trials": spec.num_trials(), "num_samples": spec.num_samples, "space": ", ".join(spec.keys()),
-              "search": spec.search.algo, "search.metric": spec.search.metric, "scheduler": spec.scheduler.type,
-              "max_concurrent_trials": spec.max_concurrent_trials, "max_failures": spec.max_failures,
-              "score_alpha": spec.score_alpha, "epochs": spec.epochs}
+    params = {
+        "num_trials": spec.num_trials(),
+        "num_samples": spec.num_samples,
+        "space": ", ".join(spec.keys()),
+        "search": spec.search.algo,
+        "search.metric": spec.search.metric,
+        "scheduler": spec.scheduler.type,
+        "max_concurrent_trials": spec.max_concurrent_trials,
+        "max_failures": spec.max_failures,
+        "score_alpha": spec.score_alpha,
+        "epochs": spec.epochs,
+    }
     try:
         client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         client.log_artifact(run.info.run_id, str(spec.path), artifact_path="spec")
@@ -74,8 +82,9 @@ def reopen_parent_run(sweep: Sweep, restart: bool) -> None:
     """RUNNING again for ``--resume``, tagged with when it resumed (or restarted from scratch)."""
     client = MlflowClient(sweep.tracking_uri)
     client.update_run(sweep.parent_run_id, status=RUNNING)
-    client.set_tag(sweep.parent_run_id, RESTARTED_AT_TAG if restart else RESUMED_AT_TAG,
-                   datetime.now().isoformat(timespec="seconds"))
+    client.set_tag(
+        sweep.parent_run_id, RESTARTED_AT_TAG if restart else RESUMED_AT_TAG, datetime.now().isoformat(timespec="seconds")
+    )
 
 
 def close_parent_run(client: MlflowClient, sweep: Sweep, status: str) -> None:
@@ -86,8 +95,12 @@ def close_parent_run(client: MlflowClient, sweep: Sweep, status: str) -> None:
 def child_runs(client: MlflowClient, sweep: Sweep) -> dict[str | None, Any]:
     """The trial runs nested under the sweep's parent run, by trial id."""
     experiment_id = get_or_create_experiment(client, sweep.experiment, sweep.tracking_uri)
-    return {r.data.tags.get(TRIAL_ID_TAG): r for r in client.search_runs(
-        [experiment_id], filter_string=f"tags.{PARENT_TAG} = '{sweep.parent_run_id}'", max_results=10_000)}
+    return {
+        r.data.tags.get(TRIAL_ID_TAG): r
+        for r in client.search_runs(
+            [experiment_id], filter_string=f"tags.{PARENT_TAG} = '{sweep.parent_run_id}'", max_results=10_000
+        )
+    }
 
 
 def close_child_run(client: MlflowClient, run: Any, status: str, epoch: int | None) -> None:
@@ -104,8 +117,10 @@ def close_child_run(client: MlflowClient, run: Any, status: str, epoch: int | No
 def log_best(client: MlflowClient, outcome: SweepOutcome) -> None:
     """The trial counts per status and the best trials (metric, trial id, run id) on the parent run."""
     now = int(time.time() * 1000)
-    metrics = [Metric(trials_metric(s), float(outcome.count(s)), now, 0)
-               for s in (STATUS_FINISHED, STATUS_PRUNED, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_FAILED)]
+    metrics = [
+        Metric(trials_metric(s), float(outcome.count(s)), now, 0)
+        for s in (STATUS_FINISHED, STATUS_PRUNED, STATUS_COLLAPSED, STATUS_DIVERGED, STATUS_FAILED)
+    ]
     tags = []
     for attr, mode, key in (("score", "min", BEST_SCORE), ("linear_acc", "max", BEST_LINEAR_PROBE_ACC)):
         best = outcome.best(attr, mode, healthy_only=attr == "score")

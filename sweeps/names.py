@@ -21,5 +21,4 @@ def check_name(name: str, what: str) -> str:
     if is_plain_name(name):
         return name
     safe = sanitize_name(name)
-    raise ConfigError(f"{what} {name!r} is not a plain folder name ({PLAIN_NAME_RULE})"
-                      + (f"; e.g. {safe!r}" if safe else ""))
+    raise ConfigError(f"{what} {name!r} is not a plain folder name ({PLAIN_NAME_RULE})" + (f"; e.g. {safe!r}" if safe else ""))

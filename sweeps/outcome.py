@@ -74,8 +74,11 @@ class SweepOutcome:
     def best(self, attr: str, mode: str, healthy_only: bool = False) -> TrialSummary | None:
         """The finished trial (healthy too, with ``healthy_only``) with the lowest (``min``) or highest
         (``max``) ``attr``."""
-        done = [t for t in self.trials if t.status == STATUS_FINISHED and getattr(t, attr) is not None
-                and (not healthy_only or t.health == HEALTHY)]
+        done = [
+            t
+            for t in self.trials
+            if t.status == STATUS_FINISHED and getattr(t, attr) is not None and (not healthy_only or t.health == HEALTHY)
+        ]
         if not done:
             return None
         return (min if mode == "min" else max)(done, key=lambda t: getattr(t, attr))
@@ -94,12 +97,21 @@ def settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resul
         metrics, config = result.metrics or {}, result.config or {}
         trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "(not started)")
         run = runs.get(trial_id)
-        outcome.trials.append(TrialSummary(
-            trial_id=trial_id, status=trial_status(result), params={k: config.get(k) for k in spec.keys()},
-            epoch=metrics.get(EPOCH), loss=metrics.get(EPOCH_LOSS), score=metrics.get(TRAIN_SCORE),
-            online_acc=metrics.get(ONLINE_TEST_ACC), linear_acc=metrics.get(FINAL_METRIC),
-            run_id=run.info.run_id if run else None, health=trial_health(metrics),
-            collapse=metrics.get(COLLAPSE_RATIO)))
+        outcome.trials.append(
+            TrialSummary(
+                trial_id=trial_id,
+                status=trial_status(result),
+                params={k: config.get(k) for k in spec.keys()},
+                epoch=metrics.get(EPOCH),
+                loss=metrics.get(EPOCH_LOSS),
+                score=metrics.get(TRAIN_SCORE),
+                online_acc=metrics.get(ONLINE_TEST_ACC),
+                linear_acc=metrics.get(FINAL_METRIC),
+                run_id=run.info.run_id if run else None,
+                health=trial_health(metrics),
+                collapse=metrics.get(COLLAPSE_RATIO),
+            )
+        )
     by_id: dict[str | None, TrialSummary] = {t.trial_id: t for t in outcome.trials}
     for trial_id, run in runs.items():
         trial = by_id.get(trial_id)

@@ -57,16 +57,19 @@ class ProgressTable(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result
         if r.get(DIVERGED_FLAG):
-            self._print(f"trial {trial.trial_id} diverged at step {int(r[DIVERGED_STEP])} (loss not finite); "
-                        f"the sweep goes on")
+            self._print(f"trial {trial.trial_id} diverged at step {int(r[DIVERGED_STEP])} (loss not finite); the sweep goes on")
             return
         if r.get(COLLAPSED_FLAG):
-            self._print(f"trial {trial.trial_id} stopped at epoch {r.get(EPOCH)}: collapsed (collapse ratio "
-                        f"{fmt(r.get(COLLAPSE_RATIO))}); its resources go to the next trial")
+            self._print(
+                f"trial {trial.trial_id} stopped at epoch {r.get(EPOCH)}: collapsed (collapse ratio "
+                f"{fmt(r.get(COLLAPSE_RATIO))}); its resources go to the next trial"
+            )
             return
         end = f"linear acc {fmt(r[FINAL_METRIC])}" if FINAL_METRIC in r else "stopped early by the scheduler"
-        self._print(f"trial {trial.trial_id} done: epoch {r.get(EPOCH)}  loss {fmt(r.get(EPOCH_LOSS))}  "
-                    f"score {fmt(r.get(TRAIN_SCORE))}  {end}")
+        self._print(
+            f"trial {trial.trial_id} done: epoch {r.get(EPOCH)}  loss {fmt(r.get(EPOCH_LOSS))}  "
+            f"score {fmt(r.get(TRAIN_SCORE))}  {end}"
+        )
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._print(f"trial {trial.trial_id} failed (attempt {trial.num_failures}); retrying from its last checkpoint")
@@ -76,11 +79,21 @@ class ProgressTable(tune.Callback):
 
     def table(self, trials: list) -> str:
         header = ["trial", "status", *self.keys, "epoch", "loss", "score", "collapse", "rank", "health", "probe acc"]
-        rows = [[t.trial_id, t.status.lower(), *(t.config.get(k) for k in self.keys), t.last_result.get(EPOCH),
-                 t.last_result.get(EPOCH_LOSS), t.last_result.get(TRAIN_SCORE),
-                 t.last_result.get(COLLAPSE_RATIO), t.last_result.get(PROJ_RANK),
-                 trial_health(t.last_result), t.last_result.get(ONLINE_TEST_ACC)]
-                for t in trials]
+        rows = [
+            [
+                t.trial_id,
+                t.status.lower(),
+                *(t.config.get(k) for k in self.keys),
+                t.last_result.get(EPOCH),
+                t.last_result.get(EPOCH_LOSS),
+                t.last_result.get(TRAIN_SCORE),
+                t.last_result.get(COLLAPSE_RATIO),
+                t.last_result.get(PROJ_RANK),
+                trial_health(t.last_result),
+                t.last_result.get(ONLINE_TEST_ACC),
+            ]
+            for t in trials
+        ]
         return f"[{datetime.now():%H:%M:%S}]\n" + format_table(header, rows)
 
     @staticmethod
@@ -92,26 +105,40 @@ def summary(outcome: SweepOutcome) -> str:
     """The end-of-sweep summary: the trial table, the best trials, where to look in MLflow."""
     sweep, keys = outcome.sweep, outcome.spec.keys()
     header = ["trial", "status", *keys, "epoch", "loss", "score", "collapse", "health", "online acc", "linear acc"]
-    rows = [[t.trial_id, t.status, *(t.params.get(k) for k in keys), t.epoch, t.loss, t.score, t.collapse,
-             t.health, t.online_acc, t.linear_acc] for t in sorted(outcome.trials, key=_score_order)]
+    rows = [
+        [
+            t.trial_id,
+            t.status,
+            *(t.params.get(k) for k in keys),
+            t.epoch,
+            t.loss,
+            t.score,
+            t.collapse,
+            t.health,
+            t.online_acc,
+            t.linear_acc,
+        ]
+        for t in sorted(outcome.trials, key=_score_order)
+    ]
     counts = ", ".join(f"{outcome.count(s)} {s}" for s in STATUSES if outcome.count(s))
     lines = [f"sweep {sweep.name}: {len(outcome.trials)} trials ({counts or 'none ran'})", format_table(header, rows)]
-    for label, attr, mode in ((f"label-free score ({EPOCH_LOSS} / λ^α) among healthy trials", "score", "min"),
-                              ("linear probe accuracy", "linear_acc", "max")):
+    for label, attr, mode in (
+        (f"label-free score ({EPOCH_LOSS} / λ^α) among healthy trials", "score", "min"),
+        ("linear probe accuracy", "linear_acc", "max"),
+    ):
         best = outcome.best(attr, mode, healthy_only=attr == "score")
         if best is not None:
             params = ", ".join(f"{k}={fmt(best.params.get(k))}" for k in keys)
-            lines.append(f"best by {label}: {best.trial_id} ({params}) {attr} {fmt(getattr(best, attr))}"
-                         f"  MLflow run {best.run_id}")
-    lines.append(f"MLflow: parent run {sweep.parent_run_id} in experiment {sweep.experiment!r} "
-                 f"at {sweep.tracking_uri}")
+            lines.append(
+                f"best by {label}: {best.trial_id} ({params}) {attr} {fmt(getattr(best, attr))}  MLflow run {best.run_id}"
+            )
+    lines.append(f"MLflow: parent run {sweep.parent_run_id} in experiment {sweep.experiment!r} at {sweep.tracking_uri}")
     if sqlite_path(sweep.tracking_uri) is not None:
         lines.append(f"  browse: lejepa ui --tracking-uri {sweep.tracking_uri}")
     else:
         lines.append(f"  browse: {sweep.tracking_uri}")
     if outcome.interrupted:
-        lines.append(f"interrupted: continue with  lejepa sweep --resume {sweep.name} "
-                     f"--storage {sweep.path.parent}")
+        lines.append(f"interrupted: continue with  lejepa sweep --resume {sweep.name} --storage {sweep.path.parent}")
     return "\n".join(lines)
 
 

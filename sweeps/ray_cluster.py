@@ -30,8 +30,9 @@ def ray_session(address: str | None) -> Iterator[None]:
         try:
             ray.init(address=address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise LejepaError(f"cannot join the Ray cluster at {address}: {first_line(exc)} "
-                              f"(start one with `ray start --head`)") from None
+            raise LejepaError(
+                f"cannot join the Ray cluster at {address}: {first_line(exc)} (start one with `ray start --head`)"
+            ) from None
     else:  # a fresh local instance, never a cluster that happens to run on this machine
         ray.init(address="local", include_dashboard=False)
     if threading.current_thread() is threading.main_thread():
@@ -66,9 +67,11 @@ def check_grantable(spec: SweepSpec, address: str | None = None) -> None:
     for arch, res in sorted(spec.arch_resources.items()):
         for kind, need in zip(("CPU", "GPU"), res.total()):
             if need > have[kind] + 1e-9:
-                raise ConfigError(f"a {arch} trial needs {need:g} {kind}{'s' if need != 1 else ''} but {where} has "
-                                  f"{have[kind]:g}: lower resources.{'cpus' if kind == 'CPU' else 'gpus'}_per_trial "
-                                  f"(or workers_per_trial), or join a cluster that has them (--address)")
+                raise ConfigError(
+                    f"a {arch} trial needs {need:g} {kind}{'s' if need != 1 else ''} but {where} has "
+                    f"{have[kind]:g}: lower resources.{'cpus' if kind == 'CPU' else 'gpus'}_per_trial "
+                    f"(or workers_per_trial), or join a cluster that has them (--address)"
+                )
 
 
 def check_shared_storage(path: Path, tracking_uri: str) -> None:
@@ -88,8 +91,10 @@ def check_shared_storage(path: Path, tracking_uri: str) -> None:
         paths.append(db)
     probe = ray.remote(num_cpus=0)(_visible)
     try:
-        seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
-                        for n in nodes], timeout=120)
+        seen = ray.get(
+            [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths) for n in nodes],
+            timeout=120,
+        )
     except Exception as exc:  # a failed check is reported, not fatal
         print(f"warning: could not check that every node sees {path}: {first_line(exc)}", file=sys.stderr)
         return
@@ -97,12 +102,18 @@ def check_shared_storage(path: Path, tracking_uri: str) -> None:
         marker.unlink(missing_ok=True)
     blind = [n[:8] for n, ok in zip(nodes, seen) if not ok[0]]
     if blind:
-        print(f"warning: {len(blind)} of {len(nodes)} Ray nodes ({', '.join(blind)}) cannot see the sweep storage "
-              f"{path.parent}: trials there write run folders and checkpoints to their own disk, so retries "
-              f"and --resume lose them. Pass --storage on a filesystem shared by all nodes (NFS, …).", file=sys.stderr)
+        print(
+            f"warning: {len(blind)} of {len(nodes)} Ray nodes ({', '.join(blind)}) cannot see the sweep storage "
+            f"{path.parent}: trials there write run folders and checkpoints to their own disk, so retries "
+            f"and --resume lose them. Pass --storage on a filesystem shared by all nodes (NFS, …).",
+            file=sys.stderr,
+        )
     if len(paths) > 1 and not all(ok[1] for ok in seen):
-        print(f"warning: the MLflow SQLite store {paths[1]} is not visible on every node: trials there cannot log "
-              f"to it. Run `mlflow server` and pass --tracking-uri http://HOST:PORT.", file=sys.stderr)
+        print(
+            f"warning: the MLflow SQLite store {paths[1]} is not visible on every node: trials there cannot log "
+            f"to it. Run `mlflow server` and pass --tracking-uri http://HOST:PORT.",
+            file=sys.stderr,
+        )
 
 
 def _visible(paths: list[str]) -> list[bool]:

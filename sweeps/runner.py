@@ -36,8 +36,18 @@ from sweeps.spec import SweepSpec, load_spec
 from sweeps.tuner import new_tuner, restore_tuner
 
 __all__ = [  # run_sweep and resume_sweep, and the names this module offered before they moved to the modules above
-    "RESOLVED_SPEC", "SWEEP_FILE", "ProgressTable", "Sweep", "SweepOutcome", "TrialSummary", "check_grantable",
-    "default_storage", "preflight", "resume_sweep", "run_sweep", "tracking_uri_for",
+    "RESOLVED_SPEC",
+    "SWEEP_FILE",
+    "ProgressTable",
+    "Sweep",
+    "SweepOutcome",
+    "TrialSummary",
+    "check_grantable",
+    "default_storage",
+    "preflight",
+    "resume_sweep",
+    "run_sweep",
+    "tracking_uri_for",
 ]
 # ProgressTable: a sweep started before the split pickled its callback as sweeps.runner.ProgressTable
 # in tuner.pkl, which --resume unpickles.
@@ -56,22 +66,31 @@ def preflight(storage: Path, tracking_uri: str, address: str | None) -> None:
         check_ray_address(address or os.environ.get("RAY_ADDRESS"))
 
 
-def run_sweep(spec: SweepSpec, *, storage: str | Path | None = None, name: str | None = None,
-              address: str | None = None, tracking_uri: str | None = None) -> SweepOutcome:
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    storage: str | Path | None = None,
+    name: str | None = None,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+) -> SweepOutcome:
     """Run ``spec`` as a new sweep ``<spec name>-<timestamp>`` (or ``name``) under ``storage``."""
     root = storage_root(storage, spec)
     sweep_name = check_name(name, "--name") if name else f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
     path = root / sweep_name
     if path.exists():
-        raise ConfigError(f"sweep {sweep_name!r} already exists in {root}: continue it with --resume {sweep_name}, "
-                          f"or choose another --name")
+        raise ConfigError(
+            f"sweep {sweep_name!r} already exists in {root}: continue it with --resume {sweep_name}, or choose another --name"
+        )
     uri = tracking_uri_for(spec, tracking_uri)
     preflight(root, uri, address)
     check_grantable(spec, address)
     with _sweep_lock(root, sweep_name):
         if path.exists():  # created by a driver that held the lock a moment ago
-            raise ConfigError(f"sweep {sweep_name!r} was just created in {root} by another `lejepa sweep`: "
-                              f"continue it with --resume {sweep_name}, or choose another --name")
+            raise ConfigError(
+                f"sweep {sweep_name!r} was just created in {root} by another `lejepa sweep`: "
+                f"continue it with --resume {sweep_name}, or choose another --name"
+            )
         return _run_new(spec, sweep_name, path, address, uri)
 
 
@@ -80,8 +99,9 @@ def resume_sweep(name: str, *, storage: str | Path | None = None, address: str |
     root = storage_root(storage, None)
     path = root / check_name(name, "--resume")
     if not root.is_dir():
-        raise ConfigError(f"--resume {name}: no resumable sweep at {path} (no storage folder {root}); "
-                          f"pass --storage where it lives")
+        raise ConfigError(
+            f"--resume {name}: no resumable sweep at {path} (no storage folder {root}); pass --storage where it lives"
+        )
     with _sweep_lock(root, path.name):
         return _resume(name, root, path, address)
 
@@ -100,8 +120,7 @@ def _run_new(spec: SweepSpec, sweep_name: str, path: Path, address: str | None, 
         path.mkdir(parents=True)
         try:
             (path / RESOLVED_SPEC).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False))
-            sweep = Sweep(sweep_name, path, uri, spec.tracking.experiment,
-                          create_parent_run(spec, sweep_name, path, uri))
+            sweep = Sweep(sweep_name, path, uri, spec.tracking.experiment, create_parent_run(spec, sweep_name, path, uri))
             sweep.save()
         except BaseException:  # no half-created sweep folder: nothing has run in it yet
             shutil.rmtree(path, ignore_errors=True)

@@ -44,8 +44,7 @@ from lejepa.tables import short
 SCORE_METRIC = TRAIN_SCORE
 """The label-free score reported per epoch: ``epoch/loss / λ^α`` (:func:`lejepa.record.label_free_score`)."""
 
-METRICS = (EPOCH_LOSS, EPOCH_INVARIANCE, EPOCH_SIGREG, EPOCH_PROBE_LOSS, ONLINE_TRAIN_ACC, ONLINE_TEST_ACC,
-           SCORE_METRIC)
+METRICS = (EPOCH_LOSS, EPOCH_INVARIANCE, EPOCH_SIGREG, EPOCH_PROBE_LOSS, ONLINE_TRAIN_ACC, ONLINE_TEST_ACC, SCORE_METRIC)
 """Per-epoch metrics a search or scheduler may optimise."""
 
 
@@ -185,5 +184,10 @@ def describe_error(exc: ValidationError) -> str:
     return f"{field}={short(value)} is invalid: {msg[0].lower() + msg[1:]}"
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {"search": SearchSpec, "scheduler": SchedulerSpec, "resources": ResourcesSpec,
-                                         "rules": ResourceRule, "tracking": TrackingSpec}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "search": SearchSpec,
+    "scheduler": SchedulerSpec,
+    "resources": ResourcesSpec,
+    "rules": ResourceRule,
+    "tracking": TrackingSpec,
+}

@@ -103,9 +103,12 @@ def parse_param(key: str, value: Any, fail) -> Param:
     if isinstance(value, list):
         value = {"grid": value}
     if not isinstance(value, dict) or len(value) != 1:
-        raise fail(where, f"expected a list (grid) or one of {{grid, choice, {', '.join(DISTRIBUTIONS)}, catalog}}: "
-                          f"[...], got {short(value)}; a single value belongs in base")
-    (kind, args), = value.items()
+        raise fail(
+            where,
+            f"expected a list (grid) or one of {{grid, choice, {', '.join(DISTRIBUTIONS)}, catalog}}: "
+            f"[...], got {short(value)}; a single value belongs in base",
+        )
+    ((kind, args),) = value.items()
     if kind == "catalog":
         if key != "model.arch":
             raise fail(where, "a catalog query can only set model.arch")
@@ -139,8 +142,10 @@ def check_expansion(spec: SpecFile, space: list[Param], fail) -> None:
     if spec.search.algo == "optuna":
         for p in space:
             if p.is_grid:
-                raise fail(f"space.{p.key}", "search.algo=optuna cannot take a grid (a list or catalog query): "
-                                             "write {choice: [...]} instead")
+                raise fail(
+                    f"space.{p.key}",
+                    "search.algo=optuna cannot take a grid (a list or catalog query): write {choice: [...]} instead",
+                )
     if spec.scheduler.type != "none" and any(p.key == "train.epochs" for p in space):
         raise fail("space.train.epochs", "cannot be swept together with a scheduler (its max_t is train.epochs)")
     grid = [p for p in space if p.is_grid]
@@ -148,8 +153,11 @@ def check_expansion(spec: SpecFile, space: list[Param], fail) -> None:
     if trials > MAX_TRIALS:
         sizes = " × ".join(f"{len(p.values)} {p.key}" for p in grid)
         samples = f" × {spec.num_samples} samples" if spec.num_samples > 1 else ""
-        raise fail("space", f"expands to {trials:,} trials ({sizes}{samples}); "
-                            f"the limit is {MAX_TRIALS:,}: sample some keys ({{choice: [...]}}, num_samples) or split the sweep")
+        raise fail(
+            "space",
+            f"expands to {trials:,} trials ({sizes}{samples}); "
+            f"the limit is {MAX_TRIALS:,}: sample some keys ({{choice: [...]}}, num_samples) or split the sweep",
+        )
 
 
 def validate_values(base: dict[str, Any], space: list[Param], fail) -> None:

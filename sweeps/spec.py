@@ -83,10 +83,29 @@ from sweeps.space import (
 from sweeps.space import grid_size as space_grid_size
 
 __all__ = [  # SweepSpec and load_spec, and the names this module offered before they moved to the modules above
-    "DATA_LOCATION_KEYS", "DISTRIBUTIONS", "DRIVER_CPUS", "MAX_TRIALS", "METRICS", "SCORE_METRIC", "SET_BY_SWEEP",
-    "VALIDATED_COMBINATIONS", "ArchCondition", "ArchOverride", "Param", "ResourceRule", "ResourcesSpec",
-    "SchedulerSpec", "SearchSpec", "SweepSpec", "TrackingSpec", "TrialResources", "check_name", "format_table",
-    "load_spec", "sanitize_name", "trial_tree",
+    "DATA_LOCATION_KEYS",
+    "DISTRIBUTIONS",
+    "DRIVER_CPUS",
+    "MAX_TRIALS",
+    "METRICS",
+    "SCORE_METRIC",
+    "SET_BY_SWEEP",
+    "VALIDATED_COMBINATIONS",
+    "ArchCondition",
+    "ArchOverride",
+    "Param",
+    "ResourceRule",
+    "ResourcesSpec",
+    "SchedulerSpec",
+    "SearchSpec",
+    "SweepSpec",
+    "TrackingSpec",
+    "TrialResources",
+    "check_name",
+    "format_table",
+    "load_spec",
+    "sanitize_name",
+    "trial_tree",
 ]
 
 
@@ -171,8 +190,11 @@ class SweepSpec(SweepSettings, SweepIdentity):
 
         The spec file's fields in file order: the settings as written, the expanded ones
         (``prune_collapsed`` is already in ``base``)."""
-        written = {**self.model_dump(include=set(SpecFile.model_fields) - {"base", "space"}), "base": self.base,
-                   "space": {p.key: {p.kind: list(p.values)} for p in self.space}}
+        written = {
+            **self.model_dump(include=set(SpecFile.model_fields) - {"base", "space"}),
+            "base": self.base,
+            "space": {p.key: {p.kind: list(p.values)} for p in self.space},
+        }
         return {key: written[key] for key in SpecFile.model_fields if key in written}
 
     def resources_for(self, arch: str) -> TrialResources:
@@ -221,8 +243,10 @@ def _build(path: Path, spec: SpecFile) -> SweepSpec:
         raise fail("name", f"{spec.name!r} has no usable characters (letters, digits, '_', '-', '.')")
     for section, metric in (("search.metric", spec.search.metric), ("scheduler.metric", spec.scheduler.metric)):
         if metric not in METRICS:
-            raise fail(section, f"{metric!r} is not a reported per-epoch metric{did_you_mean(metric, METRICS)}; "
-                                f"choose from {', '.join(METRICS)}")
+            raise fail(
+                section,
+                f"{metric!r} is not a reported per-epoch metric{did_you_mean(metric, METRICS)}; choose from {', '.join(METRICS)}",
+            )
     space = [parse_param(key, value, fail) for key, value in spec.space.items()]
     check_expansion(spec, space, fail)
     validate_values(base, space, fail)
@@ -230,14 +254,22 @@ def _build(path: Path, spec: SpecFile) -> SweepSpec:
     check_data(base, space, fail)
     lam = next((p for p in space if p.key == "loss.lam"), None)
     if spec.score_alpha > 0 and any(float(v) <= 0 for v in (lam.probes() if lam else [build_config(base).loss.lam])):
-        raise fail("space.loss.lam" if lam else "base.loss.lam",
-                   f"λ = 0 leaves {SCORE_METRIC} = {EPOCH_LOSS} / λ^α undefined: keep λ > 0 or set score_alpha: 0")
+        raise fail(
+            "space.loss.lam" if lam else "base.loss.lam",
+            f"λ = 0 leaves {SCORE_METRIC} = {EPOCH_LOSS} / λ^α undefined: keep λ > 0 or set score_alpha: 0",
+        )
     arch_resources = resources_table(base, space, spec.resources, fail)
     arch_params = overrides_table(base, space, spec.arch_overrides, fail)
     if spec.tracking.uri is not None and spec.tracking.uri.startswith("file:"):
         raise fail("tracking.uri", "MLflow 3 refuses file: stores; use sqlite:///<absolute path> or http://host:port")
-    expanded: dict[str, Any] = {"path": path, "name": name, "base": base, "space": space,
-                                "arch_resources": arch_resources, "arch_params": arch_params}
+    expanded: dict[str, Any] = {
+        "path": path,
+        "name": name,
+        "base": base,
+        "space": space,
+        "arch_resources": arch_resources,
+        "arch_params": arch_params,
+    }
     as_written = {key: getattr(spec, key) for key in SweepSpec.model_fields if key not in expanded}
     return SweepSpec(**as_written, **expanded)
 

@@ -38,7 +38,6 @@ FINAL_METRIC = LINEAR_PROBE_ACC
 """Reported once, after the final evaluation: a trial whose last report has it finished."""
 
 
-
 def outcome_tags(status: str, epoch: int | None) -> dict[str, str]:
     """The tags a trial's run gets beside its :func:`run_status`: what the MLflow status alone does not say."""
     if status in (STATUS_DIVERGED, STATUS_COLLAPSED):

@@ -73,15 +73,15 @@ class TrialContext:
 
     sweep: str
     base: dict[str, Any]
-    trials_dir: str            # absolute: <storage>/<sweep>/trials
-    train_storage: str         # absolute: Ray Train's run state for multi-worker trials
-    tracking_uri: str          # absolute
+    trials_dir: str  # absolute: <storage>/<sweep>/trials
+    train_storage: str  # absolute: Ray Train's run state for multi-worker trials
+    tracking_uri: str  # absolute
     experiment: str
     parent_run_id: str
     score_alpha: float
     arch_resources: dict[str, TrialResources]
     arch_params: dict[str, dict[str, Any]]  # per architecture, the base values its arch_overrides rule sets
-    worst: dict[str, float]    # search/scheduler metrics at their worst value (reported by a diverged trial)
+    worst: dict[str, float]  # search/scheduler metrics at their worst value (reported by a diverged trial)
 
 
 class TrialTracking(MLflowCallback):
@@ -154,8 +154,11 @@ class TuneReport(Callback):
 def find_child_run(client: Any, experiment_id: str, sweep: str, trial_id: str) -> str | None:
     """The id of the MLflow run of ``trial_id`` in ``sweep``, if one was created (oldest first)."""
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
-        order_by=["attributes.start_time ASC"], max_results=1)
+        [experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -164,10 +167,17 @@ def trial_callbacks(ctx: TrialContext, cfg: Config, trial_id: str, node_id: str,
     client = MlflowClient(ctx.tracking_uri)
     experiment_id = get_or_create_experiment(client, ctx.experiment, ctx.tracking_uri)
     tracking = TrialTracking(
-        ctx.tracking_uri, experiment=ctx.experiment, run_name=f"{ctx.sweep}/{trial_id}",
-        parent_run_id=ctx.parent_run_id, run_id=find_child_run(client, experiment_id, ctx.sweep, trial_id),
-        lam=cfg.loss.lam, alpha=ctx.score_alpha, node_id=node_id, flush_every=cfg.tracking.flush_every,
-        tags={KIND_TAG: KIND_TRIAL, SWEEP_TAG: ctx.sweep, TRIAL_ID_TAG: trial_id})
+        ctx.tracking_uri,
+        experiment=ctx.experiment,
+        run_name=f"{ctx.sweep}/{trial_id}",
+        parent_run_id=ctx.parent_run_id,
+        run_id=find_child_run(client, experiment_id, ctx.sweep, trial_id),
+        lam=cfg.loss.lam,
+        alpha=ctx.score_alpha,
+        node_id=node_id,
+        flush_every=cfg.tracking.flush_every,
+        tags={KIND_TAG: KIND_TRIAL, SWEEP_TAG: ctx.sweep, TRIAL_ID_TAG: trial_id},
+    )
     return [tracking, TuneReport(send, cfg.loss.lam, ctx.score_alpha, cfg.train.epochs)]
 
 
@@ -251,8 +261,9 @@ def _report_to_tune(metrics: dict[str, float], checkpoint_dir: str | None) -> No
 
 
 # --------------------------------------------------------------------------- multi-worker (DDP) trials
-def _run_distributed(ctx: TrialContext, cfg: Config, res: TrialResources, trial_id: str, run_dir: Path,
-                     resume: str | None) -> None:
+def _run_distributed(
+    ctx: TrialContext, cfg: Config, res: TrialResources, trial_id: str, run_dir: Path, resume: str | None
+) -> None:
     """Run the trial on ``res.workers`` Ray Train workers; relay rank 0's reports to Tune from here."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -261,14 +272,24 @@ def _run_distributed(ctx: TrialContext, cfg: Config, res: TrialResources, trial_
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _ddp_worker,
-        train_loop_config={"ctx": ctx, "tree": cfg.model_dump(mode="json"), "trial_id": trial_id,
-                           "run_dir": str(run_dir), "resume": resume, "queue": queue},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
-                                               resources_per_worker={"CPU": res.cpus, "GPU": res.gpus}),
+        train_loop_config={
+            "ctx": ctx,
+            "tree": cfg.model_dump(mode="json"),
+            "trial_id": trial_id,
+            "run_dir": str(run_dir),
+            "resume": resume,
+            "queue": queue,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers, use_gpu=res.gpus > 0, resources_per_worker={"CPU": res.cpus, "GPU": res.gpus}
+        ),
         # Tune retries the whole trial from its own checkpoint: Ray Train neither retries nor restores
         # (a fresh run name per attempt).
-        run_config=ray.train.RunConfig(name=f"trial-{trial_id}-{uuid.uuid4().hex[:8]}", storage_path=ctx.train_storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+        run_config=ray.train.RunConfig(
+            name=f"trial-{trial_id}-{uuid.uuid4().hex[:8]}",
+            storage_path=ctx.train_storage,
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
     )
     errors: list[BaseException] = []
 
@@ -306,12 +327,10 @@ def _ddp_worker(loop: dict[str, Any]) -> None:
     callbacks: list[Callback] = []
     if ray.train.get_context().get_world_rank() == 0:
         node_id = ray.get_runtime_context().get_node_id()
-        callbacks = trial_callbacks(ctx, cfg, loop["trial_id"], node_id,
-                                    lambda metrics, path: loop["queue"].put((metrics, path)))
+        callbacks = trial_callbacks(ctx, cfg, loop["trial_id"], node_id, lambda metrics, path: loop["queue"].put((metrics, path)))
     trainer = Trainer(cfg, callbacks, run_dir=loop["run_dir"], resume=loop["resume"])
     try:
         trainer.fit()
     except (TrainingDiverged, TrainingCollapsed) as exc:  # every rank sees the same all-reduced loss
         if callbacks:
             loop["queue"].put((outcome_report(ctx, exc, trainer.epoch), None))
-

@@ -19,13 +19,22 @@ from sweeps.trainable import TrialContext, run_trial
 def make_trainable(spec: SweepSpec, sweep: Sweep) -> Any:
     """:func:`~sweeps.trainable.run_trial` bound to the sweep's :class:`~sweeps.trainable.TrialContext`,
     each trial asking for its architecture's resources."""
-    ctx = TrialContext(sweep=sweep.name, base=spec.base, trials_dir=str(sweep.trials_dir),
-                       train_storage=str(sweep.train_storage), tracking_uri=sweep.tracking_uri,
-                       experiment=sweep.experiment, parent_run_id=sweep.parent_run_id,
-                       score_alpha=spec.score_alpha, arch_resources=spec.arch_resources,
-                       arch_params=spec.arch_params,
-                       worst={m: math.inf if mode == "min" else -math.inf for m, mode in
-                              ((spec.scheduler.metric, spec.scheduler.mode), (spec.search.metric, spec.search.mode))})
+    ctx = TrialContext(
+        sweep=sweep.name,
+        base=spec.base,
+        trials_dir=str(sweep.trials_dir),
+        train_storage=str(sweep.train_storage),
+        tracking_uri=sweep.tracking_uri,
+        experiment=sweep.experiment,
+        parent_run_id=sweep.parent_run_id,
+        score_alpha=spec.score_alpha,
+        arch_resources=spec.arch_resources,
+        arch_params=spec.arch_params,
+        worst={
+            m: math.inf if mode == "min" else -math.inf
+            for m, mode in ((spec.scheduler.metric, spec.scheduler.mode), (spec.search.metric, spec.search.mode))
+        },
+    )
     # Ray's annotation omits a callable returning a resource dict, which with_resources accepts
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), spec.trial_resources)  # type: ignore[arg-type]
 
@@ -41,18 +50,32 @@ def new_tuner(spec: SweepSpec, sweep: Sweep) -> tune.Tuner:
         from ray.tune.schedulers import ASHAScheduler
 
         # time is the trial's epoch; a trial reaching max_t is not stopped but finishes and evaluates
-        scheduler = ASHAScheduler(time_attr=EPOCH, metric=spec.scheduler.metric, mode=spec.scheduler.mode,
-                                  max_t=spec.epochs, grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False)
+        scheduler = ASHAScheduler(
+            time_attr=EPOCH,
+            metric=spec.scheduler.metric,
+            mode=spec.scheduler.mode,
+            max_t=spec.epochs,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+            stop_last_trials=False,
+        )
     return tune.Tuner(
         make_trainable(spec, sweep),
         param_space=spec.param_space(),
-        tune_config=tune.TuneConfig(num_samples=spec.num_samples, search_alg=search_alg, scheduler=scheduler,
-                                    max_concurrent_trials=spec.max_concurrent_trials),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.path.parent), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                  callbacks=[ProgressTable(spec.keys())]),
+        tune_config=tune.TuneConfig(
+            num_samples=spec.num_samples,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            max_concurrent_trials=spec.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str(sweep.path.parent),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[ProgressTable(spec.keys())],
+        ),
     )
 
 

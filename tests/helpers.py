@@ -17,11 +17,20 @@ LEJEPA = [sys.executable, "-m", "lejepa"]
 
 # A config small enough to train an epoch in about a second on 2 CPU cores.
 TINY = [
-    "data.name=digits-shifted", "data.resolution=16", "data.placements=1",
-    "model.arch=test_resnet", "model.proj_hidden=32", "model.proj_dim=16",
-    "views.global_views=2", "views.local_views=2",
-    "loss.num_slices=32", "optim.batch_size=64", "optim.warmup_epochs=0.5",
-    "train.log_every=2", "train.eval_probe_epochs=5", "train.threads=1",
+    "data.name=digits-shifted",
+    "data.resolution=16",
+    "data.placements=1",
+    "model.arch=test_resnet",
+    "model.proj_hidden=32",
+    "model.proj_dim=16",
+    "views.global_views=2",
+    "views.local_views=2",
+    "loss.num_slices=32",
+    "optim.batch_size=64",
+    "optim.warmup_epochs=0.5",
+    "train.log_every=2",
+    "train.eval_probe_epochs=5",
+    "train.threads=1",
 ]
 
 
@@ -57,10 +66,27 @@ class MlflowServer:
 
         log = (self.folder / "mlflow-server.log").open("a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "server-artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'server.db'}",
+                "--artifacts-destination",
+                str(self.folder / "server-artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            cwd=self.folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while True:
@@ -142,9 +168,19 @@ class SweepCLI:
         self.env.pop("MLFLOW_TRACKING_URI", None)
 
     def start(self, spec_path: Path, name: str, **popen) -> subprocess.Popen:
-        return subprocess.Popen(LEJEPA + ["sweep", str(spec_path), "--name", name, "--tracking-uri", self.uri, *self.common],
-                                cwd=self.cwd, env=self.env, **popen)
+        return subprocess.Popen(
+            LEJEPA + ["sweep", str(spec_path), "--name", name, "--tracking-uri", self.uri, *self.common],
+            cwd=self.cwd,
+            env=self.env,
+            **popen,
+        )
 
     def resume(self, name: str) -> subprocess.CompletedProcess:
-        return subprocess.run(LEJEPA + ["sweep", "--resume", name, *self.common], cwd=self.cwd, env=self.env,
-                              capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            LEJEPA + ["sweep", "--resume", name, *self.common],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )

@@ -79,21 +79,31 @@ def sweep(tmp_path_factory):
 
     poison = Poison()
     cfg = load_config(None, [*FAST, "model.arch=test_efficientnet", f"train.out_dir={root}", "train.log_every=1"])
-    tracker = MLflowCallback(uri, "e2e", run_name="diverged", parent_run_id=parent,
-                             tags={"lejepa.kind": "trial", "lejepa.sweep": SWEEP, "lejepa.trial_id": "nan"})
+    tracker = MLflowCallback(
+        uri,
+        "e2e",
+        run_name="diverged",
+        parent_run_id=parent,
+        tags={"lejepa.kind": "trial", "lejepa.sweep": SWEEP, "lejepa.trial_id": "nan"},
+    )
     poison.trainer = Trainer(cfg, [tracker, poison], run_dir=root / "runs" / "diverged")
     with pytest.raises(TrainingDiverged):
         poison.trainer.fit()
 
     label_free = [[*FAST, "model.arch=test_efficientnet", f"loss.lam={lam}"] for lam in (0.1, 0.4)]
-    unlabeled = bench.train_sweep(UNLABELED, label_free, uri, root / "runs", experiment="e2e-unlabeled",
-                                  callback=LabelFree, log=lambda m: None)
+    unlabeled = bench.train_sweep(
+        UNLABELED, label_free, uri, root / "runs", experiment="e2e-unlabeled", callback=LabelFree, log=lambda m: None
+    )
     return SimpleNamespace(root=root, uri=uri, parent=parent, unlabeled=unlabeled, client=MlflowClient(uri))
 
 
 def _children(s, parent: str):
-    return [r for r in s.client.search_runs([e.experiment_id for e in s.client.search_experiments()],
-                                            f"tags.mlflow.parentRunId = '{parent}'")]
+    return [
+        r
+        for r in s.client.search_runs(
+            [e.experiment_id for e in s.client.search_experiments()], f"tags.mlflow.parentRunId = '{parent}'"
+        )
+    ]
 
 
 def test_loader_one_row_per_trial_and_epoch(sweep):
@@ -158,9 +168,27 @@ def _expected_pick(s) -> tuple[str, int]:
 
 def test_select_cli_reports_logs_and_registers(sweep, tmp_path):
     out = tmp_path / "report"
-    proc = run_cli(["select", SWEEP, "--tracking-uri", sweep.uri, "--out", str(out), "--register", "lejepa-e2e",
-                    "--criteria", "--sample-size", "128", "--lidar-images", "16", "--bootstrap", "100"], tmp_path,
-                   env=ONE_THREAD)
+    proc = run_cli(
+        [
+            "select",
+            SWEEP,
+            "--tracking-uri",
+            sweep.uri,
+            "--out",
+            str(out),
+            "--register",
+            "lejepa-e2e",
+            "--criteria",
+            "--sample-size",
+            "128",
+            "--lidar-images",
+            "16",
+            "--bootstrap",
+            "100",
+        ],
+        tmp_path,
+        env=ONE_THREAD,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     checkpoint = lines[-1].removeprefix("checkpoint: ")
@@ -172,8 +200,15 @@ def test_select_cli_reports_logs_and_registers(sweep, tmp_path):
     assert "oracle:" in proc.stdout and "registered: models:/lejepa-e2e/1" in proc.stdout
 
     report = (out / "report.md").read_text()
-    for section in ("## Selection", "## Correlation with accuracy", "## C(α)", "## Per architecture",
-                    "## Cost per checkpoint", "leave-one-arch-out", "diverged at step"):
+    for section in (
+        "## Selection",
+        "## Correlation with accuracy",
+        "## C(α)",
+        "## Per architecture",
+        "## Cost per checkpoint",
+        "leave-one-arch-out",
+        "diverged at step",
+    ):
         assert section in report, section
     pngs = {"loss_vs_accuracy.png", "alpha_curve.png", "arch_correlations.png"}
     assert all((out / p).stat().st_size > 5000 for p in pngs)
@@ -192,8 +227,11 @@ def test_select_cli_reports_logs_and_registers(sweep, tmp_path):
 
 
 def test_select_without_labels_still_picks(sweep, tmp_path):
-    proc = run_cli(["select", UNLABELED, "--tracking-uri", sweep.uri, "--out", str(tmp_path / "r"),
-                    "--bootstrap", "10"], tmp_path, env=ONE_THREAD)
+    proc = run_cli(
+        ["select", UNLABELED, "--tracking-uri", sweep.uri, "--out", str(tmp_path / "r"), "--bootstrap", "10"],
+        tmp_path,
+        env=ONE_THREAD,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the evidence (correlation with accuracy, regret) needs labels" in proc.stdout
     checkpoint = proc.stdout.strip().splitlines()[-1].removeprefix("checkpoint: ")
@@ -202,15 +240,19 @@ def test_select_without_labels_still_picks(sweep, tmp_path):
     assert {a.path for a in sweep.client.list_artifacts(sweep.unlabeled, "selection")} >= {"selection/report.md"}
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["nope"], "no sweep, parent run or experiment named 'nope'"),
-    ([SWEEP, "--score", "rankm"], "did you mean 'rankme'"),
-    ([SWEEP, "--score", "lidar"], "needs --criteria"),
-    ([UNLABELED, "--score", "loss_lam_fit"], "needs probe accuracy"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["nope"], "no sweep, parent run or experiment named 'nope'"),
+        ([SWEEP, "--score", "rankm"], "did you mean 'rankme'"),
+        ([SWEEP, "--score", "lidar"], "needs --criteria"),
+        ([UNLABELED, "--score", "loss_lam_fit"], "needs probe accuracy"),
+    ],
+)
 def test_select_user_errors_are_one_line(sweep, tmp_path, capsys, args, fragment):
-    code = lejepa_main(["select", *args, "--tracking-uri", sweep.uri, "--out", str(tmp_path / "r"), "--no-log",
-                        "--bootstrap", "0"])
+    code = lejepa_main(
+        ["select", *args, "--tracking-uri", sweep.uri, "--out", str(tmp_path / "r"), "--no-log", "--bootstrap", "0"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
 

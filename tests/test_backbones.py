@@ -84,7 +84,7 @@ def _object_images(side: int = 32, obj: int = 8) -> torch.Tensor:
     images[1, :, :obj, :obj] = 1.0
     images[2, :, -obj:, -obj:] = 1.0
     c = (side - obj) // 2
-    images[3, :, c:c + obj, c:c + obj] = 1.0
+    images[3, :, c : c + obj, c : c + obj] = 1.0
     return images.repeat(2, 1, 1, 1)
 
 
@@ -101,11 +101,28 @@ def spatial_sensitivity(backbone: nn.Module, side: int = 32) -> float:
 
 
 FAMILY_REPRESENTATIVES = [
-    "resnet18", "resnet10t", "skresnet18", "ecaresnext26t_32x4d", "convnext_zepto_rms", "convnextv2_atto",
-    "inception_next_atto", "regnetx_002", "regnety_002", "mobilenetv2_035", "mobilenetv3_small_050",
-    "mobilenetv4_conv_small_035", "mobilenetv4_hybrid_medium_075", "efficientnet_lite0", "ghostnet_050",
-    "ghostnetv2_100", "levit_128s", "maxvit_pico_rw_256", "efficientformerv2_s0", "vit_tiny_patch16_224",
-    "deit_tiny_patch16_224", "tiny_vit_5m_224",
+    "resnet18",
+    "resnet10t",
+    "skresnet18",
+    "ecaresnext26t_32x4d",
+    "convnext_zepto_rms",
+    "convnextv2_atto",
+    "inception_next_atto",
+    "regnetx_002",
+    "regnety_002",
+    "mobilenetv2_035",
+    "mobilenetv3_small_050",
+    "mobilenetv4_conv_small_035",
+    "mobilenetv4_hybrid_medium_075",
+    "efficientnet_lite0",
+    "ghostnet_050",
+    "ghostnetv2_100",
+    "levit_128s",
+    "maxvit_pico_rw_256",
+    "efficientformerv2_s0",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "tiny_vit_5m_224",
 ]
 
 

@@ -39,8 +39,7 @@ from helpers import TINY, free_port, run_cli
 FAST_S = 30.0
 """Upper bound for a case that must fail fast (interpreter start and imports included, busy 2-core box)."""
 
-SPEC = {"name": "bad", "base": {"model": {"arch": "resnet10t"}, "train": {"epochs": 1}},
-        "space": {"loss.lam": [0.02, 0.2]}}
+SPEC = {"name": "bad", "base": {"model": {"arch": "resnet10t"}, "train": {"epochs": 1}}, "space": {"loss.lam": [0.02, 0.2]}}
 
 
 def spec(**fields) -> str:
@@ -56,90 +55,231 @@ def spec(**fields) -> str:
 CASES = [
     # --- config files and overrides (lejepa train)
     ("train-malformed-yaml", ["train", "bad.yaml"], {"bad.yaml": "loss: {lam: 0.1\n"}, "bad.yaml: malformed YAML at line"),
-    ("train-yaml-python-tag-not-run", ["train", "evil.yaml"],
-     {"evil.yaml": "loss: !!python/object/apply:os.system ['touch pwned']\n"}, "could not determine a constructor"),
+    (
+        "train-yaml-python-tag-not-run",
+        ["train", "evil.yaml"],
+        {"evil.yaml": "loss: !!python/object/apply:os.system ['touch pwned']\n"},
+        "could not determine a constructor",
+    ),
     ("train-config-not-utf8", ["train", "bin.yaml"], {"bin.yaml": b"\xff\xfe\x00\x81loss"}, "not a YAML text file"),
-    ("train-unknown-key-in-file", ["train", "c.yaml"], {"c.yaml": "loss:\n  lamda: 0.1\n"},
-     "unknown config key 'loss.lamda' (did you mean 'loss.lam'"),
+    (
+        "train-unknown-key-in-file",
+        ["train", "c.yaml"],
+        {"c.yaml": "loss:\n  lamda: 0.1\n"},
+        "unknown config key 'loss.lamda' (did you mean 'loss.lam'",
+    ),
     ("train-unknown-key-override", ["train", "optim.lrr=0.1"], {}, "unknown config key 'optim.lrr' (did you mean 'optim.lr'"),
     ("train-override-without-equals", ["train", "loss.lam"], {}, "'loss.lam' is neither a config file (.yaml) nor a key=value"),
-    ("train-wrong-type", ["train", "optim.batch_size=abc"], {}, "optim.batch_size='abc' is invalid: input should be a valid integer"),
-    ("train-boolean-as-number", ["train", "train.epochs=true"], {}, "train.epochs=True is invalid: expected a number, got a boolean"),
+    (
+        "train-wrong-type",
+        ["train", "optim.batch_size=abc"],
+        {},
+        "optim.batch_size='abc' is invalid: input should be a valid integer",
+    ),
+    (
+        "train-boolean-as-number",
+        ["train", "train.epochs=true"],
+        {},
+        "train.epochs=True is invalid: expected a number, got a boolean",
+    ),
     ("train-lambda-above-1", ["train", "loss.lam=1.5"], {}, "loss.lam=1.5 is invalid: input should be less than or equal to 1"),
-    ("train-lambda-negative", ["train", "loss.lam=-0.1"], {}, "loss.lam=-0.1 is invalid: input should be greater than or equal to 0"),
+    (
+        "train-lambda-negative",
+        ["train", "loss.lam=-0.1"],
+        {},
+        "loss.lam=-0.1 is invalid: input should be greater than or equal to 0",
+    ),
     ("train-lambda-nan", ["train", "loss.lam=.nan"], {}, "loss.lam=nan is invalid: input should be a finite number"),
-    ("train-slices-zero", ["train", "loss.num_slices=0"], {}, "loss.num_slices=0 is invalid: input should be greater than or equal to 1"),
+    (
+        "train-slices-zero",
+        ["train", "loss.num_slices=0"],
+        {},
+        "loss.num_slices=0 is invalid: input should be greater than or equal to 1",
+    ),
     ("train-knots-even", ["train", "loss.knots=16"], {}, "loss.knots=16 is invalid: must be odd"),
     ("train-knots-below-3", ["train", "loss.knots=1"], {}, "loss.knots=1 is invalid: input should be greater than or equal to 3"),
     ("train-zero-global-views", ["train", "views.global_views=0"], {}, "views.global_views=0 is invalid"),
     # an arch's own minimum input is met by upsampling the views (see backbones.py); below 8 px nothing trains
-    ("train-resolution-below-minimum", ["train", "data.resolution=4"], {},
-     "data.resolution=4 is invalid: input should be greater than or equal to 8"),
-    ("train-negative-epochs", ["train", "train.epochs=-1"], {}, "train.epochs=-1 is invalid: input should be greater than or equal to 1"),
-    ("train-run-name-escapes", ["train", "train.run_name=../../escape"], {}, "train.run_name='../../escape' is invalid: must be a plain folder name"),
+    (
+        "train-resolution-below-minimum",
+        ["train", "data.resolution=4"],
+        {},
+        "data.resolution=4 is invalid: input should be greater than or equal to 8",
+    ),
+    (
+        "train-negative-epochs",
+        ["train", "train.epochs=-1"],
+        {},
+        "train.epochs=-1 is invalid: input should be greater than or equal to 1",
+    ),
+    (
+        "train-run-name-escapes",
+        ["train", "train.run_name=../../escape"],
+        {},
+        "train.run_name='../../escape' is invalid: must be a plain folder name",
+    ),
     ("train-unknown-arch", ["train", "model.arch=resnet_18"], {}, "unknown architecture 'resnet_18'; closest: resnet18"),
     ("train-unknown-dataset", ["train", "data.name=mnist2"], {}, "unknown dataset 'mnist2'"),
     ("train-idx-dataset-without-root", ["train", "data.name=mnist"], {}, "MNIST needs data.root"),
-    ("train-missing-idx-files", ["train", "data.name=fashion-mnist", "data.root={tmp}/empty"], {"empty/": ""},
-     "install Debian's package dataset-fashion-mnist"),
-    ("train-subset-larger-than-split", ["train", "data.train_size=5000", "data.resolution=16"], {},
-     "data.train_size=5000 exceeds the 1347 images"),
-    ("train-missing-dataset-files", ["train", "data.name=cifar10", "data.root={tmp}/empty"], {"empty/": ""},
-     "CIFAR-10 not found under"),
-    ("train-batch-larger-than-dataset", ["train", "optim.batch_size=100000", "data.resolution=16", "model.arch=test_resnet"], {},
-     "optim.batch_size=100000 exceeds the"),
-    ("train-unreachable-tracking-server", ["train", "--tracking-uri", "http://127.0.0.1:{port}"], {},
-     "MLflow tracking server http://127.0.0.1:{port} does not answer"),
+    (
+        "train-missing-idx-files",
+        ["train", "data.name=fashion-mnist", "data.root={tmp}/empty"],
+        {"empty/": ""},
+        "install Debian's package dataset-fashion-mnist",
+    ),
+    (
+        "train-subset-larger-than-split",
+        ["train", "data.train_size=5000", "data.resolution=16"],
+        {},
+        "data.train_size=5000 exceeds the 1347 images",
+    ),
+    (
+        "train-missing-dataset-files",
+        ["train", "data.name=cifar10", "data.root={tmp}/empty"],
+        {"empty/": ""},
+        "CIFAR-10 not found under",
+    ),
+    (
+        "train-batch-larger-than-dataset",
+        ["train", "optim.batch_size=100000", "data.resolution=16", "model.arch=test_resnet"],
+        {},
+        "optim.batch_size=100000 exceeds the",
+    ),
+    (
+        "train-unreachable-tracking-server",
+        ["train", "--tracking-uri", "http://127.0.0.1:{port}"],
+        {},
+        "MLflow tracking server http://127.0.0.1:{port} does not answer",
+    ),
     ("train-unwritable-sqlite-store", ["train", "--tracking-uri", "sqlite:///{unwritable}/mlflow.db"], {}, "is not writable"),
     ("train-unwritable-out-dir", ["train", "train.out_dir={unwritable}"], {}, "train.out_dir {unwritable} is not writable"),
     # 8 x 2^43 float32 weights: 256 TiB, beyond any machine's address space, refused at allocation
-    ("train-projector-beyond-memory", ["train", "model.arch=test_resnet", "data.resolution=16", "model.proj_hidden=8",
-                                       "model.proj_dim=8796093022208"], {}, "out of memory (an allocation of 256.0 TiB)"),
-    ("train-file-tracking-store", ["train", "--tracking-uri", "file://{tmp}/mlruns"], {},
-     "is a file store, which MLflow no longer writes to"),
-    ("train-resume-other-arch", ["train", "--resume", "{run}", "model.arch=test_vit"], {},
-     "is for architecture 'test_resnet', the config asks for 'test_vit'"),
+    (
+        "train-projector-beyond-memory",
+        ["train", "model.arch=test_resnet", "data.resolution=16", "model.proj_hidden=8", "model.proj_dim=8796093022208"],
+        {},
+        "out of memory (an allocation of 256.0 TiB)",
+    ),
+    (
+        "train-file-tracking-store",
+        ["train", "--tracking-uri", "file://{tmp}/mlruns"],
+        {},
+        "is a file store, which MLflow no longer writes to",
+    ),
+    (
+        "train-resume-other-arch",
+        ["train", "--resume", "{run}", "model.arch=test_vit"],
+        {},
+        "is for architecture 'test_resnet', the config asks for 'test_vit'",
+    ),
     ("train-resume-missing-folder", ["train", "--resume", "{tmp}/nope"], {}, "no such run folder"),
     # --- sweeps
     ("sweep-missing-spec", ["sweep", "missing.yaml"], {}, "sweep spec 'missing.yaml' does not exist"),
-    ("sweep-unknown-top-level-key", ["sweep", "s.yaml"], {"s.yaml": spec(schedulr={"type": "asha"})},
-     "schedulr: unknown key (did you mean 'scheduler'"),
-    ("sweep-empty-catalog-query", ["sweep", "s.yaml"],
-     {"s.yaml": spec(space={"model.arch": {"catalog": {"family": "vit", "max_params": "1k"}}})},
-     "no catalog architecture matches family=vit max_params=1k"),
-    ("sweep-missing-dataset-files-in-base", ["sweep", "s.yaml"],
-     {"empty/": "", "s.yaml": spec(base={**SPEC["base"], "data": {"name": "cifar10", "root": "empty"}})},
-     "CIFAR-10 not found under empty"),
-    ("sweep-missing-dataset-files-in-space", ["sweep", "s.yaml", "--dry-run"],
-     {"empty/": "", "s.yaml": spec(base={**SPEC["base"], "data": {"name": "fashion-mnist"}},
-                                   space={"data.root": [FASHION_MNIST_DIR, "empty"]})},
-     "space.data.root: Fashion-MNIST not found under empty"),
+    (
+        "sweep-unknown-top-level-key",
+        ["sweep", "s.yaml"],
+        {"s.yaml": spec(schedulr={"type": "asha"})},
+        "schedulr: unknown key (did you mean 'scheduler'",
+    ),
+    (
+        "sweep-empty-catalog-query",
+        ["sweep", "s.yaml"],
+        {"s.yaml": spec(space={"model.arch": {"catalog": {"family": "vit", "max_params": "1k"}}})},
+        "no catalog architecture matches family=vit max_params=1k",
+    ),
+    (
+        "sweep-missing-dataset-files-in-base",
+        ["sweep", "s.yaml"],
+        {"empty/": "", "s.yaml": spec(base={**SPEC["base"], "data": {"name": "cifar10", "root": "empty"}})},
+        "CIFAR-10 not found under empty",
+    ),
+    (
+        "sweep-missing-dataset-files-in-space",
+        ["sweep", "s.yaml", "--dry-run"],
+        {
+            "empty/": "",
+            "s.yaml": spec(
+                base={**SPEC["base"], "data": {"name": "fashion-mnist"}}, space={"data.root": [FASHION_MNIST_DIR, "empty"]}
+            ),
+        },
+        "space.data.root: Fashion-MNIST not found under empty",
+    ),
     ("sweep-zero-trials", ["sweep", "s.yaml"], {"s.yaml": spec(space={"loss.lam": []})}, "expected a non-empty list"),
-    ("sweep-name-dotdot", ["sweep", "s.yaml", "--name", "../x", "--storage", "{tmp}/storage"], {"s.yaml": spec()},
-     "--name '../x' is not a plain folder name"),
-    ("sweep-name-slash", ["sweep", "s.yaml", "--name", "a/b", "--storage", "{tmp}/storage"], {"s.yaml": spec()},
-     "--name 'a/b' is not a plain folder name"),
-    ("sweep-resume-missing", ["sweep", "--resume", "nope", "--storage", "{tmp}/storage"], {}, "--resume nope: no resumable sweep"),
-    ("sweep-unreachable-tracking-server", ["sweep", "s.yaml", "--tracking-uri", "http://127.0.0.1:{port}"], {"s.yaml": spec()},
-     "does not answer"),
-    ("sweep-unwritable-storage", ["sweep", "s.yaml", "--storage", "{unwritable}"], {"s.yaml": spec()},
-     "sweep storage (--storage) {unwritable} is not writable"),
-    ("sweep-unwritable-sqlite-store", ["sweep", "s.yaml", "--tracking-uri", "sqlite:///{unwritable}/mlflow.db"],
-     {"s.yaml": spec()}, "is not writable"),
-    ("sweep-dead-ray-address", ["sweep", "s.yaml", "--address", "127.0.0.1:{port}", "--tracking-uri", "{store}"],
-     {"s.yaml": spec()}, "cannot reach the Ray cluster at 127.0.0.1:{port}"),
-    ("sweep-gpu-trials-on-a-cpu-machine", ["sweep", "s.yaml", "--tracking-uri", "{store}"],
-     {"s.yaml": spec(resources={"cpus_per_trial": 1, "gpus_per_trial": 1})}, "needs 1 GPU but this machine has 0"),
+    (
+        "sweep-name-dotdot",
+        ["sweep", "s.yaml", "--name", "../x", "--storage", "{tmp}/storage"],
+        {"s.yaml": spec()},
+        "--name '../x' is not a plain folder name",
+    ),
+    (
+        "sweep-name-slash",
+        ["sweep", "s.yaml", "--name", "a/b", "--storage", "{tmp}/storage"],
+        {"s.yaml": spec()},
+        "--name 'a/b' is not a plain folder name",
+    ),
+    (
+        "sweep-resume-missing",
+        ["sweep", "--resume", "nope", "--storage", "{tmp}/storage"],
+        {},
+        "--resume nope: no resumable sweep",
+    ),
+    (
+        "sweep-unreachable-tracking-server",
+        ["sweep", "s.yaml", "--tracking-uri", "http://127.0.0.1:{port}"],
+        {"s.yaml": spec()},
+        "does not answer",
+    ),
+    (
+        "sweep-unwritable-storage",
+        ["sweep", "s.yaml", "--storage", "{unwritable}"],
+        {"s.yaml": spec()},
+        "sweep storage (--storage) {unwritable} is not writable",
+    ),
+    (
+        "sweep-unwritable-sqlite-store",
+        ["sweep", "s.yaml", "--tracking-uri", "sqlite:///{unwritable}/mlflow.db"],
+        {"s.yaml": spec()},
+        "is not writable",
+    ),
+    (
+        "sweep-dead-ray-address",
+        ["sweep", "s.yaml", "--address", "127.0.0.1:{port}", "--tracking-uri", "{store}"],
+        {"s.yaml": spec()},
+        "cannot reach the Ray cluster at 127.0.0.1:{port}",
+    ),
+    (
+        "sweep-gpu-trials-on-a-cpu-machine",
+        ["sweep", "s.yaml", "--tracking-uri", "{store}"],
+        {"s.yaml": spec(resources={"cpus_per_trial": 1, "gpus_per_trial": 1})},
+        "needs 1 GPU but this machine has 0",
+    ),
     # --- selection, catalog, the command line itself
-    ("select-unknown-sweep", ["select", "nope", "--tracking-uri", "{store}"], {}, "no sweep, parent run or experiment named 'nope'"),
+    (
+        "select-unknown-sweep",
+        ["select", "nope", "--tracking-uri", "{store}"],
+        {},
+        "no sweep, parent run or experiment named 'nope'",
+    ),
     ("select-unknown-score", ["select", "x", "--score", "rankm"], {}, "unknown score 'rankm' (did you mean 'rankme'"),
-    ("select-out-is-a-file", ["select", "x", "--out", "taken.txt", "--tracking-uri", "{store}"], {"taken.txt": "x"},
-     "taken.txt is not writable"),
-    ("select-out-under-a-file", ["select", "x", "--out", "taken.txt/report", "--tracking-uri", "{store}"],
-     {"taken.txt": "x"}, "taken.txt is not a folder"),
+    (
+        "select-out-is-a-file",
+        ["select", "x", "--out", "taken.txt", "--tracking-uri", "{store}"],
+        {"taken.txt": "x"},
+        "taken.txt is not writable",
+    ),
+    (
+        "select-out-under-a-file",
+        ["select", "x", "--out", "taken.txt/report", "--tracking-uri", "{store}"],
+        {"taken.txt": "x"},
+        "taken.txt is not a folder",
+    ),
     # python -m puts the working folder first on sys.path: a researcher's analysis.py must not pass for ours
-    ("select-analysis-shadowed-by-a-local-file", ["select", "x"], {"analysis.py": "x = 1\n"},
-     "'analysis' resolves to {tmp}/analysis.py, not to this installation's"),
+    (
+        "select-analysis-shadowed-by-a-local-file",
+        ["select", "x"],
+        {"analysis.py": "x = 1\n"},
+        "'analysis' resolves to {tmp}/analysis.py, not to this installation's",
+    ),
     ("archs-unknown-family", ["archs", "--family", "vti"], {}, "unknown architecture family 'vti' (did you mean 'vit'"),
     # an empty listing is an error: a filter that matches nothing is almost always a typo (e.g. no '*')
     ("archs-filter-matches-nothing", ["archs", "--pattern", "resnet"], {}, "no catalog architecture matches pattern='resnet'"),
@@ -148,9 +288,16 @@ CASES = [
 
 
 IN_SUBPROCESS = {
-    "train-malformed-yaml", "train-unreachable-tracking-server", "train-projector-beyond-memory",
-    "sweep-unknown-top-level-key", "sweep-dead-ray-address", "sweep-unreachable-tracking-server",
-    "select-unknown-sweep", "select-analysis-shadowed-by-a-local-file", "archs-unknown-family", "unknown-command",
+    "train-malformed-yaml",
+    "train-unreachable-tracking-server",
+    "train-projector-beyond-memory",
+    "sweep-unknown-top-level-key",
+    "sweep-dead-ray-address",
+    "sweep-unreachable-tracking-server",
+    "select-unknown-sweep",
+    "select-analysis-shadowed-by-a-local-file",
+    "archs-unknown-family",
+    "unknown-command",
 }
 """Cases run as a real ``python -m lejepa`` process."""
 
@@ -232,8 +379,9 @@ def _run_count(db: Path) -> int:
 
 
 @pytest.mark.parametrize("case, args, files, fragment", [pytest.param(*c, id=c[0]) for c in CASES])
-def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, store_template, monkeypatch, capfd,
-                                                          case, args, files, fragment):
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(
+    tmp_path, store_template, monkeypatch, capfd, case, args, files, fragment
+):
     work = tmp_path / "work"
     work.mkdir()
     for name, content in files.items():
@@ -282,12 +430,27 @@ def restore_modes(tmp_path):
             p.chmod(stat.S_IRWXU)
 
 
-@pytest.mark.parametrize("name, clean", [
-    ("../x", "x"), ("a/b", "a-b"), ("a\\b", "a-b"), ("..", ""), (".", ""), (".hidden", "hidden"),
-    ("/etc/passwd", "etc-passwd"), ("../../../../tmp/evil", "tmp-evil"), ("a/../b", "a-..-b"), ("-rf", "rf"),
-    ("x\x00y", "x-y"), ("naïve sweep", "na-ve-sweep"), ("  ", ""), ("ok_name-1.2", "ok_name-1.2"),
-    ("a" * 300, "a" * 128), ("." * 50 + "/" + "b", "b"),
-])
+@pytest.mark.parametrize(
+    "name, clean",
+    [
+        ("../x", "x"),
+        ("a/b", "a-b"),
+        ("a\\b", "a-b"),
+        ("..", ""),
+        (".", ""),
+        (".hidden", "hidden"),
+        ("/etc/passwd", "etc-passwd"),
+        ("../../../../tmp/evil", "tmp-evil"),
+        ("a/../b", "a-..-b"),
+        ("-rf", "rf"),
+        ("x\x00y", "x-y"),
+        ("naïve sweep", "na-ve-sweep"),
+        ("  ", ""),
+        ("ok_name-1.2", "ok_name-1.2"),
+        ("a" * 300, "a" * 128),
+        ("." * 50 + "/" + "b", "b"),
+    ],
+)
 def test_sanitize_name_leaves_one_plain_folder_name(name, clean):
     out = sanitize_name(name)
     assert out == clean
@@ -367,11 +530,14 @@ def _sqlite_bytes(tables: dict[str, int]) -> bytes:
         return path.read_bytes()
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (b"this is not a database at all, just text", "is not a SQLite database"),
-    ("truncated", "is truncated"),
-    (_sqlite_bytes({"inventory": 3}), "is a SQLite database but not an MLflow store (tables: inventory)"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"this is not a database at all, just text", "is not a SQLite database"),
+        ("truncated", "is truncated"),
+        (_sqlite_bytes({"inventory": 3}), "is a SQLite database but not an MLflow store (tables: inventory)"),
+    ],
+)
 def test_broken_tracking_stores_are_one_line(tmp_path, store_template, content, fragment):
     db = tmp_path / "mlflow.db"
     if content == "truncated":  # a real MLflow store cut in half (a copy interrupted, a full disk)
@@ -380,8 +546,7 @@ def test_broken_tracking_stores_are_one_line(tmp_path, store_template, content, 
     db.write_bytes(content)
     with pytest.raises(PreflightError, match=re.escape(fragment)):
         check_tracking_uri(f"sqlite:///{db}")
-    proc = run_cli(["train", *TINY, f"train.out_dir={tmp_path / 'runs'}", "--tracking-uri", f"sqlite:///{db}"],
-                   tmp_path)
+    proc = run_cli(["train", *TINY, f"train.out_dir={tmp_path / 'runs'}", "--tracking-uri", f"sqlite:///{db}"], tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: tracking store") and fragment in lines[0]
     assert not (tmp_path / "runs").exists()

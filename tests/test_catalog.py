@@ -55,8 +55,17 @@ def test_entries_are_consistent():
 
 # Families whose timm candidates are few enough to re-select quickly (~100 meta-device builds);
 # the whole selection (~350 builds) is what `python -m lejepa.catalog.build` does.
-RESELECTED = ["convnext", "convnextv2", "efficientnet", "levit", "inception_next", "deit", "efficientformer",
-              "ghostnet", "tiny_vit"]
+RESELECTED = [
+    "convnext",
+    "convnextv2",
+    "efficientnet",
+    "levit",
+    "inception_next",
+    "deit",
+    "efficientformer",
+    "ghostnet",
+    "tiny_vit",
+]
 
 
 def test_names_match_a_fresh_selection_from_timm():
@@ -131,7 +140,7 @@ def test_round_robin_order_takes_each_family_in_turn_smallest_first():
     walk = query(max_params="20M", order="round-robin")
     assert sorted(a.name for a in walk) == sorted(a.name for a in query(max_params="20M"))
     walked = list(dict.fromkeys(a.family for a in query(max_params="20M")))
-    first = walk[:len(walked)]
+    first = walk[: len(walked)]
     assert [a.family for a in first] == walked
     assert all(a.params == min(b.params for b in walk if b.family == a.family) for a in first)
     with pytest.raises(ArchitectureError, match="unknown order 'random'"):
@@ -163,8 +172,18 @@ def test_query_errors_are_one_line():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("20M", 20_000_000), ("1.5M", 1_500_000), ("300k", 300_000), ("300K", 300_000), ("1G", 10**9),
-     ("2B", 2 * 10**9), ("2e7", 20_000_000), (" 20 M ", 20_000_000), ("12345", 12345), (5_000_000, 5_000_000)],
+    [
+        ("20M", 20_000_000),
+        ("1.5M", 1_500_000),
+        ("300k", 300_000),
+        ("300K", 300_000),
+        ("1G", 10**9),
+        ("2B", 2 * 10**9),
+        ("2e7", 20_000_000),
+        (" 20 M ", 20_000_000),
+        ("12345", 12345),
+        (5_000_000, 5_000_000),
+    ],
 )
 def test_parse_param_budget(text, expected):
     assert parse_param_budget(text) == expected

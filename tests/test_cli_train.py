@@ -30,8 +30,7 @@ def test_train_logs_a_complete_mlflow_run(tmp_path, tiny_overrides):
     assert "family" in run.data.tags
     for key in ("eval/linear_probe_acc", "eval/knn_acc", "probe/online_test_acc", "epoch/images_per_sec"):
         assert 0.0 <= run.data.metrics[key] <= (1.0 if "acc" in key else 1e9)
-    for key in ("health/collapse_ratio", "health/proj_rank", "health/proj_std_spread", "health/feature_rank",
-                "health/verdict"):
+    for key in ("health/collapse_ratio", "health/proj_rank", "health/proj_std_spread", "health/feature_rank", "health/verdict"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
     assert run.data.tags["lejepa.health"] in ("healthy", "dimensional collapse", "collapsed")
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
@@ -59,15 +58,18 @@ def test_resume_continues_the_same_mlflow_run(tmp_path, tiny_overrides):
     assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch")] == [1.0, 2.0]
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["loss.lam=2"], "loss.lam=2 is invalid"),
-    (["loss.lamda=0.1"], "did you mean 'loss.lam'"),
-    (["data.name=fashion_mnist"], "did you mean 'fashion-mnist'"),
-    (["data.name=mnist"], "MNIST needs data.root"),
-    (["model.arch=resnet_18"], "resnet18"),
-    (["a.yaml", "b.yaml"], "several files"),
-    (["missing.yaml"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["loss.lam=2"], "loss.lam=2 is invalid"),
+        (["loss.lamda=0.1"], "did you mean 'loss.lam'"),
+        (["data.name=fashion_mnist"], "did you mean 'fashion-mnist'"),
+        (["data.name=mnist"], "MNIST needs data.root"),
+        (["model.arch=resnet_18"], "resnet18"),
+        (["a.yaml", "b.yaml"], "several files"),
+        (["missing.yaml"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     proc = run_cli(["train", *args, f"train.out_dir={tmp_path / 'runs'}"], tmp_path)
     assert proc.returncode == 2
@@ -95,12 +97,15 @@ def test_a_broken_plugin_leaves_the_other_commands_working(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_train_warns_once_in_the_collapse_region(tmp_path, tiny_overrides):
-    proc = run_cli(["train", *tiny_overrides, "loss.lam=0.005", "train.max_steps=2", "train.eval_probe_epochs=1",
-                    "--no-tracking"], tmp_path)
+    proc = run_cli(
+        ["train", *tiny_overrides, "loss.lam=0.005", "train.max_steps=2", "train.eval_probe_epochs=1", "--no-tracking"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
-    assert warnings == ["lejepa: warning: λ=0.005 × batch 64 = 0.32 lies in the collapse region λ·N < 1 "
-                        "(benchmarks/results/collapse_map): raise loss.lam to ≥ 0.016 or the batch size"]
+    assert warnings == [
+        "lejepa: warning: λ=0.005 × batch 64 = 0.32 lies in the collapse region λ·N < 1 "
+        "(benchmarks/results/collapse_map): raise loss.lam to ≥ 0.016 or the batch size"
+    ]
 
 
 @pytest.mark.slow
@@ -115,8 +120,7 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(REPO)
     args = ["train", *TINY, f"train.out_dir={tmp_path}", "train.run_name=pre", "train.epochs=30"]
-    proc = subprocess.Popen(LEJEPA + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(LEJEPA + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         checkpoints = tmp_path / "pre" / "checkpoints"
         deadline = time.monotonic() + 240
@@ -136,8 +140,14 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
     assert 2 <= done < 30
 
     target = max(4, done + 1)
-    resumed = subprocess.run(LEJEPA + ["train", "--resume", str(tmp_path / "pre"), f"train.epochs={target}"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        LEJEPA + ["train", "--resume", str(tmp_path / "pre"), f"train.epochs={target}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
@@ -150,8 +160,9 @@ def test_resume_from_one_checkpoint_folder_continues_its_run(tmp_path):
     config), instead of starting a new run inside the checkpoint folder."""
     from helpers import TINY
 
-    first = run_cli(["train", "--no-tracking", *TINY, f"train.out_dir={tmp_path}", "train.run_name=a",
-                     "train.epochs=1"], tmp_path)
+    first = run_cli(
+        ["train", "--no-tracking", *TINY, f"train.out_dir={tmp_path}", "train.run_name=a", "train.epochs=1"], tmp_path
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     checkpoint = tmp_path / "a" / "checkpoints" / "epoch_0001"
     again = run_cli(["train", "--no-tracking", "--resume", str(checkpoint), "train.epochs=2"], tmp_path)

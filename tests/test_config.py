@@ -30,21 +30,24 @@ def test_override_value_is_yaml_not_code():
     assert parse_override("a.b=3")[1] == 3 and parse_override("a.b=true")[1] is True
 
 
-@pytest.mark.parametrize("override, fragment", [
-    (["loss.lamb=0.1"], "unknown config key 'loss.lamb' (did you mean 'loss.lam'"),
-    (["los.lam=0.1"], "did you mean 'loss.lam'"),
-    (["loss.lam=1.5"], "loss.lam=1.5 is invalid: input should be less than or equal to 1"),
-    (["loss.lam=-0.1"], "loss.lam=-0.1 is invalid"),
-    (["loss.num_slices=0"], "loss.num_slices=0 is invalid"),
-    (["loss.knots=16"], "loss.knots=16 is invalid: must be odd"),
-    (["loss.knots=1"], "loss.knots=1 is invalid"),
-    (["views.global_views=0"], "views.global_views=0 is invalid"),
-    (["optim.lr=abc"], "optim.lr='abc' is invalid"),
-    (["train.device=tpu"], "train.device='tpu' is not allowed"),
-    (["views.local_scale=[0.5, 0.2]"], "views.local_scale"),
-    (["noequals"], "not of the form key=value"),
-    (["loss.lam.x=1"], "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (["loss.lamb=0.1"], "unknown config key 'loss.lamb' (did you mean 'loss.lam'"),
+        (["los.lam=0.1"], "did you mean 'loss.lam'"),
+        (["loss.lam=1.5"], "loss.lam=1.5 is invalid: input should be less than or equal to 1"),
+        (["loss.lam=-0.1"], "loss.lam=-0.1 is invalid"),
+        (["loss.num_slices=0"], "loss.num_slices=0 is invalid"),
+        (["loss.knots=16"], "loss.knots=16 is invalid: must be odd"),
+        (["loss.knots=1"], "loss.knots=1 is invalid"),
+        (["views.global_views=0"], "views.global_views=0 is invalid"),
+        (["optim.lr=abc"], "optim.lr='abc' is invalid"),
+        (["train.device=tpu"], "train.device='tpu' is not allowed"),
+        (["views.local_scale=[0.5, 0.2]"], "views.local_scale"),
+        (["noequals"], "not of the form key=value"),
+        (["loss.lam.x=1"], "unknown config key"),
+    ],
+)
 def test_bad_values_name_field_value_and_rule(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, override)

@@ -79,8 +79,9 @@ def _synthetic_runs(n: int, alpha: float, seed: int, arch: str = "a") -> pd.Data
     rng = np.random.default_rng(seed)
     acc = rng.uniform(0.5, 0.95, n)
     lam = np.exp(rng.uniform(np.log(1e-3), np.log(0.5), n))
-    return pd.DataFrame({"run_id": [f"{arch}{i}" for i in range(n)], "arch": arch, "acc": acc, "lam": lam,
-                         "loss": (2.0 - acc) * lam ** alpha})
+    return pd.DataFrame(
+        {"run_id": [f"{arch}{i}" for i in range(n)], "arch": arch, "acc": acc, "lam": lam, "loss": (2.0 - acc) * lam**alpha}
+    )
 
 
 @pytest.mark.parametrize("alpha_true", [0.25, 0.6])
@@ -93,8 +94,10 @@ def test_fit_alpha_recovers_the_known_exponent(alpha_true):
 
 
 def test_leave_one_architecture_out_never_fits_on_the_scored_group():
-    runs = pd.concat([_synthetic_runs(120, 0.2, 5, "a"), _synthetic_runs(120, 0.2, 6, "b"),
-                      _synthetic_runs(120, 0.8, 7, "c")], ignore_index=True)
+    runs = pd.concat(
+        [_synthetic_runs(120, 0.2, 5, "a"), _synthetic_runs(120, 0.2, 6, "b"), _synthetic_runs(120, 0.8, 7, "c")],
+        ignore_index=True,
+    )
     alphas, scheme = corr.out_of_fold_alpha(runs, "acc")
     assert scheme == "leave-one-arch-out"
     by_run = alphas.set_index("run_id")

@@ -91,8 +91,7 @@ def _centred(part: TensorImageDataset) -> tuple[np.ndarray, np.ndarray]:
     mass = x.sum((1, 2))
     rows = ((x.sum(2) * grid).sum(1) / mass).round().long()
     cols = ((x.sum(1) * grid).sum(1) / mass).round().long()
-    out = torch.stack([torch.roll(im, (side // 2 - int(r), side // 2 - int(c)), (0, 1))
-                       for im, r, c in zip(x, rows, cols)])
+    out = torch.stack([torch.roll(im, (side // 2 - int(r), side // 2 - int(c)), (0, 1)) for im, r, c in zip(x, rows, cols)])
     return out[:, 6:26, 6:26].flatten(1).numpy(), part.labels.numpy()
 
 
@@ -145,7 +144,7 @@ def _cifar_images(n: int, seed: int) -> np.ndarray:
     """n x 3072 rows: R plane, G plane, B plane, each 32x32 row-major; R = row index + offset."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    images[:, 0] = (np.arange(32, dtype=np.uint8)[:, None] + np.arange(n, dtype=np.uint8)[:, None, None])
+    images[:, 0] = np.arange(32, dtype=np.uint8)[:, None] + np.arange(n, dtype=np.uint8)[:, None, None]
     return images.reshape(n, 3072)
 
 
@@ -153,23 +152,33 @@ def write_cifar10(root, per_batch: int = 4) -> None:
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True)
     for i in range(1, 6):
-        batch = {b"batch_label": b"training batch", b"data": _cifar_images(per_batch, i),
-                 b"labels": [(i + j) % 10 for j in range(per_batch)]}
+        batch = {
+            b"batch_label": b"training batch",
+            b"data": _cifar_images(per_batch, i),
+            b"labels": [(i + j) % 10 for j in range(per_batch)],
+        }
         _write_pickle(base / f"data_batch_{i}", batch)
     _write_pickle(base / "test_batch", {b"data": _cifar_images(6, 0), b"labels": list(range(6))})
-    _write_pickle(base / "batches.meta", {b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer",
-                                                           b"dog", b"frog", b"horse", b"ship", b"truck"]})
+    _write_pickle(
+        base / "batches.meta",
+        {b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]},
+    )
 
 
 def write_cifar100(root) -> None:
     base = root / "cifar-100-python"
     base.mkdir(parents=True)
-    _write_pickle(base / "train", {b"data": _cifar_images(10, 1), b"fine_labels": list(range(90, 100)),
-                                   b"coarse_labels": [9] * 10})
-    _write_pickle(base / "test", {b"data": _cifar_images(5, 2), b"fine_labels": [0, 1, 2, 3, 99],
-                                  b"coarse_labels": [0] * 5})
-    _write_pickle(base / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
-                                  b"coarse_label_names": [f"s{i}".encode() for i in range(20)]})
+    _write_pickle(
+        base / "train", {b"data": _cifar_images(10, 1), b"fine_labels": list(range(90, 100)), b"coarse_labels": [9] * 10}
+    )
+    _write_pickle(base / "test", {b"data": _cifar_images(5, 2), b"fine_labels": [0, 1, 2, 3, 99], b"coarse_labels": [0] * 5})
+    _write_pickle(
+        base / "meta",
+        {
+            b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"s{i}".encode() for i in range(20)],
+        },
+    )
 
 
 def test_cifar10_loads_the_real_format(tmp_path):
@@ -312,15 +321,18 @@ def test_image_folder_problems_are_one_line(tmp_path):
 # ------------------------------------------------------------------ missing datasets, unknown names
 
 
-@pytest.mark.parametrize("name,needle", [
-    ("cifar10", r"CIFAR-10 not found under .*data\.download=true.*cifar-10-batches-py.*cs\.toronto\.edu"),
-    ("cifar100", r"CIFAR-100 not found under .*data\.download=true.*cifar-100-python.*cs\.toronto\.edu"),
-    ("stl10", r"STL-10 not found under .*data\.download=true.*stl10_binary.*stanford\.edu"),
-    ("imagefolder", r"image folder not found under .*train/<class>"),
-    ("imagenet", r"ImageNet not found under .*image-net\.org"),
-    ("imagenette", r"Imagenette not found under .*fastai/imagenette"),
-    ("galaxy10", r"Galaxy10 not found under .*Galaxy10_DECals\.h5"),
-])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("cifar10", r"CIFAR-10 not found under .*data\.download=true.*cifar-10-batches-py.*cs\.toronto\.edu"),
+        ("cifar100", r"CIFAR-100 not found under .*data\.download=true.*cifar-100-python.*cs\.toronto\.edu"),
+        ("stl10", r"STL-10 not found under .*data\.download=true.*stl10_binary.*stanford\.edu"),
+        ("imagefolder", r"image folder not found under .*train/<class>"),
+        ("imagenet", r"ImageNet not found under .*image-net\.org"),
+        ("imagenette", r"Imagenette not found under .*fastai/imagenette"),
+        ("galaxy10", r"Galaxy10 not found under .*Galaxy10_DECals\.h5"),
+    ],
+)
 def test_missing_dataset_says_how_to_get_it(tmp_path, name, needle):
     line = one_line_error(needle, name=name, root=str(tmp_path / "nowhere"))
     with pytest.raises(DataError) as info:  # a sweep's pre-flight says the same, before any trial
@@ -382,8 +394,14 @@ def test_a_truncated_jpeg_read_in_a_dataloader_worker_is_one_error_line(tmp_path
     jpeg = tmp_path / "data" / "train" / "dog" / "1.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:200])
     args = [a for a in TINY if not a.startswith("data.")] + [
-        "data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.resolution=16", "train.num_workers=1",
-        "optim.batch_size=16", f"train.out_dir={tmp_path / 'runs'}", "train.epochs=1"]
+        "data.name=imagefolder",
+        f"data.root={tmp_path / 'data'}",
+        "data.resolution=16",
+        "train.num_workers=1",
+        "optim.batch_size=16",
+        f"train.out_dir={tmp_path / 'runs'}",
+        "train.epochs=1",
+    ]
     proc = run_cli(["train", "--no-tracking", *args], tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]

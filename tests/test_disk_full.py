@@ -69,8 +69,7 @@ def test_a_write_that_fills_the_disk_anyway_leaves_nothing_half_written(small_fs
 def test_training_into_a_full_disk_is_one_line_and_writes_nothing(small_fs, tmp_path):
     fill(small_fs, 4 * MiB)
     out = small_fs / "runs"
-    proc = run_cli(["train", *TINY, "train.epochs=1", f"train.out_dir={out}", "train.run_name=r", "--no-tracking"],
-                   tmp_path)
+    proc = run_cli(["train", *TINY, "train.epochs=1", f"train.out_dir={out}", "train.run_name=r", "--no-tracking"], tmp_path)
     lines = proc.stderr.splitlines()
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: no room for this run's checkpoints in "), lines

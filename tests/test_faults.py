@@ -91,8 +91,10 @@ def test_worker_killed_mid_epoch_retries_into_the_same_run_without_gap_or_duplic
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "sweeps"
     # once epoch 1's checkpoint is written the worker trains epoch 2 (about 3 s): kill it 1 s in
-    killed = _kill_when(lambda: bool(list((storage / "killed" / "trials").glob("*/checkpoints/epoch_0001/meta.json"))),
-                        before_kill=lambda: time.sleep(1.0))
+    killed = _kill_when(
+        lambda: bool(list((storage / "killed" / "trials").glob("*/checkpoints/epoch_0001/meta.json"))),
+        before_kill=lambda: time.sleep(1.0),
+    )
     outcome = run_sweep(spec, storage=storage, name="killed", tracking_uri=uri)
 
     assert len(killed) == 1
@@ -120,11 +122,13 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, ray_address
         return bool(own and tune)
 
     def corrupt() -> None:
-        for meta in [*(storage / "corrupt" / "trials").glob("*/checkpoints/epoch_0002/meta.json"),
-                     *(storage / "corrupt").glob("run_trial_*/checkpoint_000001/meta.json")]:
+        for meta in [
+            *(storage / "corrupt" / "trials").glob("*/checkpoints/epoch_0002/meta.json"),
+            *(storage / "corrupt").glob("run_trial_*/checkpoint_000001/meta.json"),
+        ]:
             state = meta.parent / "state.pt"
             data = bytearray(state.read_bytes())
-            data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # same size, different bytes
+            data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # same size, different bytes
             state.write_bytes(bytes(data))
             corrupted.append(state)
         assert not list((storage / "corrupt" / "trials").glob("*/checkpoints/epoch_0003"))  # still in epoch 3
@@ -178,8 +182,11 @@ def test_mlflow_server_down_for_30_s_loses_no_metric(tmp_path, ray_address, mlfl
     assert_complete_history(client, run.info.run_id, steps, epochs)
     # training went on during the outage: epochs ended (metric timestamps are taken in the trial)
     # while the server was down, and their metrics arrived after it came back
-    during = [m for m in client.get_metric_history(run.info.run_id, "epoch")
-              if outage["down"] * 1000 < m.timestamp < outage["up"] * 1000]
+    during = [
+        m
+        for m in client.get_metric_history(run.info.run_id, "epoch")
+        if outage["down"] * 1000 < m.timestamp < outage["up"] * 1000
+    ]
     assert len(during) >= 3
     assert "eval/linear_probe_acc" in run.data.metrics
 
@@ -188,8 +195,7 @@ def test_eight_trials_log_concurrently_into_sqlite(tmp_path, ray_address):
     import ray
 
     lams = [0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.2, 0.3]
-    spec = _spec(tmp_path, epochs=1, space={"loss.lam": lams}, resources={"cpus_per_trial": 0.25},
-                 max_concurrent_trials=8)
+    spec = _spec(tmp_path, epochs=1, space={"loss.lam": lams}, resources={"cpus_per_trial": 0.25}, max_concurrent_trials=8)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "sweeps"
     outcome = run_sweep(spec, storage=storage, name="eight", tracking_uri=uri)
@@ -233,8 +239,7 @@ def test_diverging_trial_is_marked_and_left_out_while_the_sweep_goes_on(tmp_path
 
 
 def test_driver_killed_then_resumed_gives_one_parent_and_one_child_per_trial(tmp_path, ray_address):
-    spec_path = write_spec(tmp_path, {**spec_body(2, space={"loss.lam": [0.02, 0.1, 0.3]}, max_concurrent_trials=2),
-                                      "name": "k"})
+    spec_path = write_spec(tmp_path, {**spec_body(2, space={"loss.lam": [0.02, 0.1, 0.3]}, max_concurrent_trials=2), "name": "k"})
     cli = SweepCLI(tmp_path, ray_address)
     uri, storage = cli.uri, cli.storage
     driver = cli.start(spec_path, "k", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -252,8 +257,7 @@ def test_driver_killed_then_resumed_gives_one_parent_and_one_child_per_trial(tmp
         driver.kill()
     assert driver.returncode == -signal.SIGKILL
     client = MlflowClient(uri)
-    parents = client.search_runs([client.get_experiment_by_name("lejepa-sweeps").experiment_id],
-                                 "tags.`lejepa.kind` = 'sweep'")
+    parents = client.search_runs([client.get_experiment_by_name("lejepa-sweeps").experiment_id], "tags.`lejepa.kind` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "RUNNING"  # nobody closed it: the driver died
 
     resumed = cli.resume("k")

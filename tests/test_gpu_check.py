@@ -14,8 +14,13 @@ from helpers import REPO
 
 @pytest.mark.slow
 def test_reduced_gpu_check_runs_every_section_on_cpu(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     page = (tmp_path / "gpu_check.md").read_text()
     for section in ("device", "sigreg", "bf16", "tests", "packing", "trainer"):
@@ -30,7 +35,11 @@ def test_reduced_gpu_check_runs_every_section_on_cpu(tmp_path):
 
 
 def test_unknown_section_is_one_error_line(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--only", "sigreg,warp",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--only", "sigreg,warp", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: unknown section(s) warp")
     assert not (tmp_path / "gpu_check.md").exists()

@@ -47,7 +47,7 @@ def direct_ep(x: list[float], t_max: float, knots: int) -> float:
         phi = math.exp(-t * t / 2)
         c = sum(math.cos(t * v) for v in x) / n
         s = sum(math.sin(t * v) for v in x) / n
-        total += w * phi * ((c - phi) ** 2 + s ** 2)
+        total += w * phi * ((c - phi) ** 2 + s**2)
     return n * total
 
 
@@ -117,8 +117,7 @@ class Verdicts(Callback):
 
 
 def _train(tmp_path, name, *overrides, uri=None):
-    cfg = load_config(None, [*TINY, f"train.out_dir={tmp_path}", "train.epochs=3", "train.eval_probe_epochs=1",
-                             *overrides])
+    cfg = load_config(None, [*TINY, f"train.out_dir={tmp_path}", "train.epochs=3", "train.eval_probe_epochs=1", *overrides])
     seen = Verdicts()
     callbacks = [seen] + ([MLflowCallback(uri, "health", run_name=name)] if uri else [])
     return Trainer(cfg, callbacks, run_dir=tmp_path / name), seen
@@ -133,8 +132,10 @@ def test_tiny_training_at_lambda_zero_is_collapsed_a_healthy_one_is_not(tmp_path
     assert collapsed.epochs[-1][0] == COLLAPSED and collapsed.epochs[-1][1] > 0.9
     assert healthy.epochs[-1][0] == HEALTHY and healthy.epochs[-1][1] < 0.3
     client = MlflowClient(uri)
-    tags = {r.info.run_name: r.data.tags[record.HEALTH_TAG]
-            for r in client.search_runs([client.get_experiment_by_name("health").experiment_id])}
+    tags = {
+        r.info.run_name: r.data.tags[record.HEALTH_TAG]
+        for r in client.search_runs([client.get_experiment_by_name("health").experiment_id])
+    }
     assert tags == {"zero": COLLAPSED, "half": HEALTHY}
 
 

@@ -20,8 +20,9 @@ from lejepa.idx import parse_idx, read_idx
 from helpers import TINY, run_cli
 
 HAVE_FASHION = (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
-needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Debian's dataset-fashion-mnist is not installed "
-                                                            f"({FASHION_MNIST_DIR}); `make install` installs it")
+needs_fashion = pytest.mark.skipif(
+    not HAVE_FASHION, reason=f"Debian's dataset-fashion-mnist is not installed ({FASHION_MNIST_DIR}); `make install` installs it"
+)
 TYPE_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
 
 
@@ -37,8 +38,16 @@ def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
     path.write_bytes(gzip.compress(data) if compress else data)
 
 
-def write_mnist_folder(root: Path, n_train: int = 60, n_test: int = 30, prefix: str = "", compress: bool = True,
-                       side: int = 28, classes: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
+def write_mnist_folder(
+    root: Path,
+    n_train: int = 60,
+    n_test: int = 30,
+    prefix: str = "",
+    compress: bool = True,
+    side: int = 28,
+    classes: int = 10,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Four MNIST-style IDX files of random images with balanced labels; returns the arrays."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -68,13 +77,16 @@ def test_read_idx_matches_numpy(tmp_path, dtype, compress):
     assert read.dtype.byteorder in ("=", "|")  # native order, safe for torch.from_numpy
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    (b"\x01\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc", "bad magic"),
-    (b"\x00\x00\x07\x01" + (3).to_bytes(4, "big") + b"abc", "unknown IDX type code 0x07"),
-    (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
-    (b"\x00\x00\x08\x02" + (3).to_bytes(4, "big") + (2).to_bytes(4, "big") + b"abcde", "holds 5"),
-    (b"", "bad magic"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (b"\x01\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc", "bad magic"),
+        (b"\x00\x00\x07\x01" + (3).to_bytes(4, "big") + b"abc", "unknown IDX type code 0x07"),
+        (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
+        (b"\x00\x00\x08\x02" + (3).to_bytes(4, "big") + (2).to_bytes(4, "big") + b"abcde", "holds 5"),
+        (b"", "bad magic"),
+    ],
+)
 def test_malformed_idx_is_one_line(raw, fragment):
     with pytest.raises(DataError, match=fragment) as info:
         parse_idx(raw, "x.idx")
@@ -90,8 +102,9 @@ def test_truncated_gzip_is_one_line(tmp_path):
 # ------------------------------------------------------------------ MNIST-style folders
 
 
-@pytest.mark.parametrize("name, prefix, compress", [("mnist", "", False), ("kmnist", "", True),
-                                                    ("emnist", "emnist-balanced-", True)])
+@pytest.mark.parametrize(
+    "name, prefix, compress", [("mnist", "", False), ("kmnist", "", True), ("emnist", "emnist-balanced-", True)]
+)
 def test_mnist_style_folders_load_exactly(tmp_path, name, prefix, compress):
     arrays = write_mnist_folder(tmp_path / name, prefix=prefix, compress=compress)
     splits = build_datasets(DataConfig(name=name, root=str(tmp_path / name), resolution=28))
@@ -128,11 +141,14 @@ def test_several_splits_in_one_folder_are_refused(tmp_path):
         build_datasets(DataConfig(name="emnist", root=str(tmp_path)))
 
 
-@pytest.mark.parametrize("name, root, fragment", [
-    ("mnist", None, "MNIST needs data.root"),
-    ("fashion-mnist", "/nonexistent/fm", "dataset-fashion-mnist"),
-    ("kmnist", "EMPTY", r"no train-images-idx\*-ubyte"),
-])
+@pytest.mark.parametrize(
+    "name, root, fragment",
+    [
+        ("mnist", None, "MNIST needs data.root"),
+        ("fashion-mnist", "/nonexistent/fm", "dataset-fashion-mnist"),
+        ("kmnist", "EMPTY", r"no train-images-idx\*-ubyte"),
+    ],
+)
 def test_missing_dataset_is_one_line_naming_the_remedy(tmp_path, name, root, fragment):
     if root == "EMPTY":
         root = str(tmp_path)
@@ -208,8 +224,14 @@ def test_fashion_mnist_shifted_split_by_source_and_deterministic():
 def test_train_one_epoch_on_fashion_mnist(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [o for o in TINY if not o.startswith("data.")] + [
-        "data.name=fashion-mnist", "data.resolution=16", "data.train_size=640", "data.test_size=200",
-        "train.epochs=1", "train.run_name=fm", f"train.out_dir={tmp_path / 'runs'}"]
+        "data.name=fashion-mnist",
+        "data.resolution=16",
+        "data.train_size=640",
+        "data.test_size=200",
+        "train.epochs=1",
+        "train.run_name=fm",
+        f"train.out_dir={tmp_path / 'runs'}",
+    ]
     proc = run_cli(["train", *overrides, "--tracking-uri", uri], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(uri)

@@ -8,8 +8,9 @@ from sklearn.linear_model import LogisticRegression
 from lejepa.probes import OnlineProbe, linear_probe, standardise
 
 
-def offset_features(n: int, dim: int = 64, classes: int = 10, offset: float = 50.0, signal: float = 0.02,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def offset_features(
+    n: int, dim: int = 64, classes: int = 10, offset: float = 50.0, signal: float = 0.02, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features like those of a barely trained CNN: a large shared offset per feature plus a small
     class-dependent part and noise, so a probe must rescale to see the classes."""
     gen = torch.Generator().manual_seed(seed)
@@ -33,8 +34,7 @@ def test_standardise_is_the_z_score_of_the_train_split():
 def test_linear_probe_matches_logistic_regression_on_offset_dominated_features():
     x, y = offset_features(3000)
     train_x, train_y, test_x, test_y = x[:2000], y[:2000], x[2000:], y[2000:]
-    reference = LogisticRegression(max_iter=2000).fit(
-        *(a.numpy() for a in standardise(train_x)), train_y.numpy())
+    reference = LogisticRegression(max_iter=2000).fit(*(a.numpy() for a in standardise(train_x)), train_y.numpy())
     ref_acc = reference.score(standardise(train_x, test_x)[1].numpy(), test_y.numpy())
     assert ref_acc > 0.6, "the constructed problem must be learnable"
     acc = linear_probe(train_x, train_y, test_x, test_y, 10, epochs=50)
@@ -53,7 +53,7 @@ def test_online_probe_learns_offset_dominated_features():
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0)
     for _ in range(5):
         for i in range(0, 2000, 128):
-            loss = torch.nn.functional.cross_entropy(probe(x[i:i + 128]), y[i:i + 128])
+            loss = torch.nn.functional.cross_entropy(probe(x[i : i + 128]), y[i : i + 128])
             opt.zero_grad()
             loss.backward()
             opt.step()

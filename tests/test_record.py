@@ -31,13 +31,20 @@ def _ours(tags: dict[str, str]) -> set[str]:
 def test_every_key_a_trained_trial_logs_is_declared(tmp_path):
     uri = record.sqlite_uri(tmp_path / record.TRACKING_DB)
     client = MlflowClient(uri)
-    parent = client.create_run(client.create_experiment("record"), run_name="sweep",
-                               tags={record.KIND_TAG: record.KIND_SWEEP, record.SWEEP_TAG: "s"}).info.run_id
+    parent = client.create_run(
+        client.create_experiment("record"), run_name="sweep", tags={record.KIND_TAG: record.KIND_SWEEP, record.SWEEP_TAG: "s"}
+    ).info.run_id
     cfg = load_config(None, TINY + [f"train.out_dir={tmp_path}", "train.epochs=1", "train.eval_at_init=true"])
-    tracking = TrialTracking(uri, experiment="record", parent_run_id=parent, lam=cfg.loss.lam,
-                             alpha=record.SCORE_ALPHA, node_id="node", flush_every=1,
-                             tags={record.KIND_TAG: record.KIND_TRIAL, record.SWEEP_TAG: "s",
-                                   record.TRIAL_ID_TAG: "t0"})
+    tracking = TrialTracking(
+        uri,
+        experiment="record",
+        parent_run_id=parent,
+        lam=cfg.loss.lam,
+        alpha=record.SCORE_ALPHA,
+        node_id="node",
+        flush_every=1,
+        tags={record.KIND_TAG: record.KIND_TRIAL, record.SWEEP_TAG: "s", record.TRIAL_ID_TAG: "t0"},
+    )
     trainer = Trainer(cfg, run_dir=tmp_path / "t0")
     trainer.add_callback(tracking)
     final = trainer.fit()
@@ -84,12 +91,15 @@ def test_schema_helpers_spell_the_keys_they_stand_for():
     assert len(set(record.STATUSES)) == len(record.STATUSES) and record.STATUS_DIVERGED == record.DIVERGED
 
 
-@pytest.mark.parametrize("error, status", [
-    (KeyboardInterrupt(), record.STATUS_INTERRUPTED),
-    (RuntimeError("boom"), record.STATUS_FAILED),
-    (TrainingDiverged(3, math.nan), record.STATUS_DIVERGED),
-    (TrainingCollapsed(2, 0.01, 1), record.STATUS_COLLAPSED),
-])
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (KeyboardInterrupt(), record.STATUS_INTERRUPTED),
+        (RuntimeError("boom"), record.STATUS_FAILED),
+        (TrainingDiverged(3, math.nan), record.STATUS_DIVERGED),
+        (TrainingCollapsed(2, 0.01, 1), record.STATUS_COLLAPSED),
+    ],
+)
 def test_a_plain_run_ends_by_the_same_status_rule_as_a_sweep_trial(tmp_path, error, status):
     """One rule (:func:`lejepa.record.run_status`) for a plain run and a trial: the MLflow status of
     a run that ended as ``status`` (a trial's is set by the sweep from the same function)."""
@@ -97,7 +107,11 @@ def test_a_plain_run_ends_by_the_same_status_rule_as_a_sweep_trial(tmp_path, err
     callback = MLflowCallback(uri, flush_every=1)
     callback.on_train_start(RunInfo(build_config({}), tmp_path / "run", 0, 0, 10, 30, "cpu", 1, 123))
     callback.on_failure(error)
-    expected = {record.STATUS_INTERRUPTED: "KILLED", record.STATUS_FAILED: "FAILED",
-                record.STATUS_DIVERGED: "FAILED", record.STATUS_COLLAPSED: "FINISHED"}[status]
+    expected = {
+        record.STATUS_INTERRUPTED: "KILLED",
+        record.STATUS_FAILED: "FAILED",
+        record.STATUS_DIVERGED: "FAILED",
+        record.STATUS_COLLAPSED: "FINISHED",
+    }[status]
     assert record.run_status(status) == expected
     assert MlflowClient(uri).get_run(callback.run_id).info.status == expected

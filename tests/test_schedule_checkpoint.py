@@ -54,6 +54,7 @@ def test_corrupt_checkpoint_detected_and_skipped(tmp_path):
 def test_refuses_pickled_code(tmp_path):
     import hashlib
     import json
+
     folder = tmp_path / "evil"
     folder.mkdir()
 

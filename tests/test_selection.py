@@ -10,16 +10,22 @@ from analysis import selection as sel
 
 
 def _candidates() -> pd.DataFrame:
-    return pd.DataFrame({
-        "run_id": ["r1", "r2", "r3", "r4", "r4"], "trial": ["t1", "t2", "t3", "t4", "t4"],
-        "arch": ["a", "a", "b", "b", "b"], "lam": [0.01, 0.05, 0.1, 0.5, 0.5], "epoch": [2, 2, 2, 1, 2],
-        "linear_probe_acc": [0.80, 0.90, 0.85, np.nan, 0.90], "online_acc": [0.7, 0.8, 0.75, 0.6, 0.82],
-        "checkpoint": ["/c/1", None, "/c/3", "/c/4a", "/c/4b"],
-        "checkpoint_uri": [None, "runs:/r2/checkpoint", None, None, "runs:/r4/checkpoint"],
-        "score.good": [1.0, 4.0, 2.0, 0.0, 3.0],
-        "score.mid": [0.0, 1.0, 5.0, np.nan, 2.0],
-        "score.none": np.nan,
-    })
+    return pd.DataFrame(
+        {
+            "run_id": ["r1", "r2", "r3", "r4", "r4"],
+            "trial": ["t1", "t2", "t3", "t4", "t4"],
+            "arch": ["a", "a", "b", "b", "b"],
+            "lam": [0.01, 0.05, 0.1, 0.5, 0.5],
+            "epoch": [2, 2, 2, 1, 2],
+            "linear_probe_acc": [0.80, 0.90, 0.85, np.nan, 0.90],
+            "online_acc": [0.7, 0.8, 0.75, 0.6, 0.82],
+            "checkpoint": ["/c/1", None, "/c/3", "/c/4a", "/c/4b"],
+            "checkpoint_uri": [None, "runs:/r2/checkpoint", None, None, "runs:/r4/checkpoint"],
+            "score.good": [1.0, 4.0, 2.0, 0.0, 3.0],
+            "score.mid": [0.0, 1.0, 5.0, np.nan, 2.0],
+            "score.none": np.nan,
+        }
+    )
 
 
 def test_regret_and_rank_arithmetic():

@@ -29,14 +29,30 @@ def _sweep() -> Sweep:
         for epoch in (1, 2):
             final = epoch == 2
             ratio, rank = logged if logged else (np.nan, np.nan)
-            rows.append({
-                "run_id": name, "trial": name, "arch": arch, "lam": lam, "epoch": epoch, "step": 10 * epoch,
-                "is_final": final, "loss": loss + (0.0 if final else 0.1), "invariance": np.nan,
-                "sigreg": sigreg, "online_acc": acc - (0.0 if final else 0.05),
-                "linear_probe_acc": acc if final else np.nan, "knn_acc": np.nan, "online_probe_acc": np.nan,
-                "checkpoint": f"/ckpt/{name}/{epoch}", "checkpoint_uri": None, "params.optim.batch_size": str(batch),
-                "collapse_ratio": ratio, "proj_rank": rank, "score.rankme": rankme if final else np.nan,
-            })
+            rows.append(
+                {
+                    "run_id": name,
+                    "trial": name,
+                    "arch": arch,
+                    "lam": lam,
+                    "epoch": epoch,
+                    "step": 10 * epoch,
+                    "is_final": final,
+                    "loss": loss + (0.0 if final else 0.1),
+                    "invariance": np.nan,
+                    "sigreg": sigreg,
+                    "online_acc": acc - (0.0 if final else 0.05),
+                    "linear_probe_acc": acc if final else np.nan,
+                    "knn_acc": np.nan,
+                    "online_probe_acc": np.nan,
+                    "checkpoint": f"/ckpt/{name}/{epoch}",
+                    "checkpoint_uri": None,
+                    "params.optim.batch_size": str(batch),
+                    "collapse_ratio": ratio,
+                    "proj_rank": rank,
+                    "score.rankme": rankme if final else np.nan,
+                }
+            )
     return Sweep("hand-made", "sqlite:///none", None, pd.DataFrame(rows))
 
 
@@ -45,8 +61,13 @@ def test_health_columns_from_logged_and_computed_measures():
     final = e[e["is_final"]].set_index("run_id")
     assert final.loc["collapsed", "collapse_ratio"] == pytest.approx(0.9)  # SIGReg / EP(constant) at N = 64
     assert final.loc["good", "collapse_ratio"] == pytest.approx(6.0 / collapsed_ep(64))
-    assert final["verdict"].to_dict() == {"collapsed": "collapsed", "good": "healthy", "fair": "healthy",
-                                          "big-batch": "healthy", "dim": "dimensional collapse"}
+    assert final["verdict"].to_dict() == {
+        "collapsed": "collapsed",
+        "good": "healthy",
+        "fair": "healthy",
+        "big-batch": "healthy",
+        "dim": "dimensional collapse",
+    }
     assert final.loc["good", "scale_group"] != final.loc["big-batch", "scale_group"]
     assert final.loc["good", "scale_group"].startswith("batch 64 · views 2+")
 
@@ -62,7 +83,10 @@ def test_select_never_picks_unhealthy_and_compares_losses_within_one_scale():
     assert not unhealthy & set(picks.loc[[k for k in picks.index if k.startswith("safe_")], "trial"])
     assert a.group.startswith("batch 64")
     assert dict(zip(a.excluded["trial"], a.excluded["verdict"])) == {
-        "collapsed": "collapsed", "big-batch": "healthy", "dim": "dimensional collapse"}
+        "collapsed": "collapsed",
+        "big-batch": "healthy",
+        "dim": "dimensional collapse",
+    }
     assert "another scale" in a.excluded.set_index("trial").loc["big-batch", "reason"]
     assert any("on 2 scales" in n for n in a.notes)
     text = terminal_table(a)

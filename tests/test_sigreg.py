@@ -55,9 +55,7 @@ SHAPES = [(256, 64), (3, 100, 37), (2, 4, 33, 5), (2, 1)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize(
-    "dtype, rtol, grad_rtol", [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-5, 1e-4)]
-)
+@pytest.mark.parametrize("dtype, rtol, grad_rtol", [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-5, 1e-4)])
 def test_value_and_gradient_match_direct_formula(shape, dtype, rtol, grad_rtol):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen, dtype=dtype) * 1.2 + 0.1
@@ -100,9 +98,7 @@ def test_half_collapsed_embeddings_score_far_above_gaussian():
     half[:, 32:] = 0
     sigreg = SIGReg(num_slices=1024).eval()
     gaussian, collapsed = sigreg(z).item(), sigreg(half).item()
-    population, _ = quad(
-        lambda t: (math.exp(-t * t / 4) - math.exp(-t * t / 2)) ** 2 * math.exp(-t * t / 2), -3, 3
-    )
+    population, _ = quad(lambda t: (math.exp(-t * t / 4) - math.exp(-t * t / 2)) ** 2 * math.exp(-t * t / 2), -3, 3)
     assert 0.5 < gaussian < 2.0
     assert collapsed > 10 * gaussian
     assert N * population < collapsed < N * population + 4
@@ -235,8 +231,13 @@ def test_triton_kernels_match_the_direct_formula_under_the_interpreter():
         pytest.skip("triton is not installed")
     from helpers import REPO
 
-    done = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-c", _TRITON_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     worst, same = map(float, done.stdout.split())
     assert worst < 1e-5 and same < 1e-5

@@ -16,29 +16,53 @@ import stability
 
 
 def _rows(arch: str, probes: list[float], inits: list[float], verdict: str = "healthy") -> list[dict]:
-    return [{"run_id": f"{arch}{i}", "arch": arch, "status": "finished", "verdict": verdict, "loss": 0.3,
-             "collapse_ratio": 0.1, "proj_rank": 0.4, "init_probe": b, "probe": p, "gain": p - b, "init_knn": b,
-             "knn": p, "images_per_s": 50.0, "wall_s": 100.0} for i, (p, b) in enumerate(zip(probes, inits))]
+    return [
+        {
+            "run_id": f"{arch}{i}",
+            "arch": arch,
+            "status": "finished",
+            "verdict": verdict,
+            "loss": 0.3,
+            "collapse_ratio": 0.1,
+            "proj_rank": 0.4,
+            "init_probe": b,
+            "probe": p,
+            "gain": p - b,
+            "init_knn": b,
+            "knn": p,
+            "images_per_s": 50.0,
+            "wall_s": 100.0,
+        }
+        for i, (p, b) in enumerate(zip(probes, inits))
+    ]
 
 
 def test_spread_over_seeds_and_learning_needs_more_gain_than_that(tmp_path):
-    seeds = pd.DataFrame(_rows("regnetx_002", [0.66, 0.68, 0.67], [0.60, 0.61, 0.60])
-                         + _rows("levit_128s", [0.50, 0.53, 0.52], [0.45, 0.44, 0.46]))
+    seeds = pd.DataFrame(
+        _rows("regnetx_002", [0.66, 0.68, 0.67], [0.60, 0.61, 0.60]) + _rows("levit_128s", [0.50, 0.53, 0.52], [0.45, 0.44, 0.46])
+    )
     spread, strict, table = stability.seed_spread(seeds)
     assert strict == pytest.approx(0.03)
     assert spread == pytest.approx(np.sqrt((np.var([0.66, 0.68, 0.67], ddof=1) + np.var([0.50, 0.53, 0.52], ddof=1)) / 2))
     assert set(table["arch"]) == {"regnetx_002", "levit_128s"}
 
-    walk = pd.DataFrame(_rows("resnet10t", [0.70], [0.65]) + _rows("mobilenetv2_050", [0.25], [0.23])
-                        + _rows("ghostnet_050", [0.90], [0.20], verdict="collapsed")
-                        + [{"run_id": "x", "arch": "vit_tiny_patch16_224", "status": "diverged", "verdict": "diverged"}])
+    walk = pd.DataFrame(
+        _rows("resnet10t", [0.70], [0.65])
+        + _rows("mobilenetv2_050", [0.25], [0.23])
+        + _rows("ghostnet_050", [0.90], [0.20], verdict="collapsed")
+        + [{"run_id": "x", "arch": "vit_tiny_patch16_224", "status": "diverged", "verdict": "diverged"}]
+    )
     for col in stability.COLUMNS:
         if col not in walk and col not in ("family", "params", "adaptation", "learns"):
             walk[col] = np.nan
     walk = stability.describe(walk, 0.03, strict)
     learns = dict(zip(walk["arch"], walk["learns"]))
-    assert learns == {"resnet10t": True, "mobilenetv2_050": False, "ghostnet_050": False,
-                      "vit_tiny_patch16_224": False}  # +0.05 > 0.03; +0.02 is not; unhealthy never counts
+    assert learns == {
+        "resnet10t": True,
+        "mobilenetv2_050": False,
+        "ghostnet_050": False,
+        "vit_tiny_patch16_224": False,
+    }  # +0.05 > 0.03; +0.02 is not; unhealthy never counts
     assert walk.set_index("arch").loc["resnet10t", "family"] == "resnet"
 
     page = stability.markdown(walk, 0.03, strict, table, "# walk")
@@ -58,8 +82,9 @@ def test_spread_over_seeds_and_learning_needs_more_gain_than_that(tmp_path):
     assert after["mobilenetv2_050"]["gpu_walk_outcome"] == "no gain"
     assert float(after["mobilenetv2_050"]["gpu_walk_gain"]) == pytest.approx(0.02)
     assert after["vit_tiny_patch16_224"]["gpu_walk_outcome"] == gpu_before
-    assert {(n, k): v for n in after for k, v in after[n].items() if not k.startswith("gpu_")} == \
-        {(n, k): v for n in rows for k, v in rows[n].items() if not k.startswith("gpu_")}
+    assert {(n, k): v for n in after for k, v in after[n].items() if not k.startswith("gpu_")} == {
+        (n, k): v for n in rows for k, v in rows[n].items() if not k.startswith("gpu_")
+    }
     from lejepa.catalog import get_arch
 
     assert rows["resnet18"] == get_arch("resnet18").to_row()  # not in this walk: untouched
@@ -67,7 +92,8 @@ def test_spread_over_seeds_and_learning_needs_more_gain_than_that(tmp_path):
 
 def test_a_later_walk_part_supersedes_an_earlier_one_per_architecture():
     first = pd.DataFrame(_rows("vit_tiny_patch16_224", [0.19], [0.39]) + _rows("resnet10t", [0.70], [0.65])).assign(
-        sweep="walk1", lr=1e-2)
+        sweep="walk1", lr=1e-2
+    )
     second = pd.DataFrame(_rows("vit_tiny_patch16_224", [0.55], [0.39])).assign(sweep="walk2", lr=1e-3)
     walk = stability.latest_per_arch([first, second]).set_index("arch")
     assert sorted(walk.index) == ["resnet10t", "vit_tiny_patch16_224"]
@@ -86,10 +112,30 @@ def test_direct_walk_trains_reports_and_resumes_only_what_is_missing(tmp_path):
     and --resume trains only the trials not finished in trials.csv."""
     import subprocess
 
-    cmd = [sys.executable, str(REPO / "benchmarks" / "stability_direct.py"), "--workers", "2", "--limit", "0",
-           "--seed-archs", "test_resnet", "--seeds", "2", "--out", str(tmp_path), "--set", "data.name=digits-shifted",
-           "data.resolution=16", "data.train_size=256", "data.test_size=128", "optim.batch_size=64", "train.epochs=1",
-           "loss.num_slices=32", "model.proj_hidden=32", "train.eval_probe_epochs=2"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "stability_direct.py"),
+        "--workers",
+        "2",
+        "--limit",
+        "0",
+        "--seed-archs",
+        "test_resnet",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "data.name=digits-shifted",
+        "data.resolution=16",
+        "data.train_size=256",
+        "data.test_size=128",
+        "optim.batch_size=64",
+        "train.epochs=1",
+        "loss.num_slices=32",
+        "model.proj_hidden=32",
+        "train.eval_probe_epochs=2",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     trials = pd.read_csv(tmp_path / "trials.csv")
@@ -105,8 +151,9 @@ def test_direct_walk_trains_reports_and_resumes_only_what_is_missing(tmp_path):
     assert "1 trials (1 done before)" in again.stdout
     assert sorted(pd.read_csv(tmp_path / "trials.csv")["seed"]) == [0, 1]
 
-    missing = subprocess.run(cmd[:-1] + ["--report-only", "--out", str(tmp_path / "none")], capture_output=True,
-                             text=True, timeout=120)
+    missing = subprocess.run(
+        cmd[:-1] + ["--report-only", "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "does not exist" in missing.stderr
 
 
@@ -120,8 +167,20 @@ def test_parts_from_earlier_reports_merge_with_later_ones(tmp_path, capsys):
     for name, frame in (("seeds", stability.seed_spread(seeds)[2]), ("part1", part1), ("part2", part2)):
         frame.to_csv(tmp_path / f"{name}.csv", index=False)
     first = tmp_path / "first"
-    assert stability.main(["--walk", str(tmp_path / "part1.csv"), str(tmp_path / "part2.csv"), "--seeds",
-                           str(tmp_path / "seeds.csv"), "--out", str(first)]) == 0
+    assert (
+        stability.main(
+            [
+                "--walk",
+                str(tmp_path / "part1.csv"),
+                str(tmp_path / "part2.csv"),
+                "--seeds",
+                str(tmp_path / "seeds.csv"),
+                "--out",
+                str(first),
+            ]
+        )
+        == 0
+    )
     walk = pd.read_csv(first / "stability.csv").set_index("arch")
     assert walk.loc["resnet10t", "probe"] == pytest.approx(0.80) and bool(walk.loc["resnet10t", "learns"])
     spread, strict, _ = stability.seed_spread(seeds)
@@ -129,9 +188,12 @@ def test_parts_from_earlier_reports_merge_with_later_ones(tmp_path, capsys):
     assert again[:2] == pytest.approx((spread, strict), abs=1e-4)
 
     capsys.readouterr()
-    assert stability.main(["--walk", str(tmp_path / "gone.csv"), "--seeds", str(tmp_path / "seeds.csv"),
-                           "--out", str(tmp_path / "x")]) == 2
+    assert (
+        stability.main(
+            ["--walk", str(tmp_path / "gone.csv"), "--seeds", str(tmp_path / "seeds.csv"), "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("error: walk part") and not (tmp_path / "x").exists()
-    assert stability.main(["--walk", "stability_walk", "--seeds", str(tmp_path / "seeds.csv"),
-                           "--out", str(tmp_path / "y")]) == 2
+    assert stability.main(["--walk", "stability_walk", "--seeds", str(tmp_path / "seeds.csv"), "--out", str(tmp_path / "y")]) == 2
     assert "--tracking-uri is needed" in capsys.readouterr().err

@@ -15,7 +15,6 @@ from helpers import LEJEPA, REPO, spec_body, write_spec
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture
 def two_node_cluster(monkeypatch):
     import ray._private.utils
@@ -38,17 +37,32 @@ def test_trials_on_both_nodes_log_to_the_mlflow_server(tmp_path, mlflow_server, 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
-        LEJEPA + ["sweep", str(spec), "--name", "c", "--address", two_node_cluster.address,
-                  "--tracking-uri", mlflow_server.url, "--storage", str(tmp_path / "sweeps")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        LEJEPA
+        + [
+            "sweep",
+            str(spec),
+            "--name",
+            "c",
+            "--address",
+            two_node_cluster.address,
+            "--tracking-uri",
+            mlflow_server.url,
+            "--storage",
+            str(tmp_path / "sweeps"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 trials (2 finished)" in proc.stdout and f"browse: {mlflow_server.url}" in proc.stdout
     assert "cannot see the sweep storage" not in proc.stderr  # every node sees it: same machine
-    assert not list(tmp_path.rglob("mlflow.db"))              # nothing fell back to a local store
+    assert not list(tmp_path.rglob("mlflow.db"))  # nothing fell back to a local store
 
     client = MlflowClient(mlflow_server.url)
-    (parent,) = client.search_runs([client.get_experiment_by_name("lejepa-sweeps").experiment_id],
-                                   "tags.`lejepa.kind` = 'sweep'")
+    (parent,) = client.search_runs([client.get_experiment_by_name("lejepa-sweeps").experiment_id], "tags.`lejepa.kind` = 'sweep'")
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}

@@ -31,17 +31,25 @@ def ray_with_one_gpu():
 def test_fractional_gpus_run_that_many_trials_at_once(tmp_path, ray_with_one_gpu, gpus, at_once):
     base = tiny_base()
     base["train"]["epochs"] = 1
-    spec = load_spec(write_spec(tmp_path, {
-        "name": "packed", "base": base, "space": {"loss.lam": [0.02, 0.05, 0.1, 0.2]},
-        "resources": {"cpus_per_trial": 1, "gpus_per_trial": gpus}, "max_concurrent_trials": 4}))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            {
+                "name": "packed",
+                "base": base,
+                "space": {"loss.lam": [0.02, 0.05, 0.1, 0.2]},
+                "resources": {"cpus_per_trial": 1, "gpus_per_trial": gpus},
+                "max_concurrent_trials": 4,
+            },
+        )
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_sweep(spec, storage=tmp_path / "sweeps", tracking_uri=uri)
     assert [t.status for t in outcome.trials] == ["finished"] * 4
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(outcome.sweep.experiment)
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{outcome.sweep.parent_run_id}'")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.sweep.parent_run_id}'")
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
     assert len(spans) == 4
     # the most trials alive at one moment: count starts minus ends in time order

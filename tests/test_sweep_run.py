@@ -26,8 +26,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
-    spec = sweep_spec(tmp_path, space={"loss.lam": [0.02, 0.2], "model.arch": ["test_resnet", "test_vit"]},
-                      arch_overrides=[{"pattern": "test_vit", "set": {"optim.lr": 1e-3}}], max_concurrent_trials=2)
+    spec = sweep_spec(
+        tmp_path,
+        space={"loss.lam": [0.02, 0.2], "model.arch": ["test_resnet", "test_vit"]},
+        arch_overrides=[{"pattern": "test_vit", "set": {"optim.lr": 1e-3}}],
+        max_concurrent_trials=2,
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_sweep(spec, storage=tmp_path / "sweeps", name="four", tracking_uri=uri)
 
@@ -37,7 +41,8 @@ def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
     trials = trial_states(path)
     assert len(trials) == 4 and {t.status for t in trials.values()} == {"TERMINATED"}
     assert {(t.config["loss.lam"], t.config["model.arch"]) for t in trials.values()} == {
-        (lam, arch) for lam in (0.02, 0.2) for arch in ("test_resnet", "test_vit")}
+        (lam, arch) for lam in (0.02, 0.2) for arch in ("test_resnet", "test_vit")
+    }
     for t in trials.values():
         r = t.last_result
         assert r["epoch"] == 1 and r["train/score"] == pytest.approx(r["epoch/loss"] / t.config["loss.lam"] ** 0.4)
@@ -59,9 +64,10 @@ def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
         assert child.data.tags["lejepa.kind"] == "trial" and child.data.tags["lejepa.sweep"] == "four"
         assert child.data.params["loss.lam"] == str(t.config["loss.lam"])
         assert child.data.params["model.arch"] == t.config["model.arch"]
-        assert float(child.data.params["optim.lr"]) == (1e-3 if t.config["model.arch"] == "test_vit"
-                                                        else spec.base_config.optim.lr)  # arch_overrides
-        assert child.data.params["train.threads"] == "1"   # the trial's CPUs
+        assert float(child.data.params["optim.lr"]) == (
+            1e-3 if t.config["model.arch"] == "test_vit" else spec.base_config.optim.lr
+        )  # arch_overrides
+        assert child.data.params["train.threads"] == "1"  # the trial's CPUs
         assert child.data.tags["lejepa.run_dir"] == str(path / "trials" / t.trial_id)
         assert child.data.metrics["train/score"] == pytest.approx(t.last_result["train/score"])
         assert child.data.metrics["eval/linear_probe_acc"] == pytest.approx(t.last_result["eval/linear_probe_acc"])
@@ -118,8 +124,9 @@ def test_interrupt_and_resume_runs_each_trial_once(tmp_path, ray_address):
     assert "interrupted: continue with  lejepa sweep --resume r1" in out
     parent = _parent(uri)
     assert parent.info.status == "KILLED"
-    done_before = {r.data.tags["lejepa.trial_id"]: r.info.run_id
-                   for r in child_runs(uri, parent.info.run_id) if r.info.status == "FINISHED"}
+    done_before = {
+        r.data.tags["lejepa.trial_id"]: r.info.run_id for r in child_runs(uri, parent.info.run_id) if r.info.status == "FINISHED"
+    }
     assert 1 <= len(done_before) < 3
     results_before = {t: _result_lines(storage / "r1", t) for t in done_before}
 
@@ -177,8 +184,9 @@ def _parent(uri: str):
 
 def _final_reported(experiment: Path) -> bool:
     """Whether Tune's driver has logged some trial's final report (the one with the final evaluation)."""
-    return any(FINAL_METRIC in line for path in experiment.glob("run_trial_*/result.json")
-               for line in path.read_text().splitlines())
+    return any(
+        FINAL_METRIC in line for path in experiment.glob("run_trial_*/result.json") for line in path.read_text().splitlines()
+    )
 
 
 def _result_lines(experiment: Path, trial_id: str) -> int:
@@ -186,12 +194,16 @@ def _result_lines(experiment: Path, trial_id: str) -> int:
     return len((folder / "result.json").read_text().splitlines())
 
 
-
 def test_optuna_search_with_asha_on_the_label_free_score(tmp_path, ray_address):
-    spec = sweep_spec(tmp_path, epochs=2, space={"loss.lam": {"loguniform": [0.01, 0.5]}}, num_samples=4,
-                      search={"algo": "optuna", "seed": 0},
-                      scheduler={"type": "asha", "metric": "train/score", "grace_period": 1, "reduction_factor": 2},
-                      max_concurrent_trials=2)
+    spec = sweep_spec(
+        tmp_path,
+        epochs=2,
+        space={"loss.lam": {"loguniform": [0.01, 0.5]}},
+        num_samples=4,
+        search={"algo": "optuna", "seed": 0},
+        scheduler={"type": "asha", "metric": "train/score", "grace_period": 1, "reduction_factor": 2},
+        max_concurrent_trials=2,
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_sweep(spec, storage=tmp_path / "sweeps", name="tpe", tracking_uri=uri)
 
@@ -212,8 +224,9 @@ def test_optuna_search_with_asha_on_the_label_free_score(tmp_path, ray_address):
 def test_label_free_pruning_stops_a_collapsed_trial(tmp_path, ray_address):
     """prune_collapsed: 2 — the λ = 0 trial stops after 2 collapsed epochs (status collapsed, never
     retried, counted apart); the healthy λ = 0.5 trial runs its 3 epochs."""
-    spec = sweep_spec(tmp_path, epochs=3, space={"loss.lam": [0.0, 0.5]}, score_alpha=0, prune_collapsed=2,
-                      max_concurrent_trials=2)
+    spec = sweep_spec(
+        tmp_path, epochs=3, space={"loss.lam": [0.0, 0.5]}, score_alpha=0, prune_collapsed=2, max_concurrent_trials=2
+    )
     assert spec.base["train"]["collapse_patience"] == 2
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_sweep(spec, storage=tmp_path / "sweeps", name="prune", tracking_uri=uri)

@@ -17,23 +17,22 @@ VENV_BIN = REPO / ".venv" / "bin"
 
 def _files() -> list[str]:
     """The working tree's files as git sees them (tracked and untracked, ignored ones left out)."""
-    done = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                          check=True)
+    done = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True)
     return [f for f in done.stdout.decode().split("\0") if f and (REPO / f).is_file()]
 
 
 def test_make_lint_runs_ruff_check_ruff_format_and_mypy_before_the_suite():
     plan = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     lines = [line for line in plan.splitlines() if line.startswith(".venv/bin/")]
-    tools = [line.split()[0].removeprefix(".venv/bin/") + (" " + line.split()[1] if "ruff" in line else "")
-             for line in lines]
+    tools = [line.split()[0].removeprefix(".venv/bin/") + (" " + line.split()[1] if "ruff" in line else "") for line in lines]
     assert tools[-4:] == ["ruff check", "ruff format", "mypy", "python"], plan
     assert "--check" in lines[-3] and "-m pytest" in lines[-1]
 
 
 def test_pre_commit_hooks_are_the_lint_tools():
-    hooks = {h["id"]: h for repo in yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text())["repos"]
-             for h in repo["hooks"]}
+    hooks = {
+        h["id"]: h for repo in yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text())["repos"] for h in repo["hooks"]
+    }
     assert set(hooks) == {"ruff-check", "ruff-format", "mypy"}
     assert all(h["entry"].startswith(".venv/bin/") and h["language"] == "system" for h in hooks.values())
 
@@ -50,7 +49,8 @@ def test_pre_commit_ruff_hooks_pass_on_a_copy_of_the_tree(tmp_path):
     env = {**os.environ, "PRE_COMMIT_HOME": str(tmp_path / "pre-commit-home"), "SKIP": "mypy"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
         subprocess.run(cmd, cwd=copy, check=True, env=env)
-    done = subprocess.run([str(VENV_BIN / "pre-commit"), "run", "--all-files"], cwd=copy, capture_output=True,
-                          text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [str(VENV_BIN / "pre-commit"), "run", "--all-files"], cwd=copy, capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "ruff check" in done.stdout and "ruff format" in done.stdout

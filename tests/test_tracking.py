@@ -29,7 +29,7 @@ def _train(callback: MLflowCallback, info: RunInfo, first_step: int, last_step: 
 def test_continued_run_skips_the_steps_it_already_holds(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = MLflowCallback(uri, flush_every=1)
-    _train(first, _info(tmp_path / "run"), 1, 14)     # killed in epoch 2, after step 14 was sent
+    _train(first, _info(tmp_path / "run"), 1, 14)  # killed in epoch 2, after step 14 was sent
     assert first.flush(retry_for=30)
     first.on_failure(RuntimeError("worker died"))
 
@@ -58,9 +58,9 @@ def test_sender_keeps_metrics_while_the_store_fails_and_delivers_them_in_order(t
     sender = MetricSender(broken, run_id, interval=0.1)
     now = int(time.time() * 1000)
     sender.add([Metric("m", float(i), now, i) for i in range(50)], wake=True)
-    assert not sender.drain(timeout=1.5)          # nothing delivered, nothing dropped
+    assert not sender.drain(timeout=1.5)  # nothing delivered, nothing dropped
     assert len(sender.pending) == 50 and sender.sent == 0
-    sender.client = client                         # the store is back
+    sender.client = client  # the store is back
     assert sender.close(timeout=30)
     assert [m.step for m in client.get_metric_history(run_id, "m")] == list(range(50))
 

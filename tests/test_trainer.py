@@ -121,16 +121,29 @@ def test_divergence_is_reported_with_step(tmp_path):
     assert info.value.step == 4 and math.isnan(info.value.value)
 
 
-
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     """The real CLI under torchrun with 2 gloo processes: one run folder, one MLflow run, rank-1 state saved."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "lejepa", "train", *TINY, "train.epochs=2",
-           f"train.out_dir={tmp_path}", "train.run_name=ddp", "--tracking-uri", uri]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "lejepa",
+        "train",
+        *TINY,
+        "train.epochs=2",
+        f"train.out_dir={tmp_path}",
+        "train.run_name=ddp",
+        "--tracking-uri",
+        uri,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -179,8 +192,9 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_is_refused_there(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_autocast_trains_on_cuda(tmp_path):
     rec = Recorder()
-    trainer = Trainer(tiny_cfg(tmp_path, "train.device=cuda", "train.epochs=1", "train.compile=eager"), [rec],
-                      run_dir=tmp_path / "cuda")
+    trainer = Trainer(
+        tiny_cfg(tmp_path, "train.device=cuda", "train.epochs=1", "train.compile=eager"), [rec], run_dir=tmp_path / "cuda"
+    )
     assert trainer.rt.autocast_dtype == torch.bfloat16  # auto = bf16 on CUDA
     trainer.fit()
     assert rec.steps and all(math.isfinite(m[record.TRAIN_LOSS]) for m in rec.steps.values())
@@ -225,7 +239,8 @@ def test_random_init_baseline_scores_the_untrained_backbone_and_changes_nothing_
     fresh = Trainer(cfg, run_dir=tmp_path / "fresh")  # same seed: the same untrained backbone
     train, test = fresh.features(fresh.data.train), fresh.features(fresh.data.test)
     assert init[record.INIT_LINEAR_PROBE_ACC] == pytest.approx(
-        linear_probe(*train, *test, fresh.data.num_classes, epochs=cfg.train.eval_probe_epochs, seed=cfg.train.seed))
+        linear_probe(*train, *test, fresh.data.num_classes, epochs=cfg.train.eval_probe_epochs, seed=cfg.train.seed)
+    )
     assert init[record.INIT_KNN_ACC] == pytest.approx(knn_accuracy(*train, *test, k=cfg.train.eval_knn_k))
     assert init[record.INIT_KNN_ACC] != pytest.approx(final[record.KNN_ACC])
 
@@ -242,8 +257,7 @@ def test_a_failing_compilation_falls_back_to_eager_under_auto_and_is_one_error_o
 
     real_compile = torch.compile
     monkeypatch.setattr(trainer_module, "compile_mode", lambda requested, device: "default")
-    monkeypatch.setattr(trainer_module.torch, "compile",
-                        lambda model, **kw: real_compile(model, backend=_failing_backend))
+    monkeypatch.setattr(trainer_module.torch, "compile", lambda model, **kw: real_compile(model, backend=_failing_backend))
     rec = Recorder()
     trainer = Trainer(tiny_cfg(tmp_path, "train.epochs=1", f"train.compile={mode}"), [rec], run_dir=tmp_path / mode)
     assert trainer.train_model is not trainer.model

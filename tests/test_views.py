@@ -28,8 +28,7 @@ IDENTITY = dict(OFF, global_views=1, local_views=0, global_scale=(1.0, 1.0))
 
 
 def images(batch: int = 8, side: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
 def smooth(side: int, channels: int = 3) -> torch.Tensor:
@@ -170,8 +169,11 @@ def test_probabilities_are_per_sample():
 def test_color_jitter_matches_torchvision_functionals():
     x = torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     x[0] = 0.5  # grey: hue undefined
-    b, c, s = torch.tensor([0.6, 1.4, 1.0, 0.9, 1.2, 0.7]), torch.tensor([1.3, 0.6, 1.1, 1.0, 0.8, 1.4]), \
-        torch.tensor([0.7, 1.2, 0.0, 1.4, 1.0, 0.9])
+    b, c, s = (
+        torch.tensor([0.6, 1.4, 1.0, 0.9, 1.2, 0.7]),
+        torch.tensor([1.3, 0.6, 1.1, 1.0, 0.8, 1.4]),
+        torch.tensor([0.7, 1.2, 0.0, 1.4, 1.0, 0.9]),
+    )
     h = torch.tensor([0.1, -0.1, 0.05, 0.5, -0.5, 0.0])
     got = color_jitter(x.clone(), b, c, s, h)
     for i in range(6):
@@ -203,12 +205,15 @@ def test_gaussian_blur_matches_torchvision_per_sample_sigma():
     assert blur_kernel_size(224) == 23 and blur_kernel_size(96) == 11 and blur_kernel_size(14) == 3
 
 
-@pytest.mark.parametrize("top,left,height,width,size,margin,atol", [
-    (0, 0, 32, 32, 48, 0, 1e-5),  # whole image, enlarged: exactly bilinear
-    (5, 7, 12, 10, 32, 2, 1e-5),  # interior box, enlarged: bilinear (the outer rings of roi_align
-    #                               samples reads the pixels just outside the box; resized_crop clamps)
-    (2, 3, 27, 29, 14, 0, 2e-2),  # shrunk: area average vs torchvision's triangle antialias
-])
+@pytest.mark.parametrize(
+    "top,left,height,width,size,margin,atol",
+    [
+        (0, 0, 32, 32, 48, 0, 1e-5),  # whole image, enlarged: exactly bilinear
+        (5, 7, 12, 10, 32, 2, 1e-5),  # interior box, enlarged: bilinear (the outer rings of roi_align
+        #                               samples reads the pixels just outside the box; resized_crop clamps)
+        (2, 3, 27, 29, 14, 0, 2e-2),  # shrunk: area average vs torchvision's triangle antialias
+    ],
+)
 def test_resized_crop_matches_torchvision(top, left, height, width, size, margin, atol):
     x = smooth(32)
     box = torch.tensor([[left, top, left + width, top + height]], dtype=torch.float32)
@@ -228,8 +233,9 @@ def test_crop_boxes_follow_random_resized_crop():
     assert area.min() > scale[0] * 0.8 and area.max() < scale[1] * 1.2  # rounding to whole pixels
     assert (w / h).min() > 0.75 * 0.85 and (w / h).max() < 4 / 3 * 1.15
     torch.manual_seed(0)
-    ref = torch.tensor([v2.RandomResizedCrop.get_params(torch.empty(1, side, side), list(scale),
-                                                        [3 / 4, 4 / 3])[2:] for _ in range(n)]).float()
+    ref = torch.tensor(
+        [v2.RandomResizedCrop.get_params(torch.empty(1, side, side), list(scale), [3 / 4, 4 / 3])[2:] for _ in range(n)]
+    ).float()
     ref_area = ref[:, 0] * ref[:, 1] / side**2
     assert abs(area.mean() - ref_area.mean()) < 0.01
     centre = (boxes[:, 0] + boxes[:, 2]) / 2

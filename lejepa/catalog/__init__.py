@@ -172,8 +172,9 @@ def query(
         known = families()
         for f in wanted:
             if f not in known:
-                raise ArchitectureError(f"unknown architecture family {f!r}{did_you_mean(f, known)}; "
-                                        f"families: {', '.join(known)}")
+                raise ArchitectureError(
+                    f"unknown architecture family {f!r}{did_you_mean(f, known)}; families: {', '.join(known)}"
+                )
         entries = [a for a in entries if a.family in wanted]
         asked.append(f"family={','.join(wanted)}")
     if max_params is not None:
@@ -236,12 +237,35 @@ def _outcome(outcome: str, gain: float | None) -> str:
 
 def format_table(entries: list[ArchInfo]) -> str:
     """A fixed-width text table of ``entries`` (for ``lejepa archs``), with a count line."""
-    header = ["name", "family", "params", "embed", "min_px", "fixed_px", "small_stem", "gpu_scale", "runs_small",
-              "walk", "gpu walk", "notes"]
+    header = [
+        "name",
+        "family",
+        "params",
+        "embed",
+        "min_px",
+        "fixed_px",
+        "small_stem",
+        "gpu_scale",
+        "runs_small",
+        "walk",
+        "gpu walk",
+        "notes",
+    ]
     rows = [
-        [a.name, a.family, format_params(a.params), str(a.embed_dim), str(a.min_input), str(a.fixed_input or ""),
-         "yes" if a.small_stem else "", "yes" if a.gpu_scale else "", "yes" if a.runs_small else "NO",
-         _outcome(a.walk_outcome, a.walk_gain), _outcome(a.gpu_walk_outcome, a.gpu_walk_gain), a.notes]
+        [
+            a.name,
+            a.family,
+            format_params(a.params),
+            str(a.embed_dim),
+            str(a.min_input),
+            str(a.fixed_input or ""),
+            "yes" if a.small_stem else "",
+            "yes" if a.gpu_scale else "",
+            "yes" if a.runs_small else "NO",
+            _outcome(a.walk_outcome, a.walk_gain),
+            _outcome(a.gpu_walk_outcome, a.gpu_walk_gain),
+            a.notes,
+        ]
         for a in entries
     ]
     fams = len({a.family for a in entries})

@@ -73,14 +73,29 @@ FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 EXCLUDE = (
-    "test_*", "tf_*",                                  # unit-test stubs, TF-padding ports of the same nets
-    "*_384", "*_336", "*_448", "*_512", "*_240",       # the same net at another pretraining resolution
-    "*_gn", "*_aa_*", "*_blur_*", "*_rw", "*_sgn", "*_tv",  # norm/anti-alias/port variants of a listed net
+    "test_*",
+    "tf_*",  # unit-test stubs, TF-padding ports of the same nets
+    "*_384",
+    "*_336",
+    "*_448",
+    "*_512",
+    "*_240",  # the same net at another pretraining resolution
+    "*_gn",
+    "*_aa_*",
+    "*_blur_*",
+    "*_rw",
+    "*_sgn",
+    "*_tv",  # norm/anti-alias/port variants of a listed net
 )
 
 REFERENCE = (
-    "resnet50", "resnext50_32x4d", "inception_next_tiny", "vit_small_patch16_224", "deit_small_patch16_224",
-    "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256",
+    "resnet50",
+    "resnext50_32x4d",
+    "inception_next_tiny",
+    "vit_small_patch16_224",
+    "deit_small_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "swinv2_tiny_window8_256",
 )
 """Common reference models above the budget, still trained in the CPU walk."""
 
@@ -126,8 +141,18 @@ def describe(name: str, family: str) -> ArchInfo:
         notes.append(f"reference model above the {format_params(PARAM_BUDGET)} budget")
     if gpu_scale:
         notes.append("GPU-scale: step checked on the meta device (shapes only)")
-    return ArchInfo(name, family, params, backbone.embed_dim, backbone.min_input, backbone.fixed_input,
-                    backbone.small_stem, gpu_scale, False, "; ".join(notes))
+    return ArchInfo(
+        name,
+        family,
+        params,
+        backbone.embed_dim,
+        backbone.min_input,
+        backbone.fixed_input,
+        backbone.small_stem,
+        gpu_scale,
+        False,
+        "; ".join(notes),
+    )
 
 
 def describe_default(name: str, family: str) -> ArchInfo:
@@ -141,8 +166,13 @@ def describe_default(name: str, family: str) -> ArchInfo:
 
 
 def make_step(
-    arch: str, resolution: int = SMALL_RESOLUTION, batch: int = 4, global_views: int = 2, local_views: int = 2,
-    device: str = "cpu", seed: int = 0,
+    arch: str,
+    resolution: int = SMALL_RESOLUTION,
+    batch: int = 4,
+    global_views: int = 2,
+    local_views: int = 2,
+    device: str = "cpu",
+    seed: int = 0,
 ) -> Callable[[], torch.Tensor]:
     """A function running one LeJEPA training step of ``arch`` on fixed random views.
 
@@ -153,8 +183,9 @@ def make_step(
     """
     torch.manual_seed(seed)
     mcfg, lcfg = ModelConfig(), LossConfig()
-    model = LeJEPAModel(build_backbone(arch, resolution, device=device), mcfg.proj_hidden, mcfg.proj_dim,
-                        mcfg.proj_layers).to(device)
+    model = LeJEPAModel(build_backbone(arch, resolution, device=device), mcfg.proj_hidden, mcfg.proj_dim, mcfg.proj_layers).to(
+        device
+    )
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sigreg: Callable[[torch.Tensor], torch.Tensor] = SIGReg(lcfg.num_slices, lcfg.knots, lcfg.t_max).to(device)
     if device == "meta":  # SIGReg's step counter and autocast guard need a real device: same statistic, fixed directions
@@ -233,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     entries = build(log=lambda line: print(line, flush=True))
     write_csv(entries, args.out)
     failed = [e.name for e in entries if not e.runs_small]
-    print(f"{len(entries)} architectures, {len({e.family for e in entries})} families, "
-          f"{len(failed)} not runnable small {failed}, {time.perf_counter() - start:.0f} s -> {args.out}")
+    print(
+        f"{len(entries)} architectures, {len({e.family for e in entries})} families, "
+        f"{len(failed)} not runnable small {failed}, {time.perf_counter() - start:.0f} s -> {args.out}"
+    )
     return 0
 
 
