@@ -40,9 +40,8 @@ from lejepa.health import (
 from lejepa.probes import knn_accuracy
 from lejepa.trainer import Trainer
 
-BASE = [
+TESTBED = [
     "tracking.enabled=false",
-    "train.out_dir=/tmp/lejepa-collapse-map",
     "data.name=fashion-mnist-shifted",
     "data.placements=1",
     "data.train_size=4000",
@@ -51,8 +50,9 @@ BASE = [
     "model.proj_hidden=256",
     "model.proj_dim=64",
     "loss.num_slices=256",
-    "optim.lr=2e-3",
 ]
+"""The small Fashion-MNIST testbed of the health measures (also benchmarks/health_overhead.py's)."""
+BASE = [*TESTBED, "train.out_dir=/tmp/lejepa-collapse-map", "optim.lr=2e-3"]
 
 
 def knn(trainer: Trainer) -> float:

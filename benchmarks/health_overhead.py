@@ -17,23 +17,13 @@ import statistics
 import time
 
 import torch
+from collapse_map import TESTBED  # benchmarks/: the same small testbed
 
 from lejepa.config import load_config
 from lejepa.health import batch_health
 from lejepa.trainer import Trainer
 
-BASE = [
-    "tracking.enabled=false",
-    "train.out_dir=/tmp/lejepa-health-bench",
-    "data.name=fashion-mnist-shifted",
-    "data.placements=1",
-    "data.train_size=4000",
-    "data.test_size=2000",
-    "views.local_views=0",
-    "model.proj_hidden=256",
-    "model.proj_dim=64",
-    "loss.num_slices=256",
-]
+BASE = [*TESTBED, "train.out_dir=/tmp/lejepa-health-bench"]
 
 
 def main() -> None:

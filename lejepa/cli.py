@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import os
 import signal
+import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -171,9 +172,44 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {db}); Ctrl-C to stop", file=sys.stderr)
-    os.execv(sys.executable, cmd)
-    return 0  # pragma: no cover - execv does not return
+    print(f"starting the MLflow UI on http://{args.host}:{args.port} (store {db}) ...", file=sys.stderr)
+    server = subprocess.Popen(cmd)
+    try:
+        base = _wait_for_server(server, args.host, args.port)
+        from mlflow import MlflowClient
+
+        from lejepa.tracking import runs_view_url
+
+        print(f"MLflow UI: {runs_view_url(MlflowClient(uri), base)}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _wait_for_server(server: subprocess.Popen, host: str, port: int, timeout: float = 300.0) -> str:
+    """The server's base URL once ``/health`` answers (the UI is usable then, not when it was
+    launched); a server that exits first is one error line."""
+    import time
+    import urllib.request
+
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise LejepaError(f"the MLflow server stopped before answering (exit {server.returncode}); see its output above")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2):
+                return base
+        except OSError:
+            time.sleep(0.5)
+    raise LejepaError(f"the MLflow server did not answer on {base} within {timeout:.0f} s")
 
 
 def _check_port_free(host: str, port: int) -> None:

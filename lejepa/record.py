@@ -279,6 +279,12 @@ MODEL_EPOCH_TAG = "lejepa.epoch"
 MODEL_LAM_TAG = "loss.lam"
 """The checkpoint's λ."""
 
+# Tags of an experiment
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow's experiment kind, set when this project creates an experiment."""
+EXPERIMENT_KIND = "custom_model_development"
+"""Model training: MLflow's UI opens such an experiment on its runs table, not the GenAI overview."""
+
 # --------------------------------------------------------------------------- run statuses
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 """MLflow run statuses."""

@@ -43,8 +43,12 @@ from lejepa.record import (
     DIVERGED_STEP_TAG,
     EPOCH,
     ERROR_TAG,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     FAMILY_TAG,
     HEALTH_TAG,
+    KIND_SWEEP,
+    KIND_TAG,
     NUM_PARAMS_PARAM,
     OUTCOME_TAGS,
     PARENT_TAG,
@@ -88,12 +92,30 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+        return client.create_experiment(
+            name, artifact_location=artifact_root(tracking_uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def runs_view_url(client: MlflowClient, base: str) -> str:
+    """The MLflow UI at ``base``, opened on the runs table of the experiment holding the newest
+    sweep (else the newest experiment with a run): MLflow 3 otherwise lands on its GenAI overview."""
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{KIND_TAG}` = '{KIND_SWEEP}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    ) or client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs:
+        return base
+    return f"{base}/#/experiments/{runs[0].info.experiment_id}/runs?workflowType=machine_learning"
 
 
 def arch_family(arch: str) -> str:

@@ -162,6 +162,11 @@ def find_child_run(client: Any, experiment_id: str, sweep: str, trial_id: str) -
     return runs[0].info.run_id if runs else None
 
 
+def trial_run_name(trial_id: str, cfg: Config) -> str:
+    """A trial's MLflow run name, told apart from its siblings at a glance: ``a7ed2_00002 λ=0.25 resnet10t``."""
+    return f"{trial_id} λ={cfg.loss.lam:g} {cfg.model.arch}"
+
+
 def trial_callbacks(ctx: TrialContext, cfg: Config, trial_id: str, node_id: str, send: Send) -> list[Callback]:
     """MLflow child-run tracking (continuing the trial's run if it exists) and Tune reporting."""
     client = MlflowClient(ctx.tracking_uri)
@@ -169,7 +174,7 @@ def trial_callbacks(ctx: TrialContext, cfg: Config, trial_id: str, node_id: str,
     tracking = TrialTracking(
         ctx.tracking_uri,
         experiment=ctx.experiment,
-        run_name=f"{ctx.sweep}/{trial_id}",
+        run_name=trial_run_name(trial_id, cfg),
         parent_run_id=ctx.parent_run_id,
         run_id=find_child_run(client, experiment_id, ctx.sweep, trial_id),
         lam=cfg.loss.lam,

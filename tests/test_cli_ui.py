@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import pytest
 from mlflow import MlflowClient
 
+from lejepa.record import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KIND_SWEEP, KIND_TAG
+from lejepa.tracking import get_or_create_experiment
+
 from helpers import REPO, free_port, run_cli
 
 
 @pytest.mark.slow
-def test_ui_serves_the_store_on_loopback(tmp_path):
+def test_ui_serves_the_store_on_loopback_and_prints_the_runs_view_once_it_answers(tmp_path):
+    """The printed URL opens the newest sweep's experiment on its runs table (MLflow 3 lands on its
+    GenAI overview otherwise), and is printed only once the server answers."""
     out = tmp_path / "runs"
     out.mkdir()
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
     client.create_experiment("visible-experiment")
+    sweeps = get_or_create_experiment(client, "sweeps", uri)
+    client.create_run(sweeps, tags={KIND_TAG: KIND_SWEEP})
+    assert client.get_experiment(sweeps).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -29,19 +40,23 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
-        deadline = time.monotonic() + 90
-        while True:
+        deadline, seen = time.monotonic() + 180, []
+        while not any(line.startswith("MLflow UI: ") for line in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                    assert resp.status == 200
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "mlflow ui did not come up"
-                time.sleep(1)
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:  # answering already
+            assert resp.status == 200
+        (url,) = [line.split()[2] for line in seen if line.startswith("MLflow UI: ")]
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{sweeps}/runs?workflowType=machine_learning"
         remote = MlflowClient(f"http://127.0.0.1:{port}")
         assert remote.get_experiment_by_name("visible-experiment") is not None
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
@@ -49,7 +64,7 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
         assert local_addresses and all(a.startswith("127.0.0.1:") for a in local_addresses), listening
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
 
 
 def test_ui_without_a_store_is_one_line(tmp_path):

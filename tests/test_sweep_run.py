@@ -62,6 +62,7 @@ def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
         t = trials[child.data.tags["lejepa.trial_id"]]
         assert child.info.status == "FINISHED"
         assert child.data.tags["lejepa.kind"] == "trial" and child.data.tags["lejepa.sweep"] == "four"
+        assert child.info.run_name == f"{t.trial_id} λ={t.config['loss.lam']:g} {t.config['model.arch']}"
         assert child.data.params["loss.lam"] == str(t.config["loss.lam"])
         assert child.data.params["model.arch"] == t.config["model.arch"]
         assert float(child.data.params["optim.lr"]) == (
