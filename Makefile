@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install quickstart lint test datasets
+.PHONY: install quickstart lint test datasets browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,11 @@ datasets:
 	@test -f $(FASHION_MNIST) || bash .ci/install-debian-packages \
 	  "get Fashion-MNIST's four IDX files (github.com/zalandoresearch/fashion-mnist) and pass data.root=<their folder>" \
 	  dataset-fashion-mnist
+
+# Debian's chromium for the suite's browser test of `lejepa ui` (it skips, saying why, without it).
+browser:
+	@command -v chromium >/dev/null || bash .ci/install-debian-packages \
+	  "the browser test of lejepa ui will skip" chromium
 
 install: $(STAMP) datasets
 
@@ -33,5 +38,5 @@ lint: install
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest

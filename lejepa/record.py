@@ -165,6 +165,8 @@ def trials_metric(status: str) -> str:
 # --------------------------------------------------------------------------- params
 NUM_PARAMS_PARAM = "model.num_params"
 """The backbone's parameter count, logged beside the flattened config (every config key is a param)."""
+ARCH_PARAM = "model.arch"
+"""The architecture, as every run logs its config (dotted keys)."""
 
 # --------------------------------------------------------------------------- tags
 PARENT_TAG = "mlflow.parentRunId"
@@ -284,6 +286,15 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 """MLflow's experiment kind, set when this project creates an experiment."""
 EXPERIMENT_KIND = "custom_model_development"
 """Model training: MLflow's UI opens such an experiment on its runs table, not the GenAI overview."""
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+"""An experiment tag ``<prefix><key>`` holds a runs-table view (JSON: filter, sort, columns) that
+MLflow's UI opens at ``...#/experiments/<id>/runs?viewStateShareKey=<key>``."""
+
+
+def shared_view_tag(sweep: str) -> str:
+    """The experiment tag holding sweep ``sweep``'s runs-table view (the key is the sweep's name)."""
+    return SHARED_VIEW_PREFIX + sweep
+
 
 # --------------------------------------------------------------------------- run statuses
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"

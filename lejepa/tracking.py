@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,12 @@ from lejepa.record import (
     STATUS_FINISHED,
     STATUS_INTERRUPTED,
     STATUS_TAG,
+    SWEEP_TAG,
     TRACKING_DB,
     VERDICT,
     VERDICTS,
     run_status,
+    shared_view_tag,
     sqlite_path,
     sqlite_uri,
 )
@@ -104,18 +107,25 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
 
 def runs_view_url(client: MlflowClient, base: str) -> str:
     """The MLflow UI at ``base``, opened on the runs table of the experiment holding the newest
-    sweep (else the newest experiment with a run): MLflow 3 otherwise lands on its GenAI overview."""
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`{KIND_TAG}` = '{KIND_SWEEP}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    ) or client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], order_by=["attributes.start_time DESC"], max_results=1
-    )
+    sweep (else the newest run), in the sweep's own view when it has one (its trials, their
+    searched params and accuracies: :func:`sweeps.mlflow_runs.trials_view`). MLflow 3 otherwise
+    lands on its GenAI overview."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+
+    def newest(filter_string: str) -> list:
+        return client.search_runs(
+            experiments, filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=1
+        )
+
+    runs = newest(f"tags.`{KIND_TAG}` = '{KIND_SWEEP}'") or newest("")
     if not runs:
         return base
-    return f"{base}/#/experiments/{runs[0].info.experiment_id}/runs?workflowType=machine_learning"
+    run = runs[0]
+    url = f"{base}/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning"
+    sweep = run.data.tags.get(SWEEP_TAG)
+    if sweep and shared_view_tag(sweep) in client.get_experiment(run.info.experiment_id).tags:
+        url += f"&viewStateShareKey={urllib.parse.quote(sweep)}"
+    return url
 
 
 def arch_family(arch: str) -> str:

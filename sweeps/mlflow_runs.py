@@ -5,6 +5,7 @@ child run's final status (decided by :mod:`sweeps.status`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -14,10 +15,16 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from lejepa.record import (
+    ARCH_PARAM,
     BEST_LINEAR_PROBE_ACC,
     BEST_SCORE,
+    EPOCH_LOSS,
+    HEALTH_TAG,
     KIND_SWEEP,
     KIND_TAG,
+    KIND_TRIAL,
+    KNN_ACC,
+    LINEAR_PROBE_ACC,
     NOTE_TAG,
     PARENT_TAG,
     RESTARTED_AT_TAG,
@@ -29,12 +36,15 @@ from lejepa.record import (
     STATUS_FAILED,
     STATUS_FINISHED,
     STATUS_PRUNED,
+    STATUS_TAG,
     STORAGE_TAG,
     SWEEP_TAG,
+    TRAIN_SCORE,
     TRIAL_ID_TAG,
     best_run_tag,
     best_trial_tag,
     run_status,
+    shared_view_tag,
     trials_metric,
 )
 from lejepa.tracking import get_or_create_experiment
@@ -46,6 +56,23 @@ if TYPE_CHECKING:
     from sweeps.outcome import SweepOutcome
 
 
+def trials_view(spec: SweepSpec, name: str) -> dict[str, Any]:
+    """MLflow's runs-table view of sweep ``name``: its trials only (not nested under the collapsed
+    parent), best label-free score first, with the searched params, the architecture, loss, score,
+    the frozen linear probe and kNN accuracies, status and health as columns."""
+    params = dict.fromkeys([*spec.keys(), ARCH_PARAM])
+    return {
+        "searchFilter": f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}'",
+        "orderByKey": f"metrics.`{TRAIN_SCORE}`",
+        "orderByAsc": True,
+        "selectedColumns": [
+            *(f"params.`{key}`" for key in params),
+            *(f"metrics.`{key}`" for key in (TRAIN_SCORE, EPOCH_LOSS, LINEAR_PROBE_ACC, KNN_ACC)),
+            *(f"tags.`{key}`" for key in (STATUS_TAG, HEALTH_TAG)),
+        ],
+    }
+
+
 def create_parent_run(spec: SweepSpec, name: str, path: Path, uri: str) -> str:
     """Open the sweep's parent run (tags, the sweep's settings as params, the spec and resolved spec
     as artifacts); returns its id. Nothing is left behind when a step fails."""
@@ -55,6 +82,7 @@ def create_parent_run(spec: SweepSpec, name: str, path: Path, uri: str) -> str:
     if spec.description:
         tags[NOTE_TAG] = spec.description
     run = client.create_run(experiment_id, run_name=name, tags=tags)
+    client.set_experiment_tag(experiment_id, shared_view_tag(name), json.dumps(trials_view(spec, name)))
     params = {
         "num_trials": spec.num_trials(),
         "num_samples": spec.num_samples,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import html
 import os
 import queue
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +15,64 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from lejepa.record import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, KIND_SWEEP, KIND_TAG
+from lejepa.record import (
+    ARCH_PARAM,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    KIND_SWEEP,
+    KIND_TAG,
+    KIND_TRIAL,
+    LINEAR_PROBE_ACC,
+    PARENT_TAG,
+    SWEEP_TAG,
+    TRACKING_DB,
+    TRAIN_SCORE,
+    TRIAL_ID_TAG,
+    label_free_score,
+    sqlite_uri,
+)
 from lejepa.tracking import get_or_create_experiment
+from sweeps.layout import RESOLVED_SPEC
+from sweeps.mlflow_runs import create_parent_run
 
-from helpers import REPO, free_port, run_cli
+from helpers import REPO, free_port, run_cli, sweep_spec
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _start_ui(out, port: int) -> tuple[subprocess.Popen, str, list[str]]:
+    """``lejepa ui`` on the store in ``out``: the process, the URL it printed, and its output so far."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lejepa", "ui", "--out-dir", str(out), "--port", str(port)],
+        cwd=out.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
+    deadline, seen = time.monotonic() + 180, []
+    while not any(line.startswith("MLflow UI: ") for line in seen):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            _stop(proc)
+            raise AssertionError("".join(seen)[-3000:])
+        try:
+            seen.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass
+    (url,) = [line.split()[2] for line in seen if line.startswith("MLflow UI: ")]
+    return proc, url, seen
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
 
 
 @pytest.mark.slow
@@ -33,29 +88,10 @@ def test_ui_serves_the_store_on_loopback_and_prints_the_runs_view_once_it_answer
     client.create_run(sweeps, tags={KIND_TAG: KIND_SWEEP})
     assert client.get_experiment(sweeps).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lejepa", "ui", "--out-dir", str(out), "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    proc, url, _ = _start_ui(out, port)
     try:
-        deadline, seen = time.monotonic() + 180, []
-        while not any(line.startswith("MLflow UI: ") for line in seen):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
-            try:
-                seen.append(lines.get(timeout=1))
-            except queue.Empty:
-                pass
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:  # answering already
             assert resp.status == 200
-        (url,) = [line.split()[2] for line in seen if line.startswith("MLflow UI: ")]
         assert url == f"http://127.0.0.1:{port}/#/experiments/{sweeps}/runs?workflowType=machine_learning"
         remote = MlflowClient(f"http://127.0.0.1:{port}")
         assert remote.get_experiment_by_name("visible-experiment") is not None
@@ -63,8 +99,62 @@ def test_ui_serves_the_store_on_loopback_and_prints_the_runs_view_once_it_answer
         local_addresses = [line.split()[3] for line in listening.splitlines() if line.strip()]
         assert local_addresses and all(a.startswith("127.0.0.1:") for a in local_addresses), listening
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        _stop(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install adds it where apt-get and root are)")
+def test_the_printed_link_shows_the_sweeps_trials_with_lambda_and_accuracy_in_a_browser(tmp_path):
+    """Headless Chromium renders the printed link: the sweep's trials, told apart by name, with
+    their λ and frozen linear-probe accuracy as columns, best label-free score first."""
+    spec = sweep_spec(tmp_path, space={"loss.lam": [0.01, 0.05, 0.25]})
+    out = tmp_path / "runs"
+    out.mkdir()
+    uri = sqlite_uri(out / TRACKING_DB)
+    folder = tmp_path / "storage" / "demo"
+    folder.mkdir(parents=True)
+    (folder / RESOLVED_SPEC).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False))
+    parent = create_parent_run(spec, "demo", folder, uri)
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    trials = {f"a7ed2_0000{i}": (lam, acc) for i, (lam, acc) in enumerate([(0.01, 0.613), (0.05, 0.721), (0.25, 0.587)])}
+    for trial, (lam, acc) in trials.items():
+        tags = {KIND_TAG: KIND_TRIAL, SWEEP_TAG: "demo", PARENT_TAG: parent, TRIAL_ID_TAG: trial}
+        run = client.create_run(experiment, run_name=f"{trial} λ={lam:g} test_resnet", tags=tags).info.run_id
+        client.log_param(run, "loss.lam", str(lam))
+        client.log_param(run, ARCH_PARAM, "test_resnet")
+        client.log_metric(run, LINEAR_PROBE_ACC, acc)
+        client.log_metric(run, TRAIN_SCORE, label_free_score(1.0, lam))
+        client.set_terminated(run)
+    client.set_terminated(parent)
+    proc, url, _ = _start_ui(out, free_port())
+    try:
+        assert url.endswith("&viewStateShareKey=demo"), url
+        dump = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--window-size=2400,1200",
+                "--virtual-time-budget=30000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ).stdout
+    finally:
+        _stop(proc)
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dump, flags=re.S))))
+    assert "Run Name" in text, text[:2000]
+    assert "loss.lam" in text and LINEAR_PROBE_ACC in text, text[:4000]  # the view's columns
+    names = [f"{trial} λ={lam:g} test_resnet" for trial, (lam, _) in trials.items()]
+    assert all(name in text for name in names), text[:4000]
+    by_score = sorted(names, key=lambda name: label_free_score(1.0, trials[name.split()[0]][0]))
+    assert sorted(names, key=text.index) == by_score  # best label-free score first
+    assert all(str(acc) in text for _, acc in trials.values())
 
 
 def test_ui_without_a_store_is_one_line(tmp_path):
