@@ -46,28 +46,11 @@ from lejepa.errors import LejepaError  # noqa: E402
 
 UNFINISHED = ("running", "killed", "scheduled", "interrupted")
 """Run states that are no outcome yet (``lejepa sweep --resume`` continues them)."""
-COLUMNS = [
-    "arch",
-    "family",
-    "params",
-    "adaptation",
-    "sweep",
-    "lr",
-    "status",
-    "verdict",
-    "loss",
-    "collapse_ratio",
-    "proj_rank",
-    "init_probe",
-    "probe",
-    "gain",
-    "init_knn",
-    "knn",
-    "images_per_s",
-    "wall_s",
-    "learns",
-    "learns_strict",
-]
+MEASURES = ["status", "verdict", "loss", "collapse_ratio", "proj_rank", "init_probe", "probe"]
+"""A trial's outcome columns, here and in benchmarks/stability_direct.py."""
+COSTS = ["init_knn", "knn", "images_per_s", "wall_s"]
+"""kNN accuracies and costs, here and in benchmarks/stability_direct.py."""
+COLUMNS = ["arch", "family", "params", "adaptation", "sweep", "lr", *MEASURES, "gain", *COSTS, "learns", "learns_strict"]
 
 
 def walk_rows(ref: str, tracking_uri: str) -> pd.DataFrame:

@@ -57,23 +57,7 @@ from lejepa.record import (  # noqa: E402
 BASE = ROOT / "sweeps" / "stability_base.yaml"
 SEED_ARCHS = ("ghostnet_050", "levit_128s", "mobilenetv2_050", "regnetx_002")
 """The seeds sweep's architectures (sweeps/stability_seeds.yaml)."""
-TRIAL_COLUMNS = [
-    "arch",
-    "seed",
-    "status",
-    "verdict",
-    "loss",
-    "collapse_ratio",
-    "proj_rank",
-    "init_probe",
-    "probe",
-    "init_knn",
-    "knn",
-    "images_per_s",
-    "wall_s",
-    "lr",
-    "error",
-]
+TRIAL_COLUMNS = ["arch", "seed", *stability.MEASURES, *stability.COSTS, "lr", "error"]
 
 
 def train_one(arch: str, seed: int, overrides: list[str], out: Path) -> dict:
