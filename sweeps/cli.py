@@ -96,8 +96,43 @@ def dry_run(spec) -> str:
         ),
         f"max failures per trial: {spec.max_failures}; MLflow experiment {spec.tracking.experiment!r}",
     ]
-    warning = collapse_warning(spec)
-    return "\n".join(lines + ([warning] if warning else []))
+    warnings = [w for w in (walk_warning(spec), collapse_warning(spec)) if w]
+    return "\n".join(lines + warnings)
+
+
+WALK_RESOLUTION = 32
+"""The side the stability walk trained at (sweeps/stability_base.yaml); its outcomes hold at small sides."""
+
+
+def walk_warning(spec) -> str | None:
+    """One ``warning:`` line naming the spec's architectures that did not beat their random-init
+    probe in the stability walk (the catalog's measured outcome, the GPU walk's where it ran), when
+    the spec trains them at a small side (≤ 2 × the walk's)."""
+    from lejepa.catalog import get_arch
+    from lejepa.errors import ArchitectureError
+
+    base = spec.base_config
+    archs = {}
+    for row in spec.trials():
+        arch, side = row.get("model.arch", base.model.arch), row.get("data.resolution", base.data.resolution)
+        if isinstance(arch, str) and isinstance(side, int) and side <= 2 * WALK_RESOLUTION:
+            archs.setdefault(arch, side)
+    weak = []
+    for arch in archs:
+        try:
+            entry = get_arch(arch)
+        except ArchitectureError:  # outside the catalog: not measured
+            continue
+        outcome = entry.gpu_walk_outcome or entry.walk_outcome
+        if outcome and outcome != "learns":
+            weak.append(f"{arch} ({outcome})")
+    if not weak:
+        return None
+    shown = ", ".join(weak[:8]) + (f", and {len(weak) - 8} more" if len(weak) > 8 else "")
+    return (
+        f"warning: {len(weak)} of {len(archs)} architectures did not beat their random-init probe in the stability "
+        f"walk ({WALK_RESOLUTION} px, 93 steps; the catalog's walk outcome, README: Architectures): {shown}"
+    )
 
 
 def collapse_warning(spec) -> str | None:

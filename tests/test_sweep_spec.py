@@ -267,3 +267,19 @@ def test_dry_run_warns_about_the_collapse_region(tmp_path):
     assert "warning" not in last_line({"loss.lam": [0.01]}, **{"optim.batch_size": 128})  # λ·N = 1.28
     sampled = last_line({"loss.lam": {"loguniform": [1e-4, 1e-1]}, "optim.batch_size": [32, 256]})
     assert sampled.startswith("warning: 2 of 2 trials may collapse: λ down to 0.0001 at batch 32")
+
+
+def test_dry_run_warns_about_architectures_the_stability_walk_found_not_learning(tmp_path):
+    """resnet14t gained nothing over its random-init probe in the walk (the catalog says so) and is
+    named at 32 px; resnet10t learned; test_resnet is outside the catalog; at 224 px nothing is said."""
+    from lejepa.catalog import get_arch
+
+    assert get_arch("resnet14t").gpu_walk_outcome == "no gain" and get_arch("resnet10t").gpu_walk_outcome == "learns"
+    space = {"model.arch": ["resnet10t", "resnet14t", "test_resnet"]}
+    spec = load_spec(write_spec(tmp_path, {"name": "w", "base": tiny_base(), "space": {**space, "data.resolution": [32]}}))
+    (line,) = [line for line in dry_run(spec).splitlines() if "stability walk" in line]
+    assert line.startswith("warning: 1 of 3 architectures did not beat their random-init probe") and line.endswith(
+        ": resnet14t (no gain)"
+    )
+    big = load_spec(write_spec(tmp_path, {"name": "w", "base": tiny_base(), "space": {**space, "data.resolution": [224]}}))
+    assert "stability walk" not in dry_run(big)
