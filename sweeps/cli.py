@@ -112,7 +112,7 @@ def walk_warning(spec) -> str | None:
     from lejepa.errors import ArchitectureError
 
     base = spec.base_config
-    archs = {}
+    archs: dict[str, int] = {}
     for row in spec.trials():
         arch, side = row.get("model.arch", base.model.arch), row.get("data.resolution", base.data.resolution)
         if isinstance(arch, str) and isinstance(side, int) and side <= 2 * WALK_RESOLUTION:
