@@ -67,7 +67,7 @@ def register_checkpoint(tracking_uri: str, row: pd.Series, name: str, score: str
     return client.create_model_version(name, f"runs:/{row['run_id']}/{artifact}", run_id=row["run_id"], tags=tags)
 
 
-def _check_store(uri: str) -> None:
+def check_store(uri: str) -> None:
     """A SQLite store must exist (reading must not create an empty one); a server must answer."""
     db = sqlite_path(uri)
     if db is not None and not Path(db).is_file():
@@ -90,7 +90,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if args.out:  # before any work: a file in the way is one line, not a traceback at the end
         check_writable(args.out, "--out")
     uri = args.tracking_uri or default_tracking_uri("runs")
-    _check_store(uri)
+    check_store(uri)
     sweep = load_sweep(args.sweep, uri)
     criteria = None
     if args.criteria:

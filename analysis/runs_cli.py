@@ -24,11 +24,11 @@ if TYPE_CHECKING:  # pandas and MLflow load when the command runs, not with ever
 
 
 def _store(args: argparse.Namespace) -> str:
-    from analysis.cli import _check_store
+    from analysis.cli import check_store
     from lejepa.tracking import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri("runs")
-    _check_store(uri)
+    check_store(uri)
     return uri
 
 
