@@ -4,7 +4,11 @@ Prints the summary table and the chosen checkpoint (its folder, or its MLflow ar
 when the folder is not on this disk), writes the Markdown report, logs it on the sweep's parent
 run, and with ``--register NAME`` adds the checkpoint to the MLflow model registry as a new
 version of NAME (source ``runs:/<trial run>/<checkpoint artifact>``; a non-final checkpoint is
-logged to its trial run first). Published through the ``lejepa.commands`` entry-point group.
+logged to its trial run first). With ``--criteria`` it prints one progress line per checkpoint
+on stderr and keeps each checkpoint's criteria, as soon as they are computed, in the report
+folder's ``criteria_cache.csv`` (:data:`~lejepa.record.CRITERIA_CACHE`): interrupted (Ctrl-C,
+SIGTERM), it exits 130, and the same command resumes where it stopped. Published through the
+``lejepa.commands`` entry-point group.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from lejepa.record import (
     ARCH_TAG,
     CHECKPOINT_ARTIFACT,
     CHECKPOINTS_DIR,
+    CRITERIA_CACHE,
     MODEL_EPOCH_TAG,
     MODEL_LAM_TAG,
     MODEL_SCORE_TAG,
@@ -76,7 +81,7 @@ def check_store(uri: str) -> None:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from analysis.criteria import evaluate_checkpoints
+    from analysis.criteria import CriteriaInterrupted, evaluate_checkpoints
     from analysis.health import SAFE
     from analysis.loader import load_sweep
     from analysis.report import LABELS, analyse, log_report, terminal_table, write_report
@@ -92,14 +97,28 @@ def _cmd_select(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri("runs")
     check_store(uri)
     sweep = load_sweep(args.sweep, uri)
+    out = Path(args.out or f"selection-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep.name)}").resolve()
+    check_writable(out, "report folder")  # before the criteria: it holds their cache
     criteria = None
     if args.criteria:
         paths = sweep.checkpoints["checkpoint"].dropna().tolist()
         if not paths:
             raise LejepaError("--criteria needs the checkpoint folders on this disk; none of the sweep's are")
-        criteria = evaluate_checkpoints(
-            paths, sample_size=args.sample_size, lidar_images=args.lidar_images, log=lambda m: print(m, file=sys.stderr)
-        )
+        try:
+            criteria = evaluate_checkpoints(
+                paths,
+                sample_size=args.sample_size,
+                lidar_images=args.lidar_images,
+                log=lambda m: print(m, file=sys.stderr, flush=True),
+                cache=out / CRITERIA_CACHE,
+            )
+        except CriteriaInterrupted as stop:
+            print(
+                f"interrupted: {stop.kept} of {stop.total} checkpoints' criteria kept in {stop.cache}; "
+                f"rerun the same command to resume",
+                file=sys.stderr,
+            )
+            return 130
     analysis = analyse(sweep, criteria, last_k=args.last_k, n_boot=args.bootstrap)
     if args.score not in analysis.scores:
         need = "--criteria" if args.score in ("rankme", "lidar", "alpha_req") else "probe accuracy (labels) to fit α"
@@ -116,8 +135,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
             f"no checkpoint of sweep {sweep.name!r} is healthy (and on the compared loss scale): "
             f"nothing to select; raise loss.lam or optim.batch_size (see the ruled-out runs above)"
         )
-    out = Path(args.out or f"selection-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep.name)}").resolve()
-    check_writable(out, "report folder")
+    analysis.pick_score = key  # marked in the tables: the score that made the pick
     report = write_report(analysis, out)
     print(terminal_table(analysis))
     if not args.no_log:
@@ -170,7 +188,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--criteria",
         action="store_true",
-        help="also compute RankMe, LiDAR, α-ReQ and the frozen linear probe on every checkpoint on disk",
+        help="also compute RankMe, LiDAR, α-ReQ and the frozen linear probe on every checkpoint on disk; "
+        f"each checkpoint's are kept in the report folder's {CRITERIA_CACHE}, so rerunning an interrupted "
+        "command computes only the rest",
     )
     p.add_argument(
         "--sample-size",

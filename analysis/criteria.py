@@ -12,16 +12,23 @@
   is −|α − 1| (α near 1 is best).
 
 :func:`evaluate_checkpoints` computes all three per checkpoint on one fixed unlabeled sample
-of the training split, and, where labels exist, the frozen linear probe, timing each.
+of the training split, and, where labels exist, the frozen linear probe, timing each. With a
+``cache`` (a CSV file; ``lejepa select`` keeps :data:`~lejepa.record.CRITERIA_CACHE` in its
+report folder) each checkpoint's row is kept as soon as it is computed, so an interrupted or
+repeated call computes only the rest.
 
 All ``score.*`` columns are oriented higher = predicted better.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import os
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,13 +37,24 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from lejepa.checkpoint import read_meta
+from lejepa.errors import CheckpointError, first_line
 from lejepa.health import EPS, effective_rank, singular_values
 from lejepa.health import entropy_rank as _entropy_rank
+from lejepa.record import CHECKPOINTS_DIR
 
 if TYPE_CHECKING:
     from lejepa.config import Config
 
 LABELS = {"rankme": "RankMe", "lidar": "LiDAR", "alpha_req": "α-ReQ (−|α−1|)"}
+
+CACHE_KEY = ("checkpoint", "key.sha256", "key.sample_size", "key.lidar_images", "key.lidar_views", "key.probe", "key.seed")
+"""What a cached row must match to be reused: the checkpoint's path, the SHA-256 its ``meta.json``
+holds (a rewritten checkpoint has another), and the settings that change the numbers."""
+VALUES = ("time.features", "rankme", "time.rankme", "alpha_req", "time.alpha_req", "lidar", "time.lidar")
+PROBE_VALUES = ("probe_acc", "time.probe")
+CACHE_COLUMNS = (*CACHE_KEY, *VALUES, *PROBE_VALUES)
+"""The cache's header; a file with another one (another version) is ignored."""
 
 
 def rankme(features: Tensor | np.ndarray, eps: float = EPS) -> float:
@@ -145,6 +163,15 @@ def load_backbone(checkpoint: Path | str) -> tuple[torch.nn.Module, Config]:
     return backbone.eval(), cfg
 
 
+class CriteriaInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during :func:`evaluate_checkpoints` with a cache: the rows of ``kept``
+    of the ``total`` checkpoints are in ``cache``."""
+
+    def __init__(self, kept: int, total: int, cache: Path) -> None:
+        super().__init__(f"{kept} of {total} checkpoints' criteria kept in {cache}")
+        self.kept, self.total, self.cache = kept, total, cache
+
+
 def evaluate_checkpoints(
     checkpoints: Iterable[Path | str],
     sample_size: int = 1024,
@@ -152,7 +179,8 @@ def evaluate_checkpoints(
     lidar_views: int = 8,
     probe: bool = True,
     seed: int = 0,
-    log=None,
+    log: Callable[[str], object] | None = None,
+    cache: Path | str | None = None,
 ) -> pd.DataFrame:
     """RankMe, LiDAR, α-ReQ (and the frozen linear probe when ``probe``) for each checkpoint.
 
@@ -165,36 +193,102 @@ def evaluate_checkpoints(
     view sampling, shared by all checkpoints, are not timed.
     Returns one row per checkpoint (column ``checkpoint``) with the raw criteria, their
     ``score.*`` columns, ``probe_acc`` and the timings.
+
+    ``log`` gets one line first (how many are cached, how many to compute), then one per
+    checkpoint: its time and the estimated time left, or ``cached``.
+    With ``cache`` (a CSV file), a row whose :data:`CACHE_KEY` matches is reused as it was
+    computed (the result is the same), and after each computed checkpoint the file is replaced
+    atomically by the rows of this call so far; an unreadable or foreign file is a one-line
+    warning and is recomputed. Interrupted (KeyboardInterrupt), it raises
+    :class:`CriteriaInterrupted` saying how many rows the cache keeps.
     """
+    say: Callable[[str], object] = log if log is not None else (lambda m: None)
+    paths = [str(p) for p in checkpoints]
+    settings = {
+        "key.sample_size": str(sample_size),
+        "key.lidar_images": str(lidar_images),
+        "key.lidar_views": str(lidar_views),
+        "key.probe": str(bool(probe)),
+        "key.seed": str(seed),
+    }
+    keys = {p: {"checkpoint": p, "key.sha256": _identity(p), **settings} for p in paths}
+    cache = None if cache is None else Path(cache)
+    stored = {} if cache is None else _read_cache(cache, log or (lambda m: print(m, file=sys.stderr)))
+    kept = {  # the cache's rows of this call, by checkpoint
+        p: stored[p] for p, key in keys.items() if key["key.sha256"] and p in stored and _matches(stored[p], key)
+    }
+    total, todo, written = len(paths), len(paths) - len(kept), len(kept)
+    say(
+        f"criteria: {total} checkpoints, {len(kept)} cached in {cache}, {todo} to compute"
+        if cache is not None
+        else f"criteria: {total} checkpoints to compute"
+    )
+    contexts: dict[str, _Context] = {}
+    rows: list[dict[str, object]] = []
+    spent: list[float] = []
+    try:
+        for i, path in enumerate(paths, 1):
+            if path in kept:
+                rows.append(_from_cache(kept[path], probe))
+                say(f"criteria [{i}/{total}] {_short(path)}: cached")
+                continue
+            t0 = time.perf_counter()
+            values = _evaluate(path, contexts, sample_size, lidar_images, lidar_views, probe, seed)
+            spent.append(time.perf_counter() - t0)
+            rows.append({"checkpoint": path, **values})
+            if cache is not None:
+                kept[path] = {**keys[path], **{c: _text(values.get(c, math.nan)) for c in (*VALUES, *PROBE_VALUES)}}
+                _write_cache(cache, [kept[p] for p in paths if p in kept])
+                written = len(kept)
+            left = todo - len(spent)
+            say(
+                f"criteria [{i}/{total}] {_short(path)}: {spent[-1]:.1f} s (RankMe {values['rankme']:.2f}, "
+                f"LiDAR {values['lidar']:.2f}, α-ReQ {values['alpha_req']:.2f})"
+                + (f", about {_duration(left * sum(spent) / len(spent))} left" if left else "")
+            )
+    except KeyboardInterrupt:
+        if cache is None:
+            raise
+        raise CriteriaInterrupted(written, total, cache) from None
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["score.rankme"] = out["rankme"]
+        out["score.lidar"] = out["lidar"]
+        out["score.alpha_req"] = out["alpha_req"].map(alpha_req_score)
+    return out
+
+
+def _evaluate(
+    path: str, contexts: dict[str, _Context], sample_size: int, lidar_images: int, lidar_views: int, probe: bool, seed: int
+) -> dict[str, float]:
+    """The criteria and timings of one checkpoint (``contexts``: the shared data, by data/views config)."""
     from lejepa.probes import linear_probe
 
-    contexts: dict[str, _Context] = {}
-    rows = []
-    for path in checkpoints:
-        backbone, cfg = load_backbone(path)
-        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.views.model_dump(mode="json")], sort_keys=True)
-        if key not in contexts:
-            contexts[key] = _Context(cfg, sample_size, lidar_images, lidar_views, seed)
-        ctx = contexts[key]
-        row: dict[str, object] = {"checkpoint": str(path)}
+    backbone, cfg = load_backbone(path)
+    key = json.dumps([cfg.data.model_dump(mode="json"), cfg.views.model_dump(mode="json")], sort_keys=True)
+    if key not in contexts:
+        contexts[key] = _Context(cfg, sample_size, lidar_images, lidar_views, seed)
+    ctx = contexts[key]
+    row: dict[str, float] = {}
+    t0 = time.perf_counter()
+    feats = _features(backbone, ctx.sample)
+    row["time.features"] = features_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    row["rankme"] = float(rankme(feats))
+    row["time.rankme"] = features_s + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    row["alpha_req"] = float(alpha_req(feats))
+    row["time.alpha_req"] = features_s + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n, q = ctx.views.shape[:2]
+    view_feats = _features(backbone, ctx.views.flatten(0, 1)).reshape(n, q, -1)
+    row["lidar"] = float(lidar(view_feats))
+    row["time.lidar"] = time.perf_counter() - t0
+    if probe:
+        tx, ty, vx, vy = ctx.labelled()
         t0 = time.perf_counter()
-        feats = _features(backbone, ctx.sample)
-        row["time.features"] = features_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        row["rankme"] = rankme(feats)
-        row["time.rankme"] = features_s + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        row["alpha_req"] = alpha_req(feats)
-        row["time.alpha_req"] = features_s + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        n, q = ctx.views.shape[:2]
-        view_feats = _features(backbone, ctx.views.flatten(0, 1)).reshape(n, q, -1)
-        row["lidar"] = lidar(view_feats)
-        row["time.lidar"] = time.perf_counter() - t0
-        if probe:
-            tx, ty, vx, vy = ctx.labelled()
-            t0 = time.perf_counter()
-            row["probe_acc"] = linear_probe(
+        row["probe_acc"] = float(
+            linear_probe(
                 _features(backbone, tx),
                 ty,
                 _features(backbone, vx),
@@ -203,16 +297,83 @@ def evaluate_checkpoints(
                 epochs=cfg.train.eval_probe_epochs,
                 seed=cfg.train.seed,
             )
-            row["time.probe"] = time.perf_counter() - t0
-        rows.append(row)
-        if log is not None:
-            log(f"criteria: {path}: RankMe {row['rankme']:.2f}, LiDAR {row['lidar']:.2f}, α-ReQ {row['alpha_req']:.2f}")
-    out = pd.DataFrame(rows)
-    if len(out):
-        out["score.rankme"] = out["rankme"]
-        out["score.lidar"] = out["lidar"]
-        out["score.alpha_req"] = out["alpha_req"].map(alpha_req_score)
-    return out
+        )
+        row["time.probe"] = time.perf_counter() - t0
+    return row
+
+
+# --------------------------------------------------------------------------- the cache
+def _identity(path: str) -> str:
+    """The SHA-256 of the checkpoint's state that its ``meta.json`` holds; '' when unreadable."""
+    try:
+        return str(read_meta(Path(path)).get("sha256") or "")
+    except CheckpointError:
+        return ""
+
+
+def _matches(row: dict[str, str], key: dict[str, str]) -> bool:
+    return all(row[c] == v for c, v in key.items())
+
+
+def _text(value: float) -> str:
+    """A value as the cache writes it: ``repr`` (reads back to the same float), '' for NaN."""
+    return "" if math.isnan(value) else repr(float(value))
+
+
+def _from_cache(row: dict[str, str], probe: bool) -> dict[str, object]:
+    """A cached row as :func:`evaluate_checkpoints` returns a computed one."""
+    names = (*VALUES, *PROBE_VALUES) if probe else VALUES
+    return {"checkpoint": row["checkpoint"], **{c: float(row[c]) if row[c] else math.nan for c in names}}
+
+
+def _read_cache(cache: Path, warn: Callable[[str], object]) -> dict[str, dict[str, str]]:
+    """The rows of ``cache`` by checkpoint; {} when there is none, or (with one warning line)
+    when it cannot be read or has other columns than :data:`CACHE_COLUMNS`."""
+    if not cache.exists():
+        return {}
+    try:
+        with open(cache, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            if next(reader, None) != list(CACHE_COLUMNS):
+                raise ValueError("its columns are not this version's")
+            rows = {}
+            for fields in reader:
+                if len(fields) != len(CACHE_COLUMNS):
+                    raise ValueError(f"line {reader.line_num} has {len(fields)} fields, not {len(CACHE_COLUMNS)}")
+                row = dict(zip(CACHE_COLUMNS, fields, strict=True))
+                for c in (*VALUES, *PROBE_VALUES):
+                    float(row[c] or "nan")  # a malformed number: the whole file is suspect
+                rows[row["checkpoint"]] = row
+    except (OSError, ValueError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+        warn(f"warning: ignoring the criteria cache {cache} ({first_line(exc)}): its checkpoints are computed again")
+        return {}
+    return rows
+
+
+def _write_cache(cache: Path, rows: list[dict[str, str]]) -> None:
+    """Replace ``cache`` by ``rows`` atomically: a temporary file, synced, renamed over it."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CACHE_COLUMNS)
+            writer.writerows([row[c] for c in CACHE_COLUMNS] for row in rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _short(path: str) -> str:
+    """``<run>/epoch_NNNN`` for ``<run>/checkpoints/epoch_NNNN``, else the folder's name."""
+    p = Path(path)
+    return f"{p.parent.parent.name}/{p.name}" if p.parent.name == CHECKPOINTS_DIR else p.name
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def cost_table(criteria: pd.DataFrame) -> pd.DataFrame:

@@ -21,8 +21,9 @@ from analysis import plots
 from analysis.criteria import LABELS as CRITERIA_LABELS
 from analysis.criteria import cost_table
 from analysis.health import SAFE, add_health, add_safe_scores, exclusions, main_group
+from analysis.html import markdown_to_html
 from analysis.loader import Sweep
-from analysis.selection import EVIDENCE, evidence_column, random_regret, selection_table
+from analysis.selection import EVIDENCE, EVIDENCE_SHORT, evidence_column, random_regret, selection_table
 from lejepa.record import (
     SELECTED_CHECKPOINT_TAG,
     SELECTED_EPOCH_TAG,
@@ -37,6 +38,8 @@ NO_LABELS = (
     "but the evidence (correlation with accuracy, regret) needs labels"
 )
 REPORT = "report.md"
+REPORT_HTML = "report.html"
+"""The same report as one self-contained page (figures embedded), which MLflow's artifact viewer renders."""
 ARTIFACT_DIR = SELECTION_ARTIFACT
 
 
@@ -62,6 +65,7 @@ class Analysis:
     group: str | None  # the scale group whose losses are compared
     excluded: pd.DataFrame  # runs the health-aware scores rank last, with reasons
     notes: list[str] = field(default_factory=list)
+    pick_score: str | None = None  # the score that makes the pick (``lejepa select --score``), marked in the tables
 
     def label(self, key: str) -> str:
         return label(key).replace("last k", f"last {self.last_k}")
@@ -156,8 +160,9 @@ def _with_ci(value: float, lo: float, hi: float) -> str:
     return f"{_fmt(value)} [{_fmt(lo, '.2f')}, {_fmt(hi, '.2f')}]"
 
 
-def summary_table(a: Analysis) -> pd.DataFrame:
-    """One row per score: pooled ρ [CI], τ, the pick, its accuracy, regret and rank."""
+def summary_table(a: Analysis, bold: bool = False) -> pd.DataFrame:
+    """One row per score: pooled ρ [CI], τ, the pick, its accuracy (the column names which), regret
+    and rank. The row of ``a.pick_score`` says ``◀ chosen`` (every cell in bold with ``bold``, for Markdown)."""
     pooled = a.correlations[a.correlations["group"] == "all"].set_index("score") if a.correlations is not None else None
     picks = a.selection.set_index("score") if len(a.selection) else pd.DataFrame()
     rows = []
@@ -172,11 +177,17 @@ def summary_table(a: Analysis) -> pd.DataFrame:
             row["pick"] = f"{p.trial} @ epoch {p.epoch}"
             row["λ"] = _fmt(p.lam, "g")
             if a.pick_acc is not None:
-                row["acc %"] = _fmt(100 * p.accuracy, ".2f")
+                row[f"acc % ({EVIDENCE_SHORT[a.pick_acc]})"] = _fmt(100 * p.accuracy, ".2f")
                 row["regret pts"] = _fmt(p.regret, ".2f")
                 row["rank"] = f"{int(p['rank'])}/{p.candidates}"
+        if a.pick_score is not None:
+            row["made the pick"] = "◀ chosen" if key == a.pick_score else ""
         rows.append(row)
-    return pd.DataFrame(rows).fillna("–")
+    table = pd.DataFrame(rows).fillna("–")
+    if bold and a.pick_score is not None and len(table):
+        chosen = table["made the pick"] != ""
+        table.loc[chosen] = table.loc[chosen].map(lambda v: f"**{v}**" if v not in ("", "–") else v)
+    return table
 
 
 def health_comparison(a: Analysis) -> pd.DataFrame:
@@ -250,7 +261,8 @@ def _evidence(column: str | None) -> str:
 
 
 def write_report(a: Analysis, out_dir: Path | str) -> Path:
-    """Write ``report.md``, its PNGs and CSVs of the tables under ``out_dir``; returns the report path."""
+    """Write ``report.md``, its PNGs, CSVs of the tables and ``report.html`` (the same, figures embedded)
+    under ``out_dir``; returns the report path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = [
@@ -270,7 +282,7 @@ def write_report(a: Analysis, out_dir: Path | str) -> Path:
         "",
         "## Selection",
         "",
-        markdown_table(summary_table(a)),
+        markdown_table(summary_table(a, bold=True)),
         "",
     ]
     if a.pick_acc is not None and len(a.selection):
@@ -342,8 +354,14 @@ def write_report(a: Analysis, out_dir: Path | str) -> Path:
         md += ["## Notes", ""] + [f"- {n}" for n in a.notes] + [""]
     a.selection.to_csv(out / "selection.csv", index=False)
     a.epochs.drop(columns=[c for c in a.epochs if c.startswith("params.")]).to_csv(out / "epochs.csv", index=False)
+    if a.pick_score is not None and len(a.selection):
+        md[md.index("## Selection") + 1 : md.index("## Selection") + 1] = [
+            "",
+            f"**The pick was made by {a.label(a.pick_score)}** (row marked ◀ chosen).",
+        ]
     path = out / REPORT
     path.write_text("\n".join(md))
+    (out / REPORT_HTML).write_text(markdown_to_html(path.read_text(), out, f"selection: {a.sweep.name}"))
     return path
 
 

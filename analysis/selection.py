@@ -21,6 +21,8 @@ EVIDENCE = {
     "linear_probe_acc": "frozen linear probe",
     "online_acc": "online linear probe (trained alongside pretraining)",
 }
+EVIDENCE_SHORT = {"linear_probe_acc": "frozen probe", "online_acc": "online probe"}
+"""The same, as a table column says it."""
 
 
 def evidence_column(candidates: pd.DataFrame) -> str | None:

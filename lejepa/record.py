@@ -41,6 +41,8 @@ SWEEP_FILE = "sweep.json"
 """In a sweep's folder: its parent run id, tracking URI and experiment (what ``--resume`` reattaches)."""
 CHECKPOINT_ARTIFACT = "checkpoint"
 """The artifact path of a run's final checkpoint (``runs:/<run id>/checkpoint``)."""
+CRITERIA_CACHE = "criteria_cache.csv"
+"""In ``lejepa select``'s report folder: each checkpoint's criteria as computed (a rerun resumes)."""
 
 # --------------------------------------------------------------------------- tracking stores
 TRACKING_DB = "mlflow.db"
@@ -138,8 +140,6 @@ INIT_KNN_ACC = init_metric(KNN_ACC)
 FINAL_METRICS = (LINEAR_PROBE_ACC, KNN_ACC, ONLINE_PROBE_ACC, INIT_LINEAR_PROBE_ACC, INIT_KNN_ACC)
 """Logged once at the end, at the last step."""
 
-RUN_METRICS = frozenset((*STEP_METRICS, *EPOCH_METRICS, *FINAL_METRICS))
-"""Every metric key a training run (or sweep trial) logs."""
 
 # --------------------------------------------------------------------------- Tune reports of a trial
 DIVERGED_FLAG = "diverged"
@@ -167,6 +167,35 @@ NUM_PARAMS_PARAM = "model.num_params"
 """The backbone's parameter count, logged beside the flattened config (every config key is a param)."""
 ARCH_PARAM = "model.arch"
 """The architecture, as every run logs its config (dotted keys)."""
+LAM_PARAM = "loss.lam"
+"""λ, the SIGReg weight, as every run logs its config."""
+
+# --------------------------------------------------------------------------- metrics: the run's settings
+HPARAM_PREFIX = "hparam/"
+HPARAM_KEYS = (LAM_PARAM, "loss.num_slices", "optim.lr", "optim.batch_size")
+"""The config keys also logged as metrics ``hparam/<last part>`` (step 0), because MLflow compares
+params as strings: ``metrics.`hparam/lam` < 0.1`` filters, sorts and charts where
+``params.`loss.lam` < '0.1'`` cannot."""
+HPARAM_NUM_PARAMS = "hparam/num_params_m"
+"""The backbone's parameter count in millions, beside them."""
+
+
+def hparam_metric(key: str) -> str:
+    """The metric that holds config key ``key`` as a number: ``loss.lam`` → ``hparam/lam``."""
+    return HPARAM_PREFIX + key.rsplit(".", 1)[-1]
+
+
+def hparam_metrics(flat: dict[str, object], num_params: int) -> dict[str, float]:
+    """The run's :data:`HPARAM_KEYS` (from its flattened config) and parameter count as metric values."""
+    values = {hparam_metric(k): float(flat[k]) for k in HPARAM_KEYS if isinstance(flat.get(k), (int, float))}  # type: ignore[arg-type]
+    return {**values, HPARAM_NUM_PARAMS: num_params / 1e6}
+
+
+HPARAM_METRICS = (*(hparam_metric(k) for k in HPARAM_KEYS), HPARAM_NUM_PARAMS)
+"""Logged once at the start, at step 0."""
+
+RUN_METRICS = frozenset((*STEP_METRICS, *EPOCH_METRICS, *FINAL_METRICS, *HPARAM_METRICS))
+"""Every metric key a training run (or sweep trial) logs."""
 
 # --------------------------------------------------------------------------- tags
 PARENT_TAG = "mlflow.parentRunId"
@@ -225,6 +254,14 @@ def best_run_tag(metric: str) -> str:
     return f"lejepa.{metric.replace('/', '_')}_run"
 
 
+def best_checkpoint_tag(metric: str) -> str:
+    """The parent-run tag holding the final checkpoint folder of a best-of metric's trial."""
+    return f"lejepa.{metric.replace('/', '_')}_checkpoint"
+
+
+OVERVIEW_ARTIFACT = "overview"
+"""The parent run's artifact folder of the sweep's overview: ``trials.csv`` and its figures."""
+
 # Tags ``lejepa select`` sets on a sweep's parent run (beside its report, the artifact folder ``selection/``)
 SELECTION_ARTIFACT = "selection"
 SELECTED_SCORE_TAG = "lejepa.selected.score"
@@ -269,6 +306,7 @@ SWEEP_TAGS = frozenset(
         SELECTED_EPOCH_TAG,
         SELECTED_CHECKPOINT_TAG,
         *(f(m) for m in (BEST_SCORE, BEST_LINEAR_PROBE_ACC) for f in (best_trial_tag, best_run_tag)),
+        best_checkpoint_tag(BEST_SCORE),
     )
 )
 """Every tag a sweep's parent run may carry."""

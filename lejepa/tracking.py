@@ -68,6 +68,7 @@ from lejepa.record import (
     TRACKING_DB,
     VERDICT,
     VERDICTS,
+    hparam_metrics,
     run_status,
     shared_view_tag,
     sqlite_path,
@@ -332,6 +333,7 @@ class MLflowCallback(Callback):
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start : start + 100])
         self.client.log_batch(self.run_id, params=[Param(NUM_PARAMS_PARAM, str(info.num_params))])
+        self.client.log_batch(self.run_id, metrics=self._metrics(hparam_metrics(cfg.flat(), info.num_params), step=0))
         info.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}))

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("spec", nargs="?", metavar="SPEC", help="sweep spec file (optional with --resume)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded trial table and exit")
+    p.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="with --dry-run: skip measuring each architecture's steps for the estimated wall time",
+    )
     p.add_argument("--resume", metavar="NAME", help="continue the sweep NAME (its folder under the storage)")
     p.add_argument("--address", help="join a running Ray cluster ('auto', or host:port; default RAY_ADDRESS, else a local Ray)")
     p.add_argument(
@@ -43,7 +48,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         if spec is None:
             raise ConfigError("--dry-run needs a SPEC file")
-        print(dry_run(spec))
+        from sweeps.estimate import process_age
+
+        joins_ray = bool(args.address or os.environ.get("RAY_ADDRESS"))
+        print(dry_run(spec, estimate=not args.no_estimate, process_start_s=process_age(), joins_ray=joins_ray))
         return 0
     from sweeps.runner import resume_sweep, run_sweep
 
@@ -63,8 +71,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if outcome.count("failed") else 0
 
 
-def dry_run(spec) -> str:
-    """The expanded trial table: count, per-trial overrides, resources, expected concurrency on this machine."""
+def dry_run(spec, estimate: bool = False, process_start_s: float | None = None, joins_ray: bool = False) -> str:
+    """The expanded trial table: count, per-trial overrides, resources, expected concurrency on this machine;
+    with ``estimate``, the sweep's measured wall-time estimate (:func:`sweeps.estimate.estimate_wall_time`,
+    ``process_start_s`` and ``joins_ray`` passed on; it times each architecture's steps here)."""
     from lejepa.tables import format_table
 
     keys = spec.columns()
@@ -96,6 +106,18 @@ def dry_run(spec) -> str:
         ),
         f"max failures per trial: {spec.max_failures}; MLflow experiment {spec.tracking.experiment!r}",
     ]
+    if estimate:
+        from lejepa.errors import first_line
+        from sweeps.estimate import estimate_wall_time, stderr_progress
+
+        try:
+            lines.append(
+                estimate_wall_time(
+                    spec, cpus=cpus, gpus=gpus, process_start_s=process_start_s, joins_ray=joins_ray, progress=stderr_progress
+                ).line()
+            )
+        except Exception as exc:  # the table stands without the estimate
+            lines.append(f"estimated wall time on this machine: not available ({first_line(exc, type(exc).__name__)})")
     warnings = [w for w in (walk_warning(spec), collapse_warning(spec)) if w]
     return "\n".join(lines + warnings)
 

@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Any
 from mlflow import MlflowClient
 
 from lejepa.record import (
+    ARCH_PARAM,
     COLLAPSE_RATIO,
     EPOCH,
     EPOCH_LOSS,
     HEALTHY,
+    INIT_LINEAR_PROBE_ACC,
+    LAM_PARAM,
     ONLINE_TEST_ACC,
     STATUS_FAILED,
     STATUS_FINISHED,
@@ -24,6 +27,7 @@ from lejepa.record import (
 )
 from sweeps.layout import Sweep
 from sweeps.mlflow_runs import child_runs, close_child_run, log_best
+from sweeps.overview import log_overview
 from sweeps.progress import summary
 from sweeps.spec import SweepSpec
 from sweeps.status import FINAL_METRIC, trial_health, trial_status
@@ -48,6 +52,9 @@ class TrialSummary:
     run_id: str | None
     health: str | None = None
     collapse: float | None = None
+    arch: str | None = None
+    lam: float | None = None
+    init_acc: float | None = None  # the frozen linear probe at random init (``train.eval_at_init``)
 
 
 @dataclass
@@ -92,6 +99,7 @@ def settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resul
     """Summarise Tune's results, give every child run its final status, log the best trials on the parent."""
     runs = child_runs(client, sweep)
     outcome = SweepOutcome(sweep, spec)
+    base = spec.base_config
     for i in range(len(grid)):  # ResultGrid is indexed, not typed as iterable
         result = grid[i]
         metrics, config = result.metrics or {}, result.config or {}
@@ -110,6 +118,9 @@ def settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resul
                 run_id=run.info.run_id if run else None,
                 health=trial_health(metrics),
                 collapse=metrics.get(COLLAPSE_RATIO),
+                arch=config.get(ARCH_PARAM, base.model.arch),
+                lam=config.get(LAM_PARAM, base.loss.lam),
+                init_acc=metrics.get(INIT_LINEAR_PROBE_ACC),
             )
         )
     by_id: dict[str | None, TrialSummary] = {t.trial_id: t for t in outcome.trials}
@@ -118,4 +129,5 @@ def settle(client: MlflowClient, spec: SweepSpec, sweep: Sweep, grid: tune.Resul
         unseen = STATUS_INTERRUPTED if outcome.interrupted else STATUS_FAILED
         close_child_run(client, run, trial.status if trial else unseen, trial.epoch if trial else None)
     log_best(client, outcome)
+    log_overview(client, outcome)
     return outcome

@@ -65,7 +65,7 @@ class ProgressTable(tune.Callback):
                 f"{fmt(r.get(COLLAPSE_RATIO))}); its resources go to the next trial"
             )
             return
-        end = f"linear acc {fmt(r[FINAL_METRIC])}" if FINAL_METRIC in r else "stopped early by the scheduler"
+        end = f"frozen linear probe acc {fmt(r[FINAL_METRIC])}" if FINAL_METRIC in r else "stopped early by the scheduler"
         self._print(
             f"trial {trial.trial_id} done: epoch {r.get(EPOCH)}  loss {fmt(r.get(EPOCH_LOSS))}  "
             f"score {fmt(r.get(TRAIN_SCORE))}  {end}"
@@ -78,7 +78,7 @@ class ProgressTable(tune.Callback):
         self._print(f"trial {trial.trial_id} failed after {trial.num_failures} attempt(s): see {trial.error_file or trial.path}")
 
     def table(self, trials: list) -> str:
-        header = ["trial", "status", *self.keys, "epoch", "loss", "score", "collapse", "rank", "health", "probe acc"]
+        header = ["trial", "status", *self.keys, "epoch", "loss", "score", "collapse", "rank", "health", "online probe acc"]
         rows = [
             [
                 t.trial_id,
@@ -104,7 +104,7 @@ class ProgressTable(tune.Callback):
 def summary(outcome: SweepOutcome) -> str:
     """The end-of-sweep summary: the trial table, the best trials, where to look in MLflow."""
     sweep, keys = outcome.sweep, outcome.spec.keys()
-    header = ["trial", "status", *keys, "epoch", "loss", "score", "collapse", "health", "online acc", "linear acc"]
+    header = ["trial", "status", *keys, "epoch", "loss", "score", "collapse", "health", "online probe acc", "frozen probe acc"]
     rows = [
         [
             t.trial_id,
@@ -124,7 +124,7 @@ def summary(outcome: SweepOutcome) -> str:
     lines = [f"sweep {sweep.name}: {len(outcome.trials)} trials ({counts or 'none ran'})", format_table(header, rows)]
     for label, attr, mode in (
         (f"label-free score ({EPOCH_LOSS} / λ^α) among healthy trials", "score", "min"),
-        ("linear probe accuracy", "linear_acc", "max"),
+        ("frozen linear probe accuracy (labels: evidence, not the pick)", "linear_acc", "max"),
     ):
         best = outcome.best(attr, mode, healthy_only=attr == "score")
         if best is not None:

@@ -1,6 +1,6 @@
 """What several test modules share: the repository's paths, a tiny training config, the real CLI
-in a subprocess, a real ``mlflow server``, and sweep specs and their results (pytest fixtures
-stay in conftest.py)."""
+in a subprocess, a real ``mlflow server``, sweep specs and their results, and a hand-made sweep for
+the selection analysis (pytest fixtures stay in conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from lejepa.health import collapsed_ep
 
 REPO = Path(__file__).resolve().parents[1]
 LEJEPA = [sys.executable, "-m", "lejepa"]
@@ -184,3 +186,53 @@ class SweepCLI:
             text=True,
             timeout=600,
         )
+
+
+# run: (batch, λ, arch, final loss, final SIGReg, logged (collapse ratio, projector rank) or None,
+#       frozen probe, RankMe)
+RUNS = {
+    "collapsed": (64, 0.01, "a", 0.20, 0.9 * collapsed_ep(64), None, 0.70, 50.0),  # lowest loss, collapsed
+    "good": (64, 0.05, "a", 0.60, 6.0, None, 0.86, 60.0),
+    "fair": (64, 0.20, "b", 1.00, 2.0, None, 0.80, 40.0),
+    "big-batch": (128, 0.05, "b", 0.50, 5.0, (0.10, 0.6), 0.84, 70.0),  # healthy, on another loss scale
+    "dim": (128, 0.02, "b", 0.40, 3.0, (0.20, 0.10), 0.60, 90.0),  # dimensional collapse, best RankMe
+}
+
+
+def hand_made_sweep():
+    """Five runs × two epochs of a hand-made sweep (:data:`RUNS`), as :class:`analysis.loader.Sweep`."""
+    import numpy as np
+    import pandas as pd
+
+    from analysis.loader import Sweep
+
+    rows = []
+    for name, (batch, lam, arch, loss, sigreg, logged, acc, rankme) in RUNS.items():
+        for epoch in (1, 2):
+            final = epoch == 2
+            ratio, rank = logged if logged else (np.nan, np.nan)
+            rows.append(
+                {
+                    "run_id": name,
+                    "trial": name,
+                    "arch": arch,
+                    "lam": lam,
+                    "epoch": epoch,
+                    "step": 10 * epoch,
+                    "is_final": final,
+                    "loss": loss + (0.0 if final else 0.1),
+                    "invariance": np.nan,
+                    "sigreg": sigreg,
+                    "online_acc": acc - (0.0 if final else 0.05),
+                    "linear_probe_acc": acc if final else np.nan,
+                    "knn_acc": np.nan,
+                    "online_probe_acc": np.nan,
+                    "checkpoint": f"/ckpt/{name}/{epoch}",
+                    "checkpoint_uri": None,
+                    "params.optim.batch_size": str(batch),
+                    "collapse_ratio": ratio,
+                    "proj_rank": rank,
+                    "score.rankme": rankme if final else np.nan,
+                }
+            )
+    return Sweep("hand-made", "sqlite:///none", None, pd.DataFrame(rows))

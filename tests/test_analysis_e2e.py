@@ -7,6 +7,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
+import signal
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,10 +24,11 @@ from lejepa.callbacks import Callback
 from lejepa.cli import main as lejepa_main
 from lejepa.config import load_config
 from lejepa.errors import LejepaError
+from lejepa.record import CRITERIA_CACHE
 from lejepa.tracking import MLflowCallback
 from lejepa.trainer import Trainer, TrainingDiverged
 
-from helpers import REPO, TINY, run_cli
+from helpers import LEJEPA, REPO, TINY, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -190,6 +194,11 @@ def test_select_cli_reports_logs_and_registers(sweep, tmp_path):
         env=ONE_THREAD,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    cache = (out / CRITERIA_CACHE).resolve()
+    computed = len(cache.read_text().splitlines()) - 1  # one row a checkpoint, under the header
+    assert computed >= 6 and f"criteria: {computed} checkpoints, 0 cached in {cache}, {computed} to compute" in proc.stderr
+    progress = re.findall(r"^criteria \[(\d+)/(\d+)\] \S+/epoch_\d{4}: [\d.]+ s ", proc.stderr, re.M)
+    assert progress == [(str(i), str(computed)) for i in range(1, computed + 1)], proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     checkpoint = lines[-1].removeprefix("checkpoint: ")
     run_id, epoch = _expected_pick(sweep)
@@ -212,10 +221,12 @@ def test_select_cli_reports_logs_and_registers(sweep, tmp_path):
         assert section in report, section
     pngs = {"loss_vs_accuracy.png", "alpha_curve.png", "arch_correlations.png"}
     assert all((out / p).stat().st_size > 5000 for p in pngs)
+    assert "**The pick was made by training loss, healthy only** (row marked ◀ chosen)." in report
+    assert (out / "report.html").read_text().count('src="data:image/png;base64,') == len(pngs)  # renders in MLflow
 
     parent = sweep.client.get_run(sweep.parent)
     artifacts = {a.path for a in sweep.client.list_artifacts(sweep.parent, "selection")}
-    assert {f"selection/{f}" for f in pngs | {"report.md", "selection.csv", "correlations.csv"}} <= artifacts
+    assert {f"selection/{f}" for f in pngs | {"report.md", "report.html", "selection.csv", "correlations.csv"}} <= artifacts
     assert parent.data.tags["lejepa.selected.checkpoint"] == checkpoint
     assert parent.data.tags["lejepa.selected.run_id"] == run_id
 
@@ -224,6 +235,34 @@ def test_select_cli_reports_logs_and_registers(sweep, tmp_path):
     local = sweep.client.download_artifacts(run_id, version.source.split(f"runs:/{run_id}/")[1], str(tmp_path / "dl"))
     assert (Path(local) / "state.pt").is_file()
     assert (Path(local) / "meta.json").read_text() == (Path(checkpoint) / "meta.json").read_text()
+
+
+def test_select_criteria_interrupted_keeps_what_it_computed(sweep, tmp_path):
+    """Ctrl-C once a checkpoint is done: exit 130, one line saying what the cache keeps, no traceback."""
+    out = tmp_path / "r"
+    args = ["select", SWEEP, "--tracking-uri", sweep.uri, "--out", str(out), "--criteria", "--no-log"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | ONE_THREAD | {"PYTHONPATH": str(REPO)}
+    small = ["--sample-size", "32", "--lidar-images", "4", "--bootstrap", "0"]
+    proc = subprocess.Popen(LEJEPA + args + small, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("criteria [1/"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    err = "".join(seen) + rest
+    cache = (out / CRITERIA_CACHE).resolve()
+    kept = len(cache.read_text().splitlines()) - 1
+    total = int(re.search(r"^criteria: (\d+) checkpoints", err, re.M)[1])
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert 1 <= kept < total and err.strip().splitlines()[-1] == (
+        f"interrupted: {kept} of {total} checkpoints' criteria kept in {cache}; rerun the same command to resume"
+    )
+    assert not (out / "report.md").exists()
 
 
 def test_select_without_labels_still_picks(sweep, tmp_path):

@@ -56,7 +56,20 @@ def test_every_key_a_trained_trial_logs_is_declared(tmp_path):
     assert {k for k in tags if not k.startswith("mlflow.")} - _ours(tags) <= record.RUN_TAGS  # arch, family, dataset
     # what the trainer produces is what the schema says it produces
     assert set(final) == set(record.FINAL_METRICS)
-    assert set(record.STEP_METRICS) | set(record.EPOCH_METRICS) | set(record.FINAL_METRICS) == metrics
+    declared = (record.STEP_METRICS, record.EPOCH_METRICS, record.FINAL_METRICS, record.HPARAM_METRICS)
+    assert set().union(*declared) == metrics
+    # the searched settings are numbers MLflow compares as numbers (params are strings)
+    hparams = {k: run.data.metrics[k] for k in record.HPARAM_METRICS}
+    assert hparams == {
+        "hparam/lam": cfg.loss.lam,
+        "hparam/num_slices": cfg.loss.num_slices,
+        "hparam/lr": cfg.optim.lr,
+        "hparam/batch_size": cfg.optim.batch_size,
+        "hparam/num_params_m": pytest.approx(sum(p.numel() for p in trainer.model.backbone.parameters()) / 1e6),
+    }
+    below = f"metrics.`hparam/lam` < {2 * cfg.loss.lam} and metrics.`hparam/batch_size` = {cfg.optim.batch_size}"
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id], below)] == [tracking.run_id]
+    assert client.search_runs([run.info.experiment_id], f"metrics.`hparam/lam` < {cfg.loss.lam / 2}") == []
     assert tags[record.PARENT_TAG] == parent and tags[record.HEALTH_TAG] in record.VERDICTS
     assert (tmp_path / "t0" / record.CONFIG_FILE).is_file() and (tmp_path / "t0" / record.RUN_FILE).is_file()
     epoch_loss = client.get_metric_history(tracking.run_id, record.EPOCH_LOSS)[0].value

@@ -4,60 +4,17 @@ compared only within one scale (batch size, views, slices, quadrature), and prun
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from analysis.health import add_health, replay_pruning
-from analysis.loader import Sweep
 from analysis.report import analyse, health_comparison, terminal_table
 from lejepa.health import collapsed_ep
 
-# run: (batch, λ, arch, final loss, final SIGReg, logged (collapse ratio, projector rank) or None,
-#       frozen probe, RankMe)
-RUNS = {
-    "collapsed": (64, 0.01, "a", 0.20, 0.9 * collapsed_ep(64), None, 0.70, 50.0),  # lowest loss, collapsed
-    "good": (64, 0.05, "a", 0.60, 6.0, None, 0.86, 60.0),
-    "fair": (64, 0.20, "b", 1.00, 2.0, None, 0.80, 40.0),
-    "big-batch": (128, 0.05, "b", 0.50, 5.0, (0.10, 0.6), 0.84, 70.0),  # healthy, on another loss scale
-    "dim": (128, 0.02, "b", 0.40, 3.0, (0.20, 0.10), 0.60, 90.0),  # dimensional collapse, best RankMe
-}
-
-
-def _sweep() -> Sweep:
-    rows = []
-    for name, (batch, lam, arch, loss, sigreg, logged, acc, rankme) in RUNS.items():
-        for epoch in (1, 2):
-            final = epoch == 2
-            ratio, rank = logged if logged else (np.nan, np.nan)
-            rows.append(
-                {
-                    "run_id": name,
-                    "trial": name,
-                    "arch": arch,
-                    "lam": lam,
-                    "epoch": epoch,
-                    "step": 10 * epoch,
-                    "is_final": final,
-                    "loss": loss + (0.0 if final else 0.1),
-                    "invariance": np.nan,
-                    "sigreg": sigreg,
-                    "online_acc": acc - (0.0 if final else 0.05),
-                    "linear_probe_acc": acc if final else np.nan,
-                    "knn_acc": np.nan,
-                    "online_probe_acc": np.nan,
-                    "checkpoint": f"/ckpt/{name}/{epoch}",
-                    "checkpoint_uri": None,
-                    "params.optim.batch_size": str(batch),
-                    "collapse_ratio": ratio,
-                    "proj_rank": rank,
-                    "score.rankme": rankme if final else np.nan,
-                }
-            )
-    return Sweep("hand-made", "sqlite:///none", None, pd.DataFrame(rows))
+from helpers import hand_made_sweep
 
 
 def test_health_columns_from_logged_and_computed_measures():
-    e = add_health(_sweep().epochs)
+    e = add_health(hand_made_sweep().epochs)
     final = e[e["is_final"]].set_index("run_id")
     assert final.loc["collapsed", "collapse_ratio"] == pytest.approx(0.9)  # SIGReg / EP(constant) at N = 64
     assert final.loc["good", "collapse_ratio"] == pytest.approx(6.0 / collapsed_ep(64))
@@ -73,7 +30,7 @@ def test_health_columns_from_logged_and_computed_measures():
 
 
 def test_select_never_picks_unhealthy_and_compares_losses_within_one_scale():
-    a = analyse(_sweep(), n_boot=50)
+    a = analyse(hand_made_sweep(), n_boot=50)
     picks = a.selection.set_index("score")
     assert picks.loc["loss", "trial"] == "collapsed"  # the old score: lowest loss wins
     assert picks.loc["safe_loss", "trial"] == "good"  # healthy, and big-batch's loss is on another scale
@@ -100,7 +57,7 @@ def test_select_never_picks_unhealthy_and_compares_losses_within_one_scale():
 
 
 def test_pruning_replay_stops_runs_collapsed_for_patience_epochs():
-    e = add_health(_sweep().epochs)
+    e = add_health(hand_made_sweep().epochs)
     e.loc[(e["run_id"] == "fair") & (e["epoch"] == 1), "verdict"] = "collapsed"  # recovers at epoch 2
     kept, runs = replay_pruning(e, patience=2)
     runs = runs.set_index("run_id")

@@ -72,13 +72,28 @@ def test_four_trial_sweep_results_and_mlflow_structure(tmp_path, ray_address):
         assert child.data.tags["lejepa.run_dir"] == str(path / "trials" / t.trial_id)
         assert child.data.metrics["train/score"] == pytest.approx(t.last_result["train/score"])
         assert child.data.metrics["eval/linear_probe_acc"] == pytest.approx(t.last_result["eval/linear_probe_acc"])
+        assert child.data.metrics["hparam/lam"] == t.config["loss.lam"]  # numeric: filterable and chartable
+    note = parent.data.tags["mlflow.note.content"]  # the overview (sweeps/overview.py), written when the sweep settled
     best = outcome.best("score", "min", healthy_only=True)  # 1-epoch tiny runs may all still be collapsed
     healthy = [t for t in trials.values() if t.last_result["health/verdict"] == 0]
     if healthy:
         assert best.score == min(t.last_result["train/score"] for t in healthy) and best.health == "healthy"
         assert parent.data.tags["lejepa.best_train_score_run"] == best.run_id
+        assert parent.data.tags["lejepa.best_train_score_checkpoint"] == str(
+            path / "trials" / best.trial_id / "checkpoints" / "epoch_0001"
+        )
+        assert f"**Label-free pick** (lowest final `train/score` among healthy trials): [{best.trial_id}]" in note
     else:
         assert best is None and "lejepa.best_train_score_run" not in parent.data.tags
+    assert all(
+        f"[{c.data.tags['lejepa.trial_id']}](#/experiments/{parent.info.experiment_id}/runs/{c.info.run_id})" in note
+        for c in children
+    )
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "overview")} == {
+        "overview/trials.csv",
+        "overview/lam_vs_accuracy.png",
+        "overview/loss_vs_accuracy.png",
+    }
     assert "lejepa ui --tracking-uri" in outcome.render()
 
 
