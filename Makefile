@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install quickstart lint test datasets browser
+.PHONY: install quickstart lint test datasets browser cluster
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ browser:
 	@command -v chromium >/dev/null || bash .ci/install-debian-packages \
 	  "the browser test of lejepa ui will skip" chromium
 
+# Debian's SLURM, munge and PostgreSQL for the suite's cluster tests (a one-node SLURM and a team
+# MLflow server on PostgreSQL, started by the tests on 127.0.0.1; they skip, saying why, without them).
+cluster:
+	@bash .ci/install-debian-packages "the SLURM and PostgreSQL tests will skip" \
+	  slurmctld slurmd slurm-client munge postgresql
+
 install: $(STAMP) datasets
 
 quickstart: install
@@ -38,5 +44,5 @@ lint: install
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
-test: lint browser
+test: lint browser cluster
 	$(BIN)/python -m pytest

@@ -45,14 +45,16 @@ def checkpoint_name(epoch: int) -> str:
 
 def save_checkpoint(folder: Path, epoch: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
     """Write ``state`` as checkpoint ``epoch`` under ``folder`` atomically; keep the newest ``keep``.
-    Raises :class:`DiskFullError` (nothing left behind) when it does not fit."""
+    Raises :class:`DiskFullError` (nothing left behind) when it does not fit; an interrupt during the
+    write leaves nothing behind either, and a temporary folder a killed writer left is removed."""
     final = folder / checkpoint_name(epoch)
     tmp = folder / f".{checkpoint_name(epoch)}.tmp-{os.getpid()}"
     need = checkpoint_bytes(folder, tensor_bytes(state))
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".epoch_*.tmp-*"):  # a killed writer's (the run folder has one live writer)
+            shutil.rmtree(stale, ignore_errors=True)
         check_free_space(folder, need, f"checkpoint {final.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         torch.save(state, tmp / STATE_FILE)
         meta = {**meta, "epoch": epoch, "sha256": _sha256(tmp / STATE_FILE)}
@@ -60,9 +62,9 @@ def save_checkpoint(folder: Path, epoch: int, state: dict[str, Any], meta: dict[
         for f in (tmp / STATE_FILE, tmp / META_FILE):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    except (OSError, RuntimeError) as exc:
+    except BaseException as exc:  # an error, or an interrupt (Ctrl-C, SIGTERM) mid-write: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc, folder, need):
+        if isinstance(exc, (OSError, RuntimeError)) and is_disk_full(exc, folder, need):
             raise disk_full(folder, need, f"checkpoint {final.name}") from None
         raise
     if final.exists():

@@ -67,7 +67,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from lejepa.tracking import MLflowCallback
 
         experiment = args.experiment or cfg.tracking.experiment
-        trainer.add_callback(MLflowCallback(uri, experiment=experiment, flush_every=cfg.tracking.flush_every))
+        trainer.add_callback(
+            MLflowCallback(uri, experiment=experiment, flush_every=cfg.tracking.flush_every, final_wait=cfg.tracking.final_wait_s)
+        )
     metrics = trainer.fit()
     if trainer.rt.is_main and args.quiet:
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -152,11 +154,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from lejepa.preflight import check_tracking_uri
 
     check_tracking_uri(uri)  # a truncated or foreign SQLite file: one line, not MLflow's traceback
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"warning: serving MLflow on {args.host}: anyone who can reach this address can read and change your runs",
-            file=sys.stderr,
-        )
+    _warn_if_public(args.host)
     _check_port_free(args.host, args.port)
     cmd = [
         sys.executable,
@@ -173,14 +171,23 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         str(args.port),
     ]
     print(f"starting the MLflow UI on http://{args.host}:{args.port} (store {db}) ...", file=sys.stderr)
-    server = subprocess.Popen(cmd)
-    try:
-        base = _wait_for_server(server, args.host, args.port)
+
+    def announce(base: str) -> str:
         from mlflow import MlflowClient
 
         from lejepa.tracking import runs_view_url
 
-        print(f"MLflow UI: {runs_view_url(MlflowClient(uri), base)}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        return f"MLflow UI: {runs_view_url(MlflowClient(uri), base)}  (Ctrl-C to stop)"
+
+    return _serve(cmd, args.host, args.port, announce)
+
+
+def _serve(cmd: list[str], host: str, port: int, announce) -> int:
+    """Run the MLflow server ``cmd``; print ``announce(base URL)`` once it answers; stop it on Ctrl-C."""
+    server = subprocess.Popen(cmd)
+    try:
+        base = _wait_for_server(server, host, port)
+        print(announce(base), file=sys.stderr, flush=True)
         return server.wait()
     except KeyboardInterrupt:
         return 0
@@ -191,6 +198,15 @@ def _cmd_ui(args: argparse.Namespace) -> int:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def _warn_if_public(host: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: serving MLflow on {host}: MLflow has no authentication; anyone who can reach this "
+            f"address can read and change your runs (keep 127.0.0.1 and use an SSH tunnel, or an authenticating proxy)",
+            file=sys.stderr,
+        )
 
 
 def _wait_for_server(server: subprocess.Popen, host: str, port: int, timeout: float = 300.0) -> str:
@@ -240,8 +256,133 @@ def _register_ui(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_ui)
 
 
+# --------------------------------------------------------------------------- server
+def _cmd_server(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from lejepa.preflight import check_writable
+
+    uri = args.backend_store_uri
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    if scheme not in ("postgresql", "mysql", "sqlite", "mssql"):
+        raise ConfigError(f"--backend-store-uri {uri!r}: expected a database URI, e.g. postgresql://user@host:5432/mlflow")
+    _check_database(uri)
+    artifacts = args.artifacts_destination
+    if "://" not in artifacts:
+        artifacts = str(Path(artifacts).expanduser().resolve())
+        check_writable(Path(artifacts), "--artifacts-destination")
+    _warn_if_public(args.host)
+    _check_port_free(args.host, args.port)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--artifacts-destination", artifacts]
+    cmd += ["--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    shown = _hide_password(uri)
+    print(f"starting the MLflow team server (store {shown}, artifacts {artifacts}) ...", file=sys.stderr)
+    return _serve(
+        cmd,
+        args.host,
+        args.port,
+        lambda base: f"MLflow team server: {base}  (train/sweep with --tracking-uri {base}; Ctrl-C to stop)",
+    )
+
+
+def _hide_password(uri: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _check_database(uri: str) -> None:
+    """One line unless the database answers within 10 s (MLflow creates its tables on first start)."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10} if uri.startswith("postgresql") else {})
+        with engine.connect():
+            pass
+    except Exception as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot connect to the database {_hide_password(uri)}: {reason}") from None
+
+
+def _register_server(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "server",
+        help="serve an MLflow tracking server for a team (a database store, an artifact folder)",
+        description="An MLflow tracking server on a database (PostgreSQL for a team) with its artifacts "
+        "proxied to a folder or bucket. Bound to 127.0.0.1 unless --host says otherwise: MLflow has no "
+        "authentication of its own.",
+    )
+    p.add_argument("--backend-store-uri", required=True, help="e.g. postgresql://mlflow@db-host:5432/mlflow")
+    p.add_argument("--artifacts-destination", required=True, help="a shared folder (or s3://...) for checkpoints and reports")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=4, help="server worker processes")
+    p.set_defaults(func=_cmd_server)
+
+
+# --------------------------------------------------------------------------- sync
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from lejepa import spool
+    from lejepa.locks import ProcessLock
+    from lejepa.preflight import PreflightError, check_tracking_uri
+    from lejepa.trainer import RUN_LOCK
+
+    paths = [Path(p).expanduser().resolve() for p in args.paths]
+    for path in paths:
+        if not path.is_dir():
+            raise ConfigError(f"{path}: no such folder (give run folders, or a folder holding them)")
+    found = list(dict.fromkeys(spool.find(paths)))
+    if not found:
+        print(f"lejepa: nothing to deliver under {', '.join(map(str, paths))}")
+        return 0
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one line per run, ours
+    from mlflow import MlflowClient
+
+    failed: list[str] = []
+    for run_dir in found:
+        try:
+            with ProcessLock(run_dir / RUN_LOCK, f"run folder {run_dir}"):
+                kept = spool.read(run_dir)
+                if kept is None:  # delivered meanwhile
+                    continue
+                check_tracking_uri(kept.tracking_uri)
+                left = spool.deliver(MlflowClient(kept.tracking_uri), kept)
+                spool.write(run_dir, left)
+        except LejepaError as exc:  # a live run holds the folder (it delivers its own), or the store is gone
+            failed.append(f"{run_dir}: {exc}")
+            continue
+        except Exception as exc:
+            failed.append(f"{run_dir}: {first_line(exc)}")
+            continue
+        note = f"; still kept: {left.summary()} (the artifact store refused them)" if left else ""
+        print(f"lejepa: {run_dir}: delivered {kept.summary()} to run {kept.run_id}{note}")
+    if failed:
+        raise PreflightError(
+            f"{len(failed)} of {len(found)} run folders still hold undelivered MLflow records (kept; "
+            f"run lejepa sync again once the store answers): {failed[0]}"
+        )
+    return 0
+
+
+def _register_sync(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sync",
+        help="deliver to MLflow what runs kept while it was unreachable",
+        description="Deliver the metrics, tags, artifacts and final status that runs kept in their "
+        "folders (mlflow_undelivered.json) while MLflow was unreachable or their artifact store full.",
+    )
+    p.add_argument(
+        "paths", nargs="*", default=["runs"], metavar="FOLDER", help="run folders, or folders holding them (default: runs)"
+    )
+    p.set_defaults(func=_cmd_sync)
+
+
 # --------------------------------------------------------------------------- main
-CORE_COMMANDS = (_register_train, _register_archs, _register_ui)
+CORE_COMMANDS = (_register_train, _register_archs, _register_ui, _register_server, _register_sync)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -305,10 +446,15 @@ def _stop_on_sigterm_as_on_sigint() -> None:
     """A scheduler's preemption (SIGTERM: SLURM, Kubernetes, ``kill``) stops a command as Ctrl-C
     does: the signal is re-raised as SIGINT, so training ends between steps with its checkpoints
     consistent and its MLflow run KILLED, and a sweep stops through Ray Tune's own SIGINT handler;
-    ``--resume`` continues both."""
+    ``--resume`` continues both. Only the first SIGTERM is passed on: a scheduler may send it twice
+    (SLURM signals both a batch script, which forwards it, and its children), and a second SIGINT
+    would make Ray Tune stop without saving; a forced stop is SIGKILL's job."""
+    passed: list[int] = []
 
     def as_sigint(signum, frame) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
+        if not passed:
+            passed.append(signum)
+            os.kill(os.getpid(), signal.SIGINT)
 
     signal.signal(signal.SIGTERM, as_sigint)
 

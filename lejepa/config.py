@@ -225,6 +225,12 @@ class TrackingConfig(_Section):
     uri: str | None = Field(None, description="tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///<out_dir>/mlflow.db")
     experiment: str = "lejepa"
     flush_every: int = Field(10, ge=1, description="per-step metric events buffered before each send to MLflow")
+    final_wait_s: float = Field(
+        180.0,
+        ge=0.0,
+        description="how long the end of a run waits for MLflow to take its queued metrics; what is left "
+        "is kept in the run folder (mlflow_undelivered.json) for `lejepa sync` or --resume",
+    )
 
 
 class Config(_Section):

@@ -37,6 +37,9 @@ CHECKPOINTS_DIR = "checkpoints"
 """The folder of a run's checkpoints, ``<run>/checkpoints/epoch_NNNN/``."""
 RUN_FILE = "mlflow_run.json"
 """The MLflow run a run folder belongs to (run id and tracking URI): a resumed run continues it."""
+SPOOL_FILE = "mlflow_undelivered.json"
+"""What a run could not deliver to MLflow (metrics, tags, artifacts, final status), kept until it can
+(:mod:`lejepa.spool`; ``lejepa sync`` or the run's next start delivers it)."""
 SWEEP_FILE = "sweep.json"
 """In a sweep's folder: its parent run id, tracking URI and experiment (what ``--resume`` reattaches)."""
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -217,6 +220,9 @@ ERROR_TAG = "lejepa.error"
 """``<exception type>: <message>`` of a failed run."""
 PREVIOUS_ERROR_TAG = "lejepa.previous_error"
 """A continued run's error of the attempt before."""
+UNDELIVERED_TAG = "lejepa.undelivered"
+"""The artifacts a finished run could not write to its artifact store, and why (kept in its
+:data:`SPOOL_FILE`; removed once ``lejepa sync`` delivers them)."""
 RESUMED_FROM_EPOCH_TAG = "lejepa.resumed_from_epoch"
 DIVERGED_STEP_TAG = "lejepa.diverged_step"
 COLLAPSED_AT_EPOCH_TAG = "lejepa.collapsed_at_epoch"
@@ -281,6 +287,7 @@ RUN_TAGS = frozenset(
         STATUS_TAG,
         ERROR_TAG,
         PREVIOUS_ERROR_TAG,
+        UNDELIVERED_TAG,
         RESUMED_FROM_EPOCH_TAG,
         DIVERGED_STEP_TAG,
         COLLAPSED_AT_EPOCH_TAG,

@@ -7,7 +7,9 @@ health verdict (``lejepa.health``). A resumed run
 continues the same MLflow run (its id is kept in ``<run_dir>/mlflow_run.json``) and skips every
 metric at a step the run already holds for that key, so a run restarted from an older checkpoint
 (or from scratch) leaves no duplicate step. Metrics are delivered by a background thread: a
-server that is down or slow never stalls training; its metrics stay queued and are retried.
+server that is down or slow never stalls training; its metrics stay queued and are retried, and
+are kept on disk during an outage. The end of a run waits a bounded time; what MLflow has not
+taken by then is kept in the run folder until ``lejepa sync`` or the next start delivers it.
 
 Everything goes through :class:`mlflow.MlflowClient` with an explicit, absolute tracking URI:
 no global active run, so nothing leaks between runs or threads.
@@ -21,15 +23,17 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from lejepa import spool
 from lejepa.callbacks import Callback, RunInfo
+from lejepa.config import TrackingConfig
 from lejepa.errors import TrainingCollapsed, TrainingDiverged, first_line
 from lejepa.record import (
     ARCH_TAG,
@@ -140,11 +144,18 @@ def arch_family(arch: str) -> str:
         return "".join(ch for ch in head if ch.isalpha()) or arch
 
 
-FINAL_WAIT_S = 180.0
-"""How long the end of training waits for queued metrics. One ``log_batch`` sent while the server
-is down can itself take about two minutes to fail (MLflow's own HTTP retries: 7 with backoff factor 2),
-during which the sender cannot see that the server is back; 60 s lost metrics of a 30 s outage
-on a busy machine."""
+FINAL_WAIT_S = TrackingConfig().final_wait_s
+"""How long the end of training waits for queued metrics by default (``tracking.final_wait_s``). One
+``log_batch`` sent while the server is down can itself take about two minutes to fail (MLflow's own
+HTTP retries: 7 with backoff factor 2), during which the sender cannot see that the server is back;
+60 s lost metrics of a 30 s outage on a busy machine. What is left after the wait is not lost: it
+is kept in the run folder (:mod:`lejepa.spool`)."""
+
+
+STALL_S = 30.0
+"""A ``log_batch`` in flight this long (the server is down and MLflow retries) counts as an outage."""
+KEEP_EVERY_S = 10.0
+"""During an outage the queue is written to the run folder's spool at most this often."""
 
 
 class MetricSender:
@@ -152,25 +163,36 @@ class MetricSender:
 
     :meth:`add` queues metrics; :meth:`wake` asks for a send now (else every ``interval`` s). A
     failed ``log_batch`` (server down, store locked) keeps the metrics queued and is retried with
-    backoff (1 s doubling to 10 s); one warning is printed per outage. :meth:`drain` waits, up to a
-    deadline, until the queue is empty.
+    backoff (1 s doubling to 10 s); one warning is printed per outage. During an outage ``keep`` is
+    called with everything still queued after each failed send (and with ``[]`` once the outage is
+    over), so the queue survives the process on disk (:mod:`lejepa.spool`). :meth:`drain` waits,
+    up to a deadline, until the queue is empty.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, interval: float = 5.0) -> None:
+    def __init__(
+        self, client: MlflowClient, run_id: str, interval: float = 5.0, keep: Callable[[list[Metric]], None] | None = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.interval = interval
+        self.keep = keep
         self.pending: list[Metric] = []
         self.cond = threading.Condition()
         self.urgent = False
         self.closed = False
         self.sent = 0
+        self.sending_since: float | None = None  # monotonic start of the log_batch in flight
+        self.kept, self.kept_at = False, 0.0  # whether the spool holds metrics of this queue, and when written
         self.thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self.thread.start()
 
     def add(self, metrics: list[Metric], wake: bool = False) -> None:
         with self.cond:
             self.pending += metrics
+            now = time.monotonic()
+            stalled = self.sending_since is not None and now - self.sending_since > STALL_S
+            if stalled and self.keep is not None and not self.closed and now - self.kept_at > KEEP_EVERY_S:
+                self._keep(list(self.pending))  # a send stuck in MLflow's own retries: the queue goes to disk
         if wake:
             self.wake()
 
@@ -191,16 +213,13 @@ class MetricSender:
                 self.cond.wait(min(left, 0.2))
         return True
 
-    def close(self, timeout: float) -> bool:
-        """:meth:`drain`, then stop the thread; False if metrics were left undelivered (a warning says how many)."""
-        done = self.drain(timeout)
+    def close(self, timeout: float) -> list[Metric]:
+        """:meth:`drain`, then stop the thread; returns the metrics left undelivered (none when all arrived)."""
+        self.drain(timeout)
         with self.cond:
             self.closed = True
-            left = len(self.pending)
             self.cond.notify_all()
-        if not done:
-            print(f"warning: MLflow unreachable; {left} metrics of run {self.run_id} could not be delivered", file=sys.stderr)
-        return done
+            return list(self.pending)
 
     def _loop(self) -> None:
         backoff, warned = 1.0, False
@@ -215,15 +234,20 @@ class MetricSender:
             if not batch:
                 continue
             try:
+                self.sending_since = time.monotonic()
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as exc:  # tracking must never kill training
+                self.sending_since = None
                 if not warned:
                     print(f"warning: MLflow unreachable ({first_line(exc)[:120]}); metrics are kept and retried", file=sys.stderr)
                     warned = True
                 with self.cond:
+                    if self.keep is not None and not self.closed:
+                        self._keep(list(self.pending))
                     self.cond.wait_for(lambda: self.closed, timeout=backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
+            self.sending_since = None
             if warned:
                 print("MLflow reachable again: buffered metrics delivered", file=sys.stderr)
             backoff, warned = 1.0, False
@@ -231,7 +255,18 @@ class MetricSender:
                 del self.pending[: len(batch)]
                 self.sent += len(batch)
                 self.urgent = self.urgent or bool(self.pending)
+                if self.keep is not None and not self.closed and self.kept:
+                    self._keep(list(self.pending))
                 self.cond.notify_all()
+
+    def _keep(self, metrics: list[Metric]) -> None:
+        """Hand the queue to ``keep`` (called with the lock held); a failure to keep is not fatal."""
+        assert self.keep is not None
+        try:
+            self.keep(metrics)
+            self.kept, self.kept_at = bool(metrics), time.monotonic()
+        except Exception as exc:
+            print(f"warning: could not keep undelivered metrics on disk ({first_line(exc)[:120]})", file=sys.stderr)
 
 
 class MLflowCallback(Callback):
@@ -240,7 +275,10 @@ class MLflowCallback(Callback):
     ``parent_run_id`` nests the run under a sweep run; ``run_id`` continues an existing run;
     ``tags`` are added at creation (e.g. a sweep's trial id). Metrics go through a
     :class:`MetricSender`, woken every ``flush_every`` step events and at every epoch end; the
-    end of training waits up to :data:`FINAL_WAIT_S` for them to be delivered.
+    end of training waits up to ``final_wait`` s for them to be delivered. Whatever MLflow does not
+    take (metrics after that wait or kept during an outage, the final tags, artifacts and status) is
+    kept in the run folder's spool (:mod:`lejepa.spool`), delivered by ``lejepa sync`` or by the
+    run's next start, which delivers it before anything else.
     """
 
     def __init__(
@@ -253,6 +291,7 @@ class MLflowCallback(Callback):
         tags: dict[str, str] | None = None,
         flush_every: int = 10,
         log_checkpoint: bool = True,
+        final_wait: float = FINAL_WAIT_S,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
@@ -263,6 +302,7 @@ class MLflowCallback(Callback):
         self.tags = dict(tags or {})
         self.flush_every = flush_every
         self.log_checkpoint = log_checkpoint
+        self.final_wait = final_wait
         self.sender: MetricSender | None = None
         self._events = 0
         self._last_step = 0
@@ -279,12 +319,50 @@ class MLflowCallback(Callback):
         """Wait up to ``retry_for`` s for every queued metric to reach MLflow; True when none is left."""
         return self.sender is None or self.sender.drain(retry_for)
 
-    def close(self, timeout: float) -> None:
-        """Deliver the queued metrics (waiting up to ``timeout`` s) and stop the sender thread; the run
-        stays as it is (the hooks end it). Safe to call twice."""
+    def close(self, timeout: float) -> list[Metric]:
+        """Deliver the queued metrics (waiting up to ``timeout`` s) and stop the sender thread; returns
+        those left undelivered. The run stays as it is (the hooks end it). Safe to call twice."""
+        left: list[Metric] = []
         if self.sender is not None:
-            self.sender.close(timeout)
+            left = self.sender.close(timeout)
             self.sender = None
+        return left
+
+    def _keep(self, metrics: list[Metric]) -> None:
+        """The sender's queue during an outage, kept in the run folder's spool (its other records kept)."""
+        assert self.run_dir is not None and self.run_id is not None
+        kept = spool.read(self.run_dir) or spool.Spool(self.run_id, self.tracking_uri)
+        kept.metrics = spool.as_rows(metrics)
+        spool.write(self.run_dir, kept)
+
+    def _finish(self, left: list[Metric], tags: dict[str, str], artifacts: list[tuple[str, str | None]], status: str) -> None:
+        """End the run: deliver the last metrics, tags, artifacts and status, or keep in the run folder's
+        spool whatever MLflow did not take (one warning says what, and how it gets delivered)."""
+        assert self.run_id is not None
+        todo = spool.Spool(self.run_id, self.tracking_uri, spool.as_rows(left), tags, artifacts, status)
+        reason = None
+        if left:  # the server did not answer within the wait: do not queue behind its retries
+            reason = "did not answer"
+        else:
+            try:
+                todo = spool.deliver(self.client, todo)
+            except Exception as exc:
+                reason = f"failed ({first_line(exc)[:160]})"
+            else:
+                if todo:
+                    reason = "could not store the artifacts"
+        if todo and self.run_dir is not None:
+            earlier = spool.read(self.run_dir)
+            if earlier is not None and earlier.run_id == self.run_id:  # records of an earlier attempt: keep them too
+                todo.artifacts = list(dict.fromkeys([*earlier.artifacts, *todo.artifacts]))
+            spool.write(self.run_dir, todo)
+            print(
+                f"warning: MLflow at {self.tracking_uri} {reason}: {todo.summary()} of run {self.run_id} are kept in "
+                f"{spool.spool_path(self.run_dir)}; `lejepa sync {self.run_dir}` delivers them (so does --resume)",
+                file=sys.stderr,
+            )
+        elif self.run_dir is not None:
+            spool.write(self.run_dir, todo)  # empty: removes a spool the outage left
 
     def _continue(self, info: RunInfo, run_id: str) -> None:
         """Reopen the run: RUNNING again, the outcome tags of the failed attempt cleared (its error kept
@@ -313,6 +391,10 @@ class MLflowCallback(Callback):
             if saved.get("tracking_uri") == self.tracking_uri:
                 self.run_id = saved["run_id"]
         if self.run_id is not None:
+            earlier = spool.read(info.run_dir)
+            if earlier is not None and earlier.run_id == self.run_id:  # left by an earlier attempt: deliver first
+                spool.write(info.run_dir, spool.deliver(self.client, earlier))
+                print(f"lejepa: delivered to MLflow what run {self.run_id} had kept: {earlier.summary()}", file=sys.stderr)
             self._continue(info, self.run_id)
             return self.run_id
         exp_id = get_or_create_experiment(self.client, self.experiment, self.tracking_uri)
@@ -343,7 +425,7 @@ class MLflowCallback(Callback):
     # ---------------------------------------------------------------- hooks
     def on_train_start(self, info: RunInfo) -> None:
         self.run_dir = info.run_dir
-        self.sender = MetricSender(self.client, self._start(info))
+        self.sender = MetricSender(self.client, self._start(info), keep=self._keep)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self._last_step = step
@@ -361,21 +443,23 @@ class MLflowCallback(Callback):
     def on_train_end(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
         assert self.sender is not None and self.run_id is not None  # made by on_train_start
         self.sender.add(self._metrics(metrics, self._last_step))
-        self.close(timeout=FINAL_WAIT_S)
+        left = self.close(timeout=self.final_wait)
+        tags: dict[str, str] = {}
+        artifacts: list[tuple[str, str | None]] = []
         if self.run_dir is not None and (self.run_dir / CONFIG_FILE).is_file():
-            self.client.log_artifact(self.run_id, str(self.run_dir / CONFIG_FILE))
+            artifacts.append((str(self.run_dir / CONFIG_FILE), None))
         if self.log_checkpoint and checkpoint is not None:
-            self.client.log_artifacts(self.run_id, str(checkpoint), artifact_path=CHECKPOINT_ARTIFACT)
-            self.client.set_tag(self.run_id, CHECKPOINT_TAG, str(checkpoint))
+            artifacts.append((str(checkpoint), CHECKPOINT_ARTIFACT))
+            tags[CHECKPOINT_TAG] = str(checkpoint)
         if self._verdict is not None:
-            self.client.set_tag(self.run_id, HEALTH_TAG, self._verdict)
-        self.client.set_terminated(self.run_id, run_status(STATUS_FINISHED))
+            tags[HEALTH_TAG] = self._verdict
+        self._finish(left, tags, artifacts, run_status(STATUS_FINISHED))
 
     def on_failure(self, error: BaseException) -> None:
         if self.run_id is None:
             return
         try:
-            self.close(timeout=10.0)
+            left = self.close(timeout=10.0)
             tags: dict[str, Any] = {ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]}
             status = STATUS_INTERRUPTED if isinstance(error, KeyboardInterrupt) else STATUS_FAILED
             if isinstance(error, TrainingDiverged):
@@ -384,7 +468,6 @@ class MLflowCallback(Callback):
             elif isinstance(error, TrainingCollapsed):  # label-free pruning: an outcome, not an error
                 status = STATUS_COLLAPSED
                 tags = {STATUS_TAG: status, COLLAPSED_AT_EPOCH_TAG: error.epoch, HEALTH_TAG: COLLAPSED}
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-            self.client.set_terminated(self.run_id, run_status(status))
+            self._finish(left, {k: str(v) for k, v in tags.items()}, [], run_status(status))
         except Exception:  # never mask the original error
             pass

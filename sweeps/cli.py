@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from lejepa.errors import ConfigError
 
@@ -36,6 +37,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--storage", help="folder holding sweeps (default <train.out_dir>/sweeps); shared by all nodes on a cluster")
     p.add_argument("--name", help="sweep name (default: the spec's name plus a timestamp)")
+    g = p.add_argument_group(
+        "SLURM", "submit the sweep as one SLURM job (a Ray cluster over its nodes); defaults from the spec's slurm: section"
+    )
+    g.add_argument("--slurm", action="store_true", help="write and submit an sbatch job (with --dry-run: print it)")
+    g.add_argument("--nodes", type=int, help="nodes (one Ray node each; the first is the head)")
+    g.add_argument("--cpus-per-task", type=int, help="CPUs per node given to Ray")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node")
+    g.add_argument("--time", help="time limit, e.g. 12:00:00 (the driver gets SIGTERM 2 min before it)")
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--account", help="SLURM account")
+    g.add_argument("--sbatch", action="append", metavar="OPTION", help="an extra sbatch option, e.g. --sbatch=--mem=64G")
+    g.add_argument("--setup", action="append", metavar="LINE", help="a shell line the job runs first, e.g. 'module load cuda'")
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -45,6 +58,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.spec is None and args.resume is None:
         raise ConfigError("lejepa sweep needs a SPEC file (or --resume NAME)")
     spec = load_spec(args.spec) if args.spec is not None else None
+    if args.slurm:
+        return _slurm(args, spec)
     if args.dry_run:
         if spec is None:
             raise ConfigError("--dry-run needs a SPEC file")
@@ -69,6 +84,66 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if outcome.interrupted:
         return 130
     return 1 if outcome.count("failed") else 0
+
+
+def _slurm(args: argparse.Namespace, spec) -> int:
+    """``--slurm``: print (``--dry-run``) or submit the sweep's SLURM job."""
+    from datetime import datetime
+
+    from lejepa.preflight import check_tracking_uri
+    from sweeps.layout import RESOLVED_SPEC, storage_root, tracking_uri_for
+    from sweeps.names import check_name
+    from sweeps.schema import SlurmSpec
+    from sweeps.slurm import SlurmJob, render, submit
+    from sweeps.spec import load_spec
+
+    if args.address:
+        raise ConfigError("--slurm starts its own Ray cluster in the job: drop --address")
+    root = storage_root(args.storage, spec)
+    if args.resume is not None:
+        if args.tracking_uri or args.name:
+            raise ConfigError("--resume continues the sweep where it was tracked and named: drop --tracking-uri/--name")
+        name = check_name(args.resume, "--resume")
+        if not (root / name).is_dir():
+            raise ConfigError(f"--resume {name}: no sweep folder {root / name}; pass --storage where it lives")
+        if spec is None and (root / name / RESOLVED_SPEC).is_file():
+            spec = load_spec(root / name / RESOLVED_SPEC)
+        spec_path, uri = None, None
+    else:
+        assert spec is not None  # checked by the caller
+        name = check_name(args.name, "--name") if args.name else f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        if (root / name).exists():
+            raise ConfigError(f"sweep {name!r} already exists in {root}: continue it with --resume {name} --slurm")
+        spec_path, uri = Path(args.spec).expanduser().resolve(), tracking_uri_for(spec, args.tracking_uri)
+        if not args.dry_run:
+            check_tracking_uri(uri)
+    defaults = spec.slurm if spec is not None else SlurmSpec()
+    job = SlurmJob(
+        name=name,
+        storage=root,
+        spec=spec_path,
+        tracking_uri=uri,
+        nodes=args.nodes or defaults.nodes,
+        cpus_per_task=args.cpus_per_task or defaults.cpus_per_task,
+        gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else defaults.gpus_per_node,
+        time=args.time or defaults.time,
+        partition=args.partition or defaults.partition,
+        account=args.account or defaults.account,
+        sbatch=[*defaults.sbatch, *(args.sbatch or [])],
+        setup=[*defaults.setup, *(args.setup or [])],
+    )
+    if args.dry_run:
+        print(render(job), end="")
+        return 0
+    job_id = submit(job)
+    print(f"submitted SLURM job {job_id}: sweep {name}")
+    print(f"  job script:  {job.script_path} (sbatch it again to resume the sweep)")
+    print(f"  job output:  {str(job.output_pattern).replace('%j', job_id)}")
+    print(f"  sweep:       {root / name}")
+    print(f"  MLflow:      {uri or 'as recorded in the sweep folder'}")
+    print(f"  watch:       squeue -j {job_id};  stop: scancel {job_id}")
+    print(f"  resume:      lejepa sweep --resume {name} --storage {root} [--slurm]")
+    return 0
 
 
 def dry_run(spec, estimate: bool = False, process_start_s: float | None = None, joins_ray: bool = False) -> str:

@@ -135,6 +135,19 @@ class TrackingSpec(_Section):
     uri: str | None = None
 
 
+class SlurmSpec(_Section):
+    """The SLURM job of ``lejepa sweep --slurm`` (:mod:`sweeps.slurm`); command-line options win."""
+
+    nodes: int = Field(1, ge=1)
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per node for Ray (default: the partition's)")
+    gpus_per_node: int = Field(0, ge=0)
+    time: str = "04:00:00"
+    partition: str | None = None
+    account: str | None = None
+    sbatch: list[str] = Field([], description="extra sbatch options, one per entry, e.g. --mem=64G")
+    setup: list[str] = Field([], description="shell lines the job runs first, e.g. module load cuda")
+
+
 class SweepIdentity(_Section):
     """What a sweep is called (the file's stem when ``name`` is not given) and what it is for."""
 
@@ -161,6 +174,7 @@ class SweepSettings(_Section):
     tracking: TrackingSpec = TrackingSpec()
     max_failures: int = Field(2, ge=-1)
     score_alpha: float = Field(SCORE_ALPHA, ge=0)
+    slurm: SlurmSpec = SlurmSpec()
 
 
 class SpecFile(SweepSettings, _ExpandedInputs):

@@ -18,6 +18,7 @@ A spec is a base training config plus a search space over dotted config keys::
     max_failures: 2
     score_alpha: 0.4                                             # train/score = epoch/loss / λ^α
     prune_collapsed: 2                                           # stop a trial collapsed 2 epochs in a row
+    slurm: {nodes: 2, gpus_per_node: 4, time: "12:00:00", partition: gpu, sbatch: [--mem=64G]}  # for --slurm
 
 Tune semantics apply: ``num_samples`` repeats the whole grid; ``randint: [low, high]`` excludes
 ``high``; ``qrandint: [low, high, q]`` includes it. ``prune_collapsed: k`` is label-free pruning:

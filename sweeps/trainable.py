@@ -120,9 +120,7 @@ class TrialTracking(MLflowCallback):
         if self.finished:  # stopped by Tune at its last report: the run is complete
             return
         with contextlib.suppress(Exception):
-            self.close(timeout=10.0)
-            assert self.run_id is not None  # opened by on_train_start
-            self.client.set_terminated(self.run_id, run_status(STATUS_INTERRUPTED))
+            self._finish(self.close(timeout=10.0), {}, [], run_status(STATUS_INTERRUPTED))
 
 
 class TuneReport(Callback):
@@ -181,6 +179,7 @@ def trial_callbacks(ctx: TrialContext, cfg: Config, trial_id: str, node_id: str,
         alpha=ctx.score_alpha,
         node_id=node_id,
         flush_every=cfg.tracking.flush_every,
+        final_wait=cfg.tracking.final_wait_s,
         tags={KIND_TAG: KIND_TRIAL, SWEEP_TAG: ctx.sweep, TRIAL_ID_TAG: trial_id},
     )
     return [tracking, TuneReport(send, cfg.loss.lam, ctx.score_alpha, cfg.train.epochs)]

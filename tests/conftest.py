@@ -1,8 +1,9 @@
-"""Shared fixtures: a real ``mlflow server``, a local Ray, one intra-op thread, the tiny config's
-overrides. What tests import (paths, configs, helpers) lives in helpers.py."""
+"""Shared fixtures: a real ``mlflow server``, a local Ray, a small real file system, one intra-op
+thread, the tiny config's overrides. What tests import (paths, configs, helpers) lives in helpers.py."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,17 @@ def one_thread():
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     return TINY + [f"train.out_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 MiB tmpfs at ``tmp_path/fs``, unmounted afterwards (skipped where mounting is not allowed)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

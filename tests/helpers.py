@@ -236,3 +236,194 @@ def hand_made_sweep():
                 }
             )
     return Sweep("hand-made", "sqlite:///none", None, pd.DataFrame(rows))
+
+
+SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
+
+
+def slurm_program(name: str) -> str | None:
+    """The path of a SLURM or munge program (daemons live in /usr/sbin, not always on PATH)."""
+    import shutil
+
+    return shutil.which(name) or next((str(p) for p in (Path("/usr/sbin") / name,) if p.exists()), None)
+
+
+class SlurmCluster:
+    """A real one-node SLURM cluster on 127.0.0.1 in ``folder``: munged with its own key and socket,
+    slurmctld and slurmd in the foreground on free ports, configuration written here. Clients find
+    it through ``env`` (``SLURM_CONF``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = folder / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf), "PYTHONPATH": str(REPO)}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.daemons: list[subprocess.Popen] = []
+
+    def start(self, timeout: float = 90) -> None:
+        import time
+
+        munge = self.folder / "munge"
+        for sub in ("state", "spool", "log", "munge"):
+            (self.folder / sub).mkdir(mode=0o700, exist_ok=True)
+        key = munge / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        socket_path = munge / "munge.sock"
+        subprocess.run(
+            [
+                slurm_program("munged") or "munged",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={socket_path}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'seed'}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        f = self.folder
+        self.conf.write_text(
+            f"""ClusterName=lejepatest
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+AuthInfo=socket={socket_path}
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={f / "state"}
+SlurmdSpoolDir={f / "spool"}
+SlurmctldPidFile={f / "slurmctld.pid"}
+SlurmdPidFile={f / "slurmd.pid"}
+SlurmctldLogFile={f / "log" / "slurmctld.log"}
+SlurmdLogFile={f / "log" / "slurmd.log"}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+MailProg=/bin/true
+KillWait=30
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN
+PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+"""
+        )
+        for daemon in (["slurmctld", "-D", "-i"], ["slurmd", "-D", "-N", self.host]):
+            self.daemons.append(
+                subprocess.Popen(
+                    [slurm_program(daemon[0]) or daemon[0], *daemon[1:], "-f", str(self.conf)],
+                    env=self.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        while self.run("sinfo", "-h", "-o", "%t").stdout.strip() != "idle":
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.5)
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """A SLURM client command against this cluster."""
+        return subprocess.run(
+            [slurm_program(args[0]) or args[0], *args[1:]], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def wait_for_job(self, job_id: str, timeout: float = 600) -> None:
+        """Until job ``job_id`` has left the queue."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.run("squeue", "-h", "-j", job_id).stdout.strip():
+            assert time.monotonic() < deadline, f"job {job_id} still queued after {timeout} s"
+            time.sleep(1)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted((self.folder / "log").glob("*.log")))
+
+    def stop(self) -> None:
+        import signal
+
+        self.run("scancel", "--full", "--partition=test")
+        for proc in self.daemons:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        pid = self.folder / "munge" / "munged.pid"
+        if pid.is_file():
+            os.kill(int(pid.read_text().strip()), signal.SIGTERM)
+
+
+def postgres_bin() -> Path | None:
+    """The newest installed PostgreSQL server's bin folder (Debian: /usr/lib/postgresql/<v>/bin)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+    )
+    return found[-1].parent if found else None
+
+
+class Postgres:
+    """A real PostgreSQL server on 127.0.0.1 in a temporary data directory (run as the ``postgres``
+    user when the tests run as root: PostgreSQL refuses root). :meth:`stop` and :meth:`start` keep
+    the data and the port."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        import pwd
+        import tempfile
+
+        self.bin = bin_dir
+        self.folder = Path(tempfile.mkdtemp(prefix="lejepa-pg-"))
+        self.port = free_port()
+        self.owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        if self.owner is not None:
+            os.chown(self.folder, self.owner.pw_uid, self.owner.pw_gid)
+        self._run("initdb", "-D", str(self.folder / "data"), "-U", "lejepa", "--auth=trust", "-E", "UTF8")
+
+    def _run(self, program: str, *args: str) -> subprocess.CompletedProcess:
+        command = [str(self.bin / program), *args]
+        if self.owner is not None:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.folder)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done
+
+    def uri(self, database: str) -> str:
+        return f"postgresql://lejepa@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-l", str(self.folder / "log"), "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
+
+    def create_database(self, name: str) -> str:
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "lejepa", name)
+        return self.uri(name)
+
+    def remove(self) -> None:
+        import shutil
+
+        subprocess.run(
+            ([] if self.owner is None else ["runuser", "-u", "postgres", "--"])
+            + [str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def fill_fs(mount: Path, leave: int) -> None:
+    """Take all but ``leave`` bytes of the file system at ``mount`` with one file, ``mount/ballast``."""
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    with open(mount / "ballast", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(free - leave, 0))

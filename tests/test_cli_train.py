@@ -112,6 +112,8 @@ def test_train_warns_once_in_the_collapse_region(tmp_path, tiny_overrides):
 def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
     """SIGTERM (a scheduler's preemption) during an epoch: exit 130 with one line, the MLflow run
     KILLED, the last checkpoint intact; --resume finishes with every epoch logged once."""
+    import json
+    import random
     import signal
     import time
 
@@ -126,7 +128,7 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None and len(list(checkpoints.glob("epoch_*"))) < 2:
             time.sleep(0.2)
-        time.sleep(0.3)  # into the next epoch
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))  # a random point of the next epoch (or its checkpoint write)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -153,6 +155,10 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
     assert run.info.status == "FINISHED"
     epochs = [m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")]
     assert epochs == sorted(set(epochs)) and len(epochs) == target
+    steps = json.loads((sorted(checkpoints.glob("epoch_*"))[-1] / "meta.json").read_text())["step"]
+    logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert logged == list(range(2, steps + 1, 2))  # train.log_every=2: no gap, no step twice
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []  # no half-written checkpoint
 
 
 def test_resume_from_one_checkpoint_folder_continues_its_run(tmp_path):

@@ -26,6 +26,7 @@ from lejepa.record import (
     KIND_TAG,
     KIND_TRIAL,
     LINEAR_PROBE_ACC,
+    OVERVIEW_ARTIFACT,
     PARENT_TAG,
     SWEEP_TAG,
     TRACKING_DB,
@@ -35,12 +36,15 @@ from lejepa.record import (
     sqlite_uri,
 )
 from lejepa.tracking import get_or_create_experiment
-from sweeps.layout import RESOLVED_SPEC
+from sweeps.layout import RESOLVED_SPEC, Sweep
 from sweeps.mlflow_runs import create_parent_run
+from sweeps.outcome import SweepOutcome, TrialSummary
+from sweeps.overview import FIGURES, log_overview
 
 from helpers import REPO, free_port, run_cli, sweep_spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FIGURE = next(iter(FIGURES))  # overview/lam_vs_accuracy.png
 
 
 def _start_ui(out, port: int) -> tuple[subprocess.Popen, str, list[str]]:
@@ -106,7 +110,8 @@ def test_ui_serves_the_store_on_loopback_and_prints_the_runs_view_once_it_answer
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install adds it where apt-get and root are)")
 def test_the_printed_link_shows_the_sweeps_trials_with_lambda_and_accuracy_in_a_browser(tmp_path):
     """Headless Chromium renders the printed link: the sweep's trials, told apart by name, with
-    their λ and frozen linear-probe accuracy as columns, best label-free score first."""
+    their λ and frozen linear-probe accuracy as columns, best label-free score first; the parent
+    run's λ-vs-accuracy figure loads as an image, and its page shows the trials table with links."""
     spec = sweep_spec(tmp_path, space={"loss.lam": [0.01, 0.05, 0.25]})
     out = tmp_path / "runs"
     out.mkdir()
@@ -118,6 +123,7 @@ def test_the_printed_link_shows_the_sweeps_trials_with_lambda_and_accuracy_in_a_
     client = MlflowClient(uri)
     experiment = client.get_run(parent).info.experiment_id
     trials = {f"a7ed2_0000{i}": (lam, acc) for i, (lam, acc) in enumerate([(0.01, 0.613), (0.05, 0.721), (0.25, 0.587)])}
+    summaries = []
     for trial, (lam, acc) in trials.items():
         tags = {KIND_TAG: KIND_TRIAL, SWEEP_TAG: "demo", PARENT_TAG: parent, TRIAL_ID_TAG: trial}
         run = client.create_run(experiment, run_name=f"{trial} λ={lam:g} test_resnet", tags=tags).info.run_id
@@ -126,28 +132,40 @@ def test_the_printed_link_shows_the_sweeps_trials_with_lambda_and_accuracy_in_a_
         client.log_metric(run, LINEAR_PROBE_ACC, acc)
         client.log_metric(run, TRAIN_SCORE, label_free_score(1.0, lam))
         client.set_terminated(run)
+        summaries.append(
+            TrialSummary(
+                trial,
+                "finished",
+                {"loss.lam": lam},
+                2,
+                1.0,
+                label_free_score(1.0, lam),
+                None,
+                acc,
+                run,
+                health="healthy",
+                arch="test_resnet",
+                lam=lam,
+                init_acc=0.4,
+            )
+        )
+    sweep = Sweep("demo", folder, uri, client.get_experiment(experiment).name, parent)
+    log_overview(client, SweepOutcome(sweep, spec, summaries))  # what settle writes on the parent at the end
     client.set_terminated(parent)
     proc, url, _ = _start_ui(out, free_port())
+    base = url.split("/#/")[0]
     try:
         assert url.endswith("&viewStateShareKey=demo"), url
-        dump = subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--window-size=2400,1200",
-                "--virtual-time-budget=30000",
-                "--dump-dom",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        ).stdout
+        dump = _dump_dom(url)
+        figure = _dump_dom(f"{base}/#/experiments/{experiment}/runs/{parent}/artifacts/{OVERVIEW_ARTIFACT}/{FIGURE}")
+        with urllib.request.urlopen(  # the bytes that image shows: a real PNG from the server
+            f"{base}/get-artifact?path={OVERVIEW_ARTIFACT}/{FIGURE}&run_uuid={parent}", timeout=30
+        ) as resp:
+            png = resp.read()
+        overview = _dump_dom(f"{base}/#/experiments/{experiment}/runs/{parent}")
     finally:
         _stop(proc)
-    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dump, flags=re.S))))
+    text = _text(dump)
     assert "Run Name" in text, text[:2000]
     assert "loss.lam" in text and LINEAR_PROBE_ACC in text, text[:4000]  # the view's columns
     names = [f"{trial} λ={lam:g} test_resnet" for trial, (lam, _) in trials.items()]
@@ -155,6 +173,25 @@ def test_the_printed_link_shows_the_sweeps_trials_with_lambda_and_accuracy_in_a_
     by_score = sorted(names, key=lambda name: label_free_score(1.0, trials[name.split()[0]][0]))
     assert sorted(names, key=text.index) == by_score  # best label-free score first
     assert all(str(acc) in text for _, acc in trials.values())
+    # The parent run's overview figure loads in MLflow's artifact viewer as an image.
+    (img,) = re.findall(rf'<img[^>]*alt="{OVERVIEW_ARTIFACT}/{FIGURE}"[^>]*>', figure) or [figure[-3000:]]
+    assert re.search(r'src="(blob|data):', img), img
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    # The parent run's page renders the description: a table of the trials, each linked to its run.
+    assert "<table" in overview, _text(overview)[:3000]
+    assert all(f"#/experiments/{experiment}/runs/{t.run_id}" in overview for t in summaries)
+
+
+def _dump_dom(url: str) -> str:
+    """The DOM headless Chromium has rendered from ``url`` after 30 s of virtual time."""
+    assert CHROMIUM is not None
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=2400,1200", "--virtual-time-budget=30000"]
+    return subprocess.run([CHROMIUM, *args, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+
+
+def _text(dom: str) -> str:
+    """The visible text of a DOM dump, whitespace collapsed."""
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S))))
 
 
 def test_ui_without_a_store_is_one_line(tmp_path):

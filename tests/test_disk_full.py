@@ -4,8 +4,6 @@ fills the disk anyway leaves no temporary folder, and the last complete checkpoi
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,30 +12,9 @@ import torch
 from lejepa.checkpoint import SPACE_MARGIN, latest_valid_checkpoint, list_checkpoints, save_checkpoint
 from lejepa.errors import DiskFullError
 
-from helpers import TINY, run_cli
+from helpers import TINY, fill_fs, run_cli
 
 MiB = 2**20
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 64 MiB tmpfs at ``tmp_path/fs``, unmounted afterwards."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def fill(mount: Path, leave: int) -> None:
-    """Take all but ``leave`` bytes of the file system with one file."""
-    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-    with open(mount / "ballast", "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, max(free - leave, 0))
 
 
 def hidden(folder: Path) -> list[str]:
@@ -48,7 +25,7 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(small_fs):
     folder = small_fs / "run" / "checkpoints"
     state = {"weights": torch.zeros(2 * MiB, dtype=torch.uint8)}
     first = save_checkpoint(folder, 1, state, {}, keep=2)
-    fill(small_fs, SPACE_MARGIN)  # less than the checkpoint plus the margin
+    fill_fs(small_fs, SPACE_MARGIN)  # less than the checkpoint plus the margin
     with pytest.raises(DiskFullError, match=r"no room for checkpoint epoch_0002 in .*MiB free, about 18.0 MiB needed"):
         save_checkpoint(folder, 2, state, {}, keep=2)
     assert list_checkpoints(folder) == [first] and latest_valid_checkpoint(folder) == first
@@ -58,7 +35,7 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(small_fs):
 def test_a_write_that_fills_the_disk_anyway_leaves_nothing_half_written(small_fs):
     folder = small_fs / "run" / "checkpoints"
     first = save_checkpoint(folder, 1, {"step": 1}, {}, keep=2)
-    fill(small_fs, SPACE_MARGIN + 4 * MiB)
+    fill_fs(small_fs, SPACE_MARGIN + 4 * MiB)
     # no tensors: the estimate is the margin alone, so the pre-check passes and torch.save runs out of space
     with pytest.raises(DiskFullError, match="no room for checkpoint epoch_0002"):
         save_checkpoint(folder, 2, {"blob": b"\x01" * (24 * MiB)}, {}, keep=2)
@@ -67,7 +44,7 @@ def test_a_write_that_fills_the_disk_anyway_leaves_nothing_half_written(small_fs
 
 
 def test_training_into_a_full_disk_is_one_line_and_writes_nothing(small_fs, tmp_path):
-    fill(small_fs, 4 * MiB)
+    fill_fs(small_fs, 4 * MiB)
     out = small_fs / "runs"
     proc = run_cli(["train", *TINY, "train.epochs=1", f"train.out_dir={out}", "train.run_name=r", "--no-tracking"], tmp_path)
     lines = proc.stderr.splitlines()

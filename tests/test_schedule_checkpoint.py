@@ -67,3 +67,28 @@ def test_refuses_pickled_code(tmp_path):
     (folder / "meta.json").write_text(json.dumps({"sha256": digest}))
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         load_checkpoint(folder)
+
+
+class _InterruptWhilePickled:
+    """Pickling it raises KeyboardInterrupt: Ctrl-C (or SIGTERM, re-raised as SIGINT) mid-``torch.save``."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_during_a_checkpoint_write_leaves_the_previous_one_latest_and_nothing_else(tmp_path):
+    folder = tmp_path / "checkpoints"
+    first = save_checkpoint(folder, 1, {"w": torch.ones(1000)}, {"step": 10}, keep=3)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(folder, 2, {"w": torch.ones(1000), "x": _InterruptWhilePickled()}, {"step": 20}, keep=3)
+    assert list_checkpoints(folder) == [first] and latest_valid_checkpoint(folder) == first
+    assert [p.name for p in folder.iterdir()] == ["epoch_0001"]
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(tmp_path):
+    folder = tmp_path / "checkpoints"
+    stale = folder / ".epoch_0002.tmp-99999"  # SIGKILL mid-write leaves this
+    stale.mkdir(parents=True)
+    (stale / "state.pt").write_bytes(b"half")
+    save_checkpoint(folder, 2, {"w": torch.ones(10)}, {"step": 20}, keep=3)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_0002"]

@@ -55,14 +55,17 @@ def test_sender_keeps_metrics_while_the_store_fails_and_delivers_them_in_order(t
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x")).info.run_id
     broken = MlflowClient(f"sqlite:///{tmp_path / 'missing-folder' / 'mlflow.db'}")  # cannot be opened
-    sender = MetricSender(broken, run_id, interval=0.1)
+    kept: list[int] = []  # the length of each queue handed to disk
+    sender = MetricSender(broken, run_id, interval=0.1, keep=lambda metrics: kept.append(len(metrics)))
     now = int(time.time() * 1000)
     sender.add([Metric("m", float(i), now, i) for i in range(50)], wake=True)
     assert not sender.drain(timeout=1.5)  # nothing delivered, nothing dropped
     assert len(sender.pending) == 50 and sender.sent == 0
+    assert kept and set(kept) == {50}  # during the outage the whole queue is kept on disk
     sender.client = client  # the store is back
-    assert sender.close(timeout=30)
+    assert sender.close(timeout=30) == []
     assert [m.step for m in client.get_metric_history(run_id, "m")] == list(range(50))
+    assert kept[-1] == 0  # the outage is over: the kept queue is cleared
 
 
 def test_logged_steps_are_the_highest_step_per_key_whatever_the_logging_order(tmp_path):
