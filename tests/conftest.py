@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, MlflowServer
+from helpers import TINY, MlflowServer, Postgres, TeamServer, postgres_bin
 
 
 @pytest.fixture
@@ -62,3 +62,56 @@ def small_fs(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """A real 2-node Ray cluster on this machine (1 CPU each), for processes given its address."""
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    # Cluster() records its address in /tmp/ray/ray_current_cluster, which a plain ray.init() on this
+    # machine would then join; keep this test's cluster to the processes that are given its address.
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A real PostgreSQL (Debian's) on 127.0.0.1 in a temporary data directory, for the module."""
+    import os
+    import pwd
+
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("needs Debian's postgresql (make test installs it where apt-get and root are)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("PostgreSQL refuses to run as root and there is no postgres user to run it as")
+    server = Postgres(bin_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def team_server(postgres, tmp_path: Path):
+    """``lejepa server`` on a fresh PostgreSQL database, artifacts in ``tmp_path/team-artifacts``; its URL."""
+    import uuid
+
+    server = TeamServer(postgres.create_database(f"mlflow_{uuid.uuid4().hex[:8]}"), tmp_path / "team-artifacts")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

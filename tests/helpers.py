@@ -427,3 +427,51 @@ def fill_fs(mount: Path, leave: int) -> None:
     free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
     with open(mount / "ballast", "wb") as f:
         os.posix_fallocate(f.fileno(), 0, max(free - leave, 0))
+
+
+class TeamServer:
+    """``lejepa server`` (an MLflow server on a database, artifacts proxied to ``artifacts``) on a free port."""
+
+    def __init__(self, database_uri: str, artifacts: Path) -> None:
+        self.database_uri = database_uri
+        self.artifacts = artifacts
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 240) -> None:
+        import queue
+        import threading
+        import time
+
+        args = ["server", "--backend-store-uri", self.database_uri, "--artifacts-destination", str(self.artifacts)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            LEJEPA + [*args, "--port", str(self.port), "--workers", "2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout or ()], daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not any(line.startswith("MLflow team server: ") for line in self.output):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.output)[-3000:]
+            try:
+                self.output.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc = None
