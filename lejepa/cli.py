@@ -266,11 +266,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
     scheme = urlsplit(uri).scheme.split("+")[0]
     if scheme not in ("postgresql", "mysql", "sqlite", "mssql"):
         raise ConfigError(f"--backend-store-uri {uri!r}: expected a database URI, e.g. postgresql://user@host:5432/mlflow")
-    _check_database(uri)
     artifacts = args.artifacts_destination
     if "://" not in artifacts:
         artifacts = str(Path(artifacts).expanduser().resolve())
         check_writable(Path(artifacts), "--artifacts-destination")
+    if scheme == "sqlite":  # a file: checked without creating it
+        from lejepa.preflight import check_tracking_uri
+
+        check_tracking_uri(uri)
+    else:
+        _check_database(uri)
     _warn_if_public(args.host)
     _check_port_free(args.host, args.port)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--artifacts-destination", artifacts]

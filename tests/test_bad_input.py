@@ -284,6 +284,26 @@ CASES = [
     # an empty listing is an error: a filter that matches nothing is almost always a typo (e.g. no '*')
     ("archs-filter-matches-nothing", ["archs", "--pattern", "resnet"], {}, "no catalog architecture matches pattern='resnet'"),
     ("unknown-command", ["trian"], {}, "invalid choice: 'trian'"),
+    # --- server, sync
+    (
+        "server-database-not-answering",
+        ["server", "--backend-store-uri", "postgresql://mlflow:secret@127.0.0.1:{port}/mlflow", "--artifacts-destination", "a"],
+        {},
+        "cannot connect to the database postgresql://mlflow:***@127.0.0.1:{port}/mlflow",
+    ),
+    (
+        "server-store-not-a-database",
+        ["server", "--backend-store-uri", "http://127.0.0.1:{port}", "--artifacts-destination", "a"],
+        {},
+        "expected a database URI, e.g. postgresql://",
+    ),
+    (
+        "server-artifacts-unwritable",
+        ["server", "--backend-store-uri", "sqlite:///{tmp}/team.db", "--artifacts-destination", "{unwritable}/a"],
+        {},
+        "--artifacts-destination {unwritable}/a is not writable",
+    ),
+    ("sync-missing-folder", ["sync", "{tmp}/nope"], {}, "{tmp}/nope: no such folder"),
 ]
 
 

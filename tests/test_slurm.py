@@ -85,14 +85,21 @@ def test_a_sweep_submitted_through_sbatch_runs_on_a_ray_cluster_in_the_job(slurm
     print(f"SLURM sweep job: {time.monotonic() - started:.0f} s from submission to a complete MLflow record")
 
 
+STOPS = {
+    "scancel": ["scancel"],  # every process of the job gets SIGTERM, then SIGKILL after KillWait
+    "time-limit": ["scancel", "--batch", "--signal=TERM"],  # what --signal=B:TERM@120 sends: the batch shell only
+}
+
+
 @pytest.mark.slow
-def test_a_cancelled_job_leaves_a_sweep_that_resume_finishes(slurm, tmp_path):
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_a_cancelled_job_leaves_a_sweep_that_resume_finishes(slurm, tmp_path, stop):
     job_id, uri, storage = _submit(slurm, tmp_path, "c", epochs=8)
     deadline = time.monotonic() + 300
     while not list((storage / "c" / "trials").glob("*/checkpoints/epoch_0002")):
         assert time.monotonic() < deadline and slurm.run("squeue", "-h", "-j", job_id).stdout.strip(), slurm.logs()
         time.sleep(0.2)
-    assert slurm.run("scancel", job_id).returncode == 0
+    assert slurm.run(*STOPS[stop], job_id).returncode == 0
     slurm.wait_for_job(job_id)
     output = (storage / f"c.slurm-{job_id}.out").read_text()
     assert "the sweep saves its state" in output, output[-3000:]
