@@ -124,11 +124,12 @@ echo "lejepa: {where}"
 export RAY_AUTH_MODE=token  # every Ray process of the job authenticates with this job's token
 export RAY_AUTH_TOKEN_PATH={q(str(job.storage))}/.{job.name}.ray-token-$SLURM_JOB_ID
 (umask 077 && {q(job.python)} -c 'import secrets; print(secrets.token_urlsafe(32))' > "$RAY_AUTH_TOKEN_PATH")
+trap 'rm -f "$RAY_AUTH_TOKEN_PATH"' EXIT  # however the job ends
 export RAY_ADDRESS=  # the driver joins this job's cluster only
 
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 head_node=${{nodes[0]}}
-head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk '{{print $1}}')
+head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" {q(job.python)} -m sweeps.slurm ip)
 port=$({q(job.python)} -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 address="$head_ip:$port"
 echo "lejepa: Ray head on $head_node at $address, {job.nodes} node(s)"
@@ -192,6 +193,23 @@ def wait_for_nodes(address: str, count: int, timeout: float) -> None:
         time.sleep(2)
 
 
+def reachable_ip() -> str:
+    """This node's address as other nodes reach it: the source address of its route out (no packet is
+    sent), else its host name's address. Debian maps the host name to 127.0.1.1, so ``hostname
+    --ip-address`` (Ray's SLURM recipe) can give an address no other node can reach."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.254.254.254", 1))  # UDP: chooses a route, sends nothing
+            ip = probe.getsockname()[0]
+        if not ip.startswith("127.") and ip != "0.0.0.0":
+            return ip
+    except OSError:
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
 def submit(job: SlurmJob) -> str:
     """Write the job's script beside the sweep and submit it with ``sbatch``; returns the job id."""
     sbatch = shutil.which("sbatch")
@@ -207,9 +225,13 @@ def submit(job: SlurmJob) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m sweeps.slurm wait ADDRESS COUNT TIMEOUT``: the job script's wait for its nodes."""
+    """The job script's helpers: ``python -m sweeps.slurm ip`` prints :func:`reachable_ip`;
+    ``python -m sweeps.slurm wait ADDRESS COUNT TIMEOUT`` waits for the nodes to join."""
+    if argv == ["ip"]:
+        print(reachable_ip())
+        return 0
     if len(argv) != 4 or argv[0] != "wait":
-        print("usage: python -m sweeps.slurm wait ADDRESS COUNT TIMEOUT", file=sys.stderr)
+        print("usage: python -m sweeps.slurm ip | wait ADDRESS COUNT TIMEOUT", file=sys.stderr)
         return 2
     try:
         wait_for_nodes(argv[1], int(argv[2]), float(argv[3]))
