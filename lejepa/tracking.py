@@ -165,17 +165,26 @@ class MetricSender:
     failed ``log_batch`` (server down, store locked) keeps the metrics queued and is retried with
     backoff (1 s doubling to 10 s); one warning is printed per outage. During an outage ``keep`` is
     called with everything still queued after each failed send (and with ``[]`` once the outage is
-    over), so the queue survives the process on disk (:mod:`lejepa.spool`). :meth:`drain` waits,
-    up to a deadline, until the queue is empty.
+    over), so the queue survives the process on disk (:mod:`lejepa.spool`); a send stuck for
+    ``stall_s`` s (the server is down and MLflow retries inside ``log_batch``) counts as an outage
+    too, and a watcher thread keeps the queue every ``keep_every_s`` s meanwhile, never the thread
+    that adds. :meth:`drain` waits, up to a deadline, until the queue is empty.
     """
 
     def __init__(
-        self, client: MlflowClient, run_id: str, interval: float = 5.0, keep: Callable[[list[Metric]], None] | None = None
+        self,
+        client: MlflowClient,
+        run_id: str,
+        interval: float = 5.0,
+        keep: Callable[[list[Metric]], None] | None = None,
+        stall_s: float = STALL_S,
+        keep_every_s: float = KEEP_EVERY_S,
     ) -> None:
         self.client = client
         self.run_id = run_id
         self.interval = interval
         self.keep = keep
+        self.stall_s, self.keep_every_s = stall_s, keep_every_s
         self.pending: list[Metric] = []
         self.cond = threading.Condition()
         self.urgent = False
@@ -185,14 +194,12 @@ class MetricSender:
         self.kept, self.kept_at = False, 0.0  # whether the spool holds metrics of this queue, and when written
         self.thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self.thread.start()
+        if keep is not None:
+            threading.Thread(target=self._watch_stalls, name="mlflow-metrics-keeper", daemon=True).start()
 
     def add(self, metrics: list[Metric], wake: bool = False) -> None:
         with self.cond:
             self.pending += metrics
-            now = time.monotonic()
-            stalled = self.sending_since is not None and now - self.sending_since > STALL_S
-            if stalled and self.keep is not None and not self.closed and now - self.kept_at > KEEP_EVERY_S:
-                self._keep(list(self.pending))  # a send stuck in MLflow's own retries: the queue goes to disk
         if wake:
             self.wake()
 
@@ -258,6 +265,16 @@ class MetricSender:
                 if self.keep is not None and not self.closed and self.kept:
                     self._keep(list(self.pending))
                 self.cond.notify_all()
+
+    def _watch_stalls(self) -> None:
+        """While a send is stuck in MLflow's own retries, keep the queue on disk every ``keep_every_s`` s."""
+        with self.cond:
+            while not self.closed:
+                self.cond.wait(min(self.stall_s, self.keep_every_s) / 2)
+                now = time.monotonic()
+                stalled = self.sending_since is not None and now - self.sending_since > self.stall_s
+                if stalled and not self.closed and self.pending and now - self.kept_at > self.keep_every_s:
+                    self._keep(list(self.pending))
 
     def _keep(self, metrics: list[Metric]) -> None:
         """Hand the queue to ``keep`` (called with the lock held); a failure to keep is not fatal."""

@@ -429,6 +429,34 @@ def fill_fs(mount: Path, leave: int) -> None:
         os.posix_fallocate(f.fileno(), 0, max(free - leave, 0))
 
 
+def start_until_line(cmd: list[str], prefix: str, timeout: float, cwd: Path | None = None) -> tuple[subprocess.Popen, list[str]]:
+    """Start ``cmd`` (own process group, the repo on PYTHONPATH, stderr into stdout) and read its
+    output until a line starts with ``prefix``: the process and the lines so far. A process that
+    exits, or prints no such line within ``timeout`` s, is killed and the test fails with its output."""
+    import queue
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while not any(line.startswith(prefix) for line in seen):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("".join(seen)[-3000:])
+        try:
+            seen.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass
+    return proc, seen
+
+
 class TeamServer:
     """``lejepa server`` (an MLflow server on a database, artifacts proxied to ``artifacts``) on a free port."""
 
@@ -441,29 +469,10 @@ class TeamServer:
         self.output: list[str] = []
 
     def start(self, timeout: float = 240) -> None:
-        import queue
-        import threading
-        import time
-
         args = ["server", "--backend-store-uri", self.database_uri, "--artifacts-destination", str(self.artifacts)]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(
-            LEJEPA + [*args, "--port", str(self.port), "--workers", "2"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
+        self.proc, self.output = start_until_line(
+            LEJEPA + [*args, "--port", str(self.port), "--workers", "2"], "MLflow team server: ", timeout
         )
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout or ()], daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not any(line.startswith("MLflow team server: ") for line in self.output):
-            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.output)[-3000:]
-            try:
-                self.output.append(lines.get(timeout=1))
-            except queue.Empty:
-                pass
 
     def stop(self) -> None:
         import signal

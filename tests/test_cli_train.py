@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
-from helpers import run_cli
+from helpers import LEJEPA, REPO, run_cli
 
 
 @pytest.mark.slow
@@ -93,6 +93,26 @@ def test_a_broken_plugin_leaves_the_other_commands_working(monkeypatch, capsys):
     assert cli.main(["broken", "--anything"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the 'broken' command is unavailable" in err[0] and "ModuleNotFoundError" in err[0]
+
+
+def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly(tmp_path):
+    """`lejepa archs | head -0`: the reader closed its end before the command wrote, so the write
+    fails with EPIPE. The command stops with 141 (128 + SIGPIPE), as a shell reports a closed
+    pipe, and prints no traceback and no "Exception ignored" from the interpreter's exit."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [*LEJEPA, "archs"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == ""
 
 
 @pytest.mark.slow

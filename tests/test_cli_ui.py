@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import html
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 
 import pytest
@@ -41,7 +38,7 @@ from sweeps.mlflow_runs import create_parent_run
 from sweeps.outcome import SweepOutcome, TrialSummary
 from sweeps.overview import FIGURES, log_overview
 
-from helpers import REPO, free_port, run_cli, sweep_spec
+from helpers import free_port, run_cli, start_until_line, sweep_spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FIGURE = next(iter(FIGURES))  # overview/lam_vs_accuracy.png
@@ -49,27 +46,8 @@ FIGURE = next(iter(FIGURES))  # overview/lam_vs_accuracy.png
 
 def _start_ui(out, port: int) -> tuple[subprocess.Popen, str, list[str]]:
     """``lejepa ui`` on the store in ``out``: the process, the URL it printed, and its output so far."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lejepa", "ui", "--out-dir", str(out), "--port", str(port)],
-        cwd=out.parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
-    deadline, seen = time.monotonic() + 180, []
-    while not any(line.startswith("MLflow UI: ") for line in seen):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            _stop(proc)
-            raise AssertionError("".join(seen)[-3000:])
-        try:
-            seen.append(lines.get(timeout=1))
-        except queue.Empty:
-            pass
+    cmd = [sys.executable, "-m", "lejepa", "ui", "--out-dir", str(out), "--port", str(port)]
+    proc, seen = start_until_line(cmd, "MLflow UI: ", 180, cwd=out.parent)
     (url,) = [line.split()[2] for line in seen if line.startswith("MLflow UI: ")]
     return proc, url, seen
 

@@ -3,6 +3,8 @@ background sender keeps metrics across a store that cannot be written and delive
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 from mlflow import MlflowClient
@@ -66,6 +68,38 @@ def test_sender_keeps_metrics_while_the_store_fails_and_delivers_them_in_order(t
     assert sender.close(timeout=30) == []
     assert [m.step for m in client.get_metric_history(run_id, "m")] == list(range(50))
     assert kept[-1] == 0  # the outage is over: the kept queue is cleared
+
+
+def test_a_send_stuck_on_a_silent_server_is_kept_on_disk_by_the_watcher_not_by_the_thread_that_adds():
+    """A tracking server that takes the connection and never answers holds ``log_batch`` inside
+    MLflow's HTTP retries; after ``stall_s`` the queue is kept, from the sender's watcher thread."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the handshakes; nothing ever reads or answers
+    try:
+        keepers: list[tuple[str, int]] = []
+        client = MlflowClient(f"http://127.0.0.1:{silent.getsockname()[1]}")
+        sender = MetricSender(
+            client,
+            "0" * 32,
+            interval=0.05,
+            stall_s=0.5,
+            keep_every_s=0.3,
+            keep=lambda metrics: keepers.append((threading.current_thread().name, len(metrics))),
+        )
+        now = int(time.time() * 1000)
+        sender.add([Metric("m", 0.0, now, 0)], wake=True)
+        deadline = time.monotonic() + 20
+        while len(keepers) < 2 and time.monotonic() < deadline:
+            sender.add([Metric("m", 1.0, now, len(keepers) + 1)])
+            time.sleep(0.05)
+        assert sender.sending_since is not None and sender.sent == 0  # still stuck in the first send
+        assert len(keepers) >= 2, keepers  # kept, and kept again as the queue grew
+        assert {name for name, _ in keepers} == {"mlflow-metrics-keeper"}
+        assert keepers[-1][1] > keepers[0][1]
+        assert len(sender.close(timeout=0)) >= keepers[-1][1]  # nothing delivered, nothing dropped
+    finally:
+        silent.close()
 
 
 def test_logged_steps_are_the_highest_step_per_key_whatever_the_logging_order(tmp_path):
