@@ -4,7 +4,8 @@
 This script trains the same trials without Ray or MLflow, for a machine that has only PyTorch
 and timm, such as a GPU lent for a few minutes: each of ``--workers`` processes takes the next
 (architecture, seed) from a queue, trains it with ``sweeps/stability_base.yaml`` plus
-``--set`` overrides (a larger budget on a GPU) and reports the same columns as
+``--set`` overrides (a larger budget on a GPU) and the family values of the walk spec's
+``arch_overrides`` (``sweeps/stability.yaml``, as ``lejepa sweep`` applies them), and reports the same columns as
 ``benchmarks/stability.py``. Architectures are taken in the catalog's round-robin order, so a
 walk cut short by ``--deadline`` still covers every family; 3 seeds of ``--seed-archs`` give
 the seed-to-seed spread. Each finished trial is appended to ``<out>/trials.csv`` at once;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import multiprocessing as mp
 import os
 import queue
@@ -55,14 +57,27 @@ from lejepa.record import (  # noqa: E402
 )
 
 BASE = ROOT / "sweeps" / "stability_base.yaml"
+SPEC = ROOT / "sweeps" / "stability.yaml"
 SEED_ARCHS = ("ghostnet_050", "levit_128s", "mobilenetv2_050", "regnetx_002")
 """The seeds sweep's architectures (sweeps/stability_seeds.yaml)."""
 TRIAL_COLUMNS = ["arch", "seed", *stability.MEASURES, *stability.COSTS, "lr", "error"]
 
 
+@functools.cache
+def _spec_arch_params() -> dict[str, dict]:
+    from sweeps.spec import load_spec
+
+    return load_spec(SPEC).arch_params
+
+
+def family_overrides(arch: str) -> list[str]:
+    """``key=value`` for the values the walk spec's ``arch_overrides`` set for ``arch`` (none: not listed)."""
+    return [f"{key}={value}" for key, value in _spec_arch_params().get(arch, {}).items()]
+
+
 def train_one(arch: str, seed: int, overrides: list[str], out: Path) -> dict:
-    """One trial: the walk's base config with ``overrides``; its row (status ``failed`` with the
-    error's first line when training raised)."""
+    """One trial: the walk's base config with ``overrides``, then the family values of the walk
+    spec; its row (status ``failed`` with the error's first line when training raised)."""
     from lejepa.callbacks import Callback
     from lejepa.config import load_config
     from lejepa.trainer import Trainer
@@ -86,6 +101,7 @@ def train_one(arch: str, seed: int, overrides: list[str], out: Path) -> dict:
                 f"train.out_dir={out}",
                 "train.keep_checkpoints=1",
                 *overrides,
+                *family_overrides(arch),
                 f"model.arch={arch}",
                 f"train.seed={seed}",
             ],

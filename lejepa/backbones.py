@@ -11,6 +11,13 @@ The adaptation is decided from the model's class (read from a meta-device build,
   offered), so every view size works. Below the arch's native size the patch shrinks so a
   global view stays ``MIN_PATCHES`` patches wide: ViT-S/16 gets 4-px patches at 32 px and
   keeps 16 at 224. Without ``dynamic_img_pad``, sides are rounded up to a patch multiple.
+  With ``small_stem`` on, a ViT that pools its class token (ViT, DeiT, CLIP ViT) is built as
+  timm's own ``*_reg1_gap_*`` ViTs are (:data:`GAP_VIT`): no class token, one register token,
+  average pooling over the patches, LayerScale at 1e-5. Built with a class token, vit_tiny and
+  deit_tiny lost labels under LeJEPA at 32 px (random-init probe 0.39 -> 0.19 in 93 steps, and
+  0.48 -> 0.21 / 0.26 in 195 steps of batch 256), while the reg1_gap ViTs gained 0.10-0.34;
+  vit_tiny built this way gained (0.215 -> 0.349). Average pooling alone, or LayerScale alone,
+  did not stop the loss (benchmarks/results/stability/README.md).
 * ``small_stem`` (``None`` = on below ``SMALL_STEM_BELOW`` px) turns on each CNN family's
   small-input adaptation (:func:`small_input_changes`). Every parameter is kept; the stem
   down-samples 2× less, so a CNN ends at output stride 16 (a 2×2 last map at 32 px instead of
@@ -30,7 +37,15 @@ The adaptation is decided from the model's class (read from a meta-device build,
     chance). Turning the zero-init off instead also fixes that, but measured worse: the
     random-init probe rises and LeJEPA then falls below it within 3 epochs.
 
-  Other archs ignore ``small_stem``.
+  - EfficientNets (timm's ``EfficientNet`` class) with sigmoid squeeze-excite gates: every gate
+    starts open. Each SE block's expand conv starts at zero weights and bias ``SE_OPEN_BIAS``, so
+    its gate is σ(3) = 0.95 for every input and learns from there (the same network, another
+    initialisation). With timm's initialisation efficientnet_b0 and b2 did not gain at 32 px
+    (0.344 -> 0.343 and 0.292 -> 0.190, seed 0, 93 steps; b2–b4 lost 0.07–0.24 in 195 steps of
+    batch 256), nor with a lower lr (b0 at 2e-3: 0.155) or ReLU; without their SE blocks b0
+    gained (0.368 -> 0.440), and with open gates b0 and b2 gained (0.343 -> 0.402, 0.253 -> 0.317).
+
+  Other archs ignore ``small_stem``, except the class-token ViTs above.
 * Classes that take ``img_size`` but cannot change it at run time (MaxViT, LeViT,
   EfficientFormer, CaiT, …) are built for the smallest side ≥ ``resolution`` they run at, and
   the wrapper resizes every input to that fixed side (``fixed_input``).
@@ -57,6 +72,14 @@ from lejepa.errors import ArchitectureError, closest
 
 SMALL_STEM_BELOW = 64
 """``small_stem=None`` turns the small-input adaptation on below this resolution."""
+
+GAP_VIT: dict[str, Any] = {"class_token": False, "no_embed_class": True, "reg_tokens": 1, "global_pool": "avg"}
+"""timm kwargs of the reg1_gap ViT recipe, the small-input adaptation of a class-token ViT
+(plus ``init_values=1e-5``, LayerScale, where its blocks have none)."""
+SE_OPEN_BIAS = 3.0
+"""Bias of a squeeze-excite expand conv whose weights start at zero: every gate starts at σ(3) = 0.95."""
+SE_OPEN_NOTE = "squeeze-excite gates start open"
+GAP_VIT_NOTE = "no class token: 1 register token, average pooling, LayerScale 1e-5 (timm's reg1_gap ViTs)"
 
 MIN_PATCHES = 8
 """After the ViT patch adaptation a global view is at least this many patches wide."""
@@ -120,6 +143,8 @@ class Plan:
     fixed: bool = False
     multiple: int = 1
     notes: tuple[str, ...] = ()
+    gap_vit: bool = False  # a class-token ViT built as a reg1_gap ViT (GAP_VIT)
+    open_se: bool = False  # sigmoid squeeze-excite gates start open (open_squeeze_excite)
 
 
 def build_backbone(
@@ -161,7 +186,7 @@ def build_backbone(
         fixed_input=fixed,
         min_input=min_input,
         multiple=plan.multiple,
-        small_stem=plan.small_stem,
+        small_stem=plan.small_stem or plan.gap_vit,
         adaptation=", ".join(notes),
     )
 
@@ -195,17 +220,35 @@ def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Pla
         if "dynamic_img_pad" in params:
             kwargs["dynamic_img_pad"] = True
             patch = 1
-        return Plan(kwargs, multiple=patch or 1, notes=tuple(notes))
+        gap_vit = wants_small(resolution, small_stem) and pools_class_token(default)
+        if gap_vit:
+            kwargs.update(GAP_VIT)
+            first_block = next(iter(default.get_submodule("blocks").children()))
+            if isinstance(getattr(first_block, "ls1", None), nn.Identity):
+                kwargs["init_values"] = 1e-5
+            notes.append(GAP_VIT_NOTE)
+        return Plan(kwargs, multiple=patch or 1, notes=tuple(notes), gap_vit=gap_vit)
     if "img_size" in params:
         return Plan(fixed=True)
-    wants_stem = resolution < SMALL_STEM_BELOW if small_stem is None else small_stem
+    wants_stem = wants_small(resolution, small_stem)
     changes = small_input_changes(default) if wants_stem else {}
     if not changes:
         return Plan()
     kwargs = {}
     if "shortcut" in changes:
         kwargs = {"downsample": "avg"} if isinstance(default, timm.models.regnet.RegNet) else {"avg_down": True}
-    return Plan(kwargs, small_stem="stem" in changes, notes=tuple(changes.values()))
+    return Plan(kwargs, small_stem="stem" in changes, open_se="se" in changes, notes=tuple(changes.values()))
+
+
+def wants_small(resolution: int, small_stem: bool | None) -> bool:
+    """Whether the small-input adaptation applies: ``small_stem``, or below ``SMALL_STEM_BELOW`` px when None."""
+    return resolution < SMALL_STEM_BELOW if small_stem is None else small_stem
+
+
+def pools_class_token(model: nn.Module) -> bool:
+    """A plain timm ViT whose feature is its class token (not DeiT-distilled: its head reads two tokens)."""
+    vit = timm.models.vision_transformer.VisionTransformer
+    return type(model) is vit and model.cls_token is not None and model.global_pool == "token"
 
 
 def small_patch(patch: int, resolution: int, native: int) -> int:
@@ -231,7 +274,26 @@ def small_input_changes(model: nn.Module) -> dict[str, str]:
         changes["stem"] = "stride-1 stem conv"
     if _conv_shortcuts(model):
         changes["shortcut"] = "average-pooled shortcuts (ResNet-D) instead of strided 1x1 convs"
+    if isinstance(model, timm.models.efficientnet.EfficientNet) and _sigmoid_se_expands(model):
+        changes["se"] = SE_OPEN_NOTE
     return changes
+
+
+def _sigmoid_se_expands(model: nn.Module) -> list[nn.Conv2d]:
+    """The expand convs of ``model``'s sigmoid-gated squeeze-excite blocks (timm's EfficientNet
+    blocks; hard-sigmoid gates, flat above 3, would never leave an open start)."""
+    se = timm.models._efficientnet_blocks.SqueezeExcite
+    return [m.conv_expand for m in model.modules() if isinstance(m, se) and isinstance(m.gate, nn.Sigmoid)]
+
+
+def open_squeeze_excite(model: nn.Module) -> None:
+    """In place, start every sigmoid squeeze-excite gate open: expand conv weights 0, bias
+    ``SE_OPEN_BIAS`` (gate σ(3) = 0.95 for any input; the gradient still reaches every weight)."""
+    with torch.no_grad():
+        for conv in _sigmoid_se_expands(model):
+            conv.weight.zero_()
+            if conv.bias is not None:
+                conv.bias.fill_(SE_OPEN_BIAS)
 
 
 def _has_4x_stem(model: nn.Module) -> bool:
@@ -323,6 +385,8 @@ def _create(arch: str, plan: Plan, device: str | torch.device = "cpu") -> nn.Mod
     drop_empty_head(model)
     if plan.small_stem:
         apply_small_stem(model)
+    if plan.open_se and str(device) != "meta":
+        open_squeeze_excite(model)
     return model
 
 

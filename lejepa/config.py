@@ -78,7 +78,8 @@ class ModelConfig(_Section):
         False,
         description="the family's small-input adaptation (lejepa/backbones.py): "
         "CNN stems down-sample 2x less (output stride 16, 4x the compute), strided 1x1 "
-        "shortcuts become average-pooled; every parameter kept; None = on below 64 px",
+        "shortcuts become average-pooled, EfficientNet squeeze-excite gates start open, "
+        "class-token ViTs are built as reg1_gap ViTs; None = on below 64 px",
     )
     proj_layers: int = Field(3, ge=1, le=8, description="projector MLP depth")
     proj_hidden: int = Field(512, ge=8, description="projector hidden width")

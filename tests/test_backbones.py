@@ -50,8 +50,29 @@ def test_small_stem_halves_the_stem_stride_and_keeps_every_parameter(arch):
 
 
 def test_small_stem_ignored_where_there_is_no_stem_to_adapt():
-    assert not build_backbone("vit_tiny_patch16_224", 32, small_stem=True, device="meta").small_stem
+    assert not build_backbone("vit_wee_patch16_reg1_gap_256", 32, small_stem=True, device="meta").small_stem
+    assert not build_backbone("deit_tiny_distilled_patch16_224", 32, small_stem=True, device="meta").small_stem
     assert not build_backbone("efficientformerv2_s0", 32, small_stem=True, device="meta").small_stem
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_xsmall_patch16_clip_224"])
+def test_a_class_token_vit_is_built_as_a_reg1_gap_vit_below_64_px(arch):
+    """No class token, one register token, average pooling, LayerScale 1e-5: timm's reg1_gap
+    recipe. The pooled feature is the mean of the patch tokens, after timm's fc_norm."""
+    adapted = build_backbone(arch, 32)
+    native = build_backbone(arch, 32, small_stem=False)
+    vit = adapted.model
+    assert adapted.small_stem and "no class token" in adapted.adaptation
+    assert vit.cls_token is None and vit.num_reg_tokens == 1 and vit.global_pool == "avg"
+    assert all(float(b.ls1.gamma.abs().max()) == pytest.approx(1e-5) for b in vit.blocks)
+    assert native.model.cls_token is not None and native.model.global_pool == "token"
+    assert not build_backbone(arch, 224, device="meta").small_stem  # at its native size: timm's build
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)  # [B, 1 register + 64 patches, E]
+        assert tokens.shape[1] == 1 + 64
+        assert torch.allclose(adapted(x), vit.fc_norm(tokens[:, 1:].mean(dim=1)), atol=1e-5)
+    assert _features(adapted, 14).shape == (2, adapted.embed_dim)  # a local view still runs
 
 
 @pytest.mark.parametrize("arch", ["regnetx_002", "efficientnet_lite0", "mobilenetv3_small_050", "ghostnet_050"])
@@ -61,6 +82,30 @@ def test_stride2_stem_conv_runs_at_stride_1_below_64_px(arch):
     conv = adapted.model.stem.conv if arch.startswith("regnet") else adapted.model.conv_stem
     assert adapted.small_stem and conv.stride == (1, 1) and "stride-1 stem conv" in adapted.adaptation
     assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in native.parameters())
+
+
+def test_efficientnet_squeeze_excite_gates_start_open_below_64_px():
+    """Each sigmoid SE gate of an adapted EfficientNet is σ(3) = 0.95 for any input at init, with
+    the same parameters as timm's build; timm's initialisation above 64 px, and no SE in lite0."""
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    adapted = build_backbone("efficientnet_b0", 32)
+    native = build_backbone("efficientnet_b0", 32, small_stem=False)
+    assert "squeeze-excite gates start open" in adapted.adaptation
+    assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in native.parameters())
+    gates: list[torch.Tensor] = []
+    blocks = [m for m in adapted.modules() if isinstance(m, SqueezeExcite)]
+    hooks = [b.gate.register_forward_hook(lambda m, i, o: gates.append(o)) for b in blocks]
+    with torch.no_grad():
+        adapted(torch.rand(4, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert len(gates) == len(blocks) == 16
+    assert all(torch.allclose(g, torch.full_like(g, torch.sigmoid(torch.tensor(3.0)).item())) for g in gates)
+    timm_gates = [m.conv_expand.weight.abs().sum() for m in native.modules() if isinstance(m, SqueezeExcite)]
+    assert all(w > 0 for w in timm_gates)  # small_stem=False: timm's own initialisation
+    assert "squeeze-excite" not in build_backbone("efficientnet_b0", 224, device="meta").adaptation
+    assert "squeeze-excite" not in build_backbone("efficientnet_lite0", 32, device="meta").adaptation
 
 
 def test_strided_conv_shortcuts_become_average_pooled_below_64_px():

@@ -107,6 +107,21 @@ def test_a_seeds_sweep_without_repeated_architectures_is_an_error():
 
 
 @pytest.mark.slow
+def test_direct_walk_applies_the_walk_specs_family_values_as_lejepa_sweep_does():
+    """benchmarks/stability_direct.py trains each architecture with the values that
+    sweeps/stability.yaml's arch_overrides give its family (a learning rate per family)."""
+    import stability_direct
+
+    from sweeps.spec import load_spec
+
+    spec = load_spec(REPO / "sweeps" / "stability.yaml")
+    overridden = sorted(spec.arch_params)
+    assert overridden and all(a.startswith("tiny_vit") for a in overridden)
+    for arch in overridden:
+        assert stability_direct.family_overrides(arch) == [f"{k}={v}" for k, v in spec.arch_params[arch].items()]
+    assert stability_direct.family_overrides("resnet10t") == []  # a family without a rule: the base values
+
+
 def test_direct_walk_trains_reports_and_resumes_only_what_is_missing(tmp_path):
     """benchmarks/stability_direct.py: real trainer processes, the report of benchmarks/stability.py,
     and --resume trains only the trials not finished in trials.csv."""

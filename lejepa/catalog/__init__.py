@@ -33,11 +33,13 @@ class ArchInfo:
     """One catalog row.
 
     ``params``/``embed_dim``: of the backbone at ``SMALL_RESOLUTION`` px (after the small-input
-    adaptation where it applies: ``model.small_stem=null``; it keeps every parameter).
+    adaptation where it applies: ``model.small_stem=null``; a CNN keeps every parameter, a
+    class-token ViT trades its class token for a register token and LayerScale).
     ``min_input``: smallest input side it runs at (smaller views are upsampled to it).
     ``fixed_input``: the one side it runs at (every view is resized to it), or None.
     ``small_stem``: the family's small-input adaptation applies (the stem down-samples 2× less,
-    strided 1×1 shortcuts are average-pooled; :mod:`lejepa.backbones`): with
+    strided 1×1 shortcuts are average-pooled, EfficientNet SE gates start open, a class-token ViT
+    is built without its class token; :mod:`lejepa.backbones`): with
     ``model.small_stem=true``, or ``null`` below 64 px (the config default ``false`` keeps timm's stem).
     ``gpu_scale``: too large to train on a CPU; checked on the meta device only.
     ``runs_small``: builds and runs a LeJEPA training step at ``SMALL_RESOLUTION`` px (or its
