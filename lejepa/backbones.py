@@ -385,7 +385,7 @@ def _create(arch: str, plan: Plan, device: str | torch.device = "cpu") -> nn.Mod
     drop_empty_head(model)
     if plan.small_stem:
         apply_small_stem(model)
-    if plan.open_se and str(device) != "meta":
+    if plan.open_se:
         open_squeeze_excite(model)
     return model
 
