@@ -237,13 +237,21 @@ def test_select_cli_reports_logs_and_registers(sweep, tmp_path):
     assert (Path(local) / "meta.json").read_text() == (Path(checkpoint) / "meta.json").read_text()
 
 
+def _default_ctrl_c() -> None:
+    """A shell's background job (``nohup make test &``) ignores SIGINT and its children inherit that:
+    restore the default so the CLI sees Ctrl-C as it would in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_select_criteria_interrupted_keeps_what_it_computed(sweep, tmp_path):
     """Ctrl-C once a checkpoint is done: exit 130, one line saying what the cache keeps, no traceback."""
     out = tmp_path / "r"
     args = ["select", SWEEP, "--tracking-uri", sweep.uri, "--out", str(out), "--criteria", "--no-log"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | ONE_THREAD | {"PYTHONPATH": str(REPO)}
     small = ["--sample-size", "32", "--lidar-images", "4", "--bootstrap", "0"]
-    proc = subprocess.Popen(LEJEPA + args + small, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        LEJEPA + args + small, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_default_ctrl_c
+    )
     try:
         seen = []
         for line in proc.stderr:
