@@ -139,12 +139,13 @@ class Plan:
     """How an arch is built at one resolution, decided before any weights exist."""
 
     kwargs: dict[str, Any] = field(default_factory=dict)
-    small_stem: bool = False
     fixed: bool = False
     multiple: int = 1
     notes: tuple[str, ...] = ()
-    gap_vit: bool = False  # a class-token ViT built as a reg1_gap ViT (GAP_VIT)
-    open_se: bool = False  # sigmoid squeeze-excite gates start open (open_squeeze_excite)
+    changes: frozenset[str] = frozenset()
+    """The small-input adaptations applied: ``"stem"`` (apply_small_stem), ``"shortcut"``
+    (average-pooled shortcuts, in ``kwargs``), ``"se"`` (open_squeeze_excite), ``"gap_vit"``
+    (a class-token ViT built as a reg1_gap ViT, in ``kwargs``)."""
 
 
 def build_backbone(
@@ -186,7 +187,7 @@ def build_backbone(
         fixed_input=fixed,
         min_input=min_input,
         multiple=plan.multiple,
-        small_stem=plan.small_stem or plan.gap_vit,
+        small_stem=bool(plan.changes),
         adaptation=", ".join(notes),
     )
 
@@ -220,24 +221,22 @@ def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Pla
         if "dynamic_img_pad" in params:
             kwargs["dynamic_img_pad"] = True
             patch = 1
-        gap_vit = wants_small(resolution, small_stem) and pools_class_token(default)
-        if gap_vit:
+        changes: frozenset[str] = frozenset()
+        if wants_small(resolution, small_stem) and pools_class_token(default):
+            changes = frozenset({"gap_vit"})
             kwargs.update(GAP_VIT)
             first_block = next(iter(default.get_submodule("blocks").children()))
             if isinstance(getattr(first_block, "ls1", None), nn.Identity):
                 kwargs["init_values"] = 1e-5
             notes.append(GAP_VIT_NOTE)
-        return Plan(kwargs, multiple=patch or 1, notes=tuple(notes), gap_vit=gap_vit)
+        return Plan(kwargs, multiple=patch or 1, notes=tuple(notes), changes=changes)
     if "img_size" in params:
         return Plan(fixed=True)
-    wants_stem = wants_small(resolution, small_stem)
-    changes = small_input_changes(default) if wants_stem else {}
-    if not changes:
-        return Plan()
+    notes_by_change = small_input_changes(default) if wants_small(resolution, small_stem) else {}
     kwargs = {}
-    if "shortcut" in changes:
+    if "shortcut" in notes_by_change:
         kwargs = {"downsample": "avg"} if isinstance(default, timm.models.regnet.RegNet) else {"avg_down": True}
-    return Plan(kwargs, small_stem="stem" in changes, open_se="se" in changes, notes=tuple(changes.values()))
+    return Plan(kwargs, notes=tuple(notes_by_change.values()), changes=frozenset(notes_by_change))
 
 
 def wants_small(resolution: int, small_stem: bool | None) -> bool:
@@ -263,8 +262,8 @@ def small_patch(patch: int, resolution: int, native: int) -> int:
 
 
 def small_input_changes(model: nn.Module) -> dict[str, str]:
-    """The small-input adaptation of ``model``'s family, ``{"stem": note, "shortcut": note}``
-    (either may be absent; empty for archs it does not apply to). ``model`` is a default build."""
+    """The small-input adaptation of ``model``'s family, ``{"stem": note, "shortcut": note,
+    "se": note}`` (any may be absent; empty for archs it does not apply to). ``model`` is a default build."""
     changes = {}
     if isinstance(model, timm.models.resnet.ResNet):
         changes["stem"] = "no stem max-pool"
@@ -383,9 +382,9 @@ def _create(arch: str, plan: Plan, device: str | torch.device = "cpu") -> nn.Mod
     """``arch`` built by ``plan`` on ``device`` (headless: ``num_classes=0``)."""
     model = on_device(lambda: timm.create_model(arch, pretrained=False, num_classes=0, **plan.kwargs), device)
     drop_empty_head(model)
-    if plan.small_stem:
+    if "stem" in plan.changes:
         apply_small_stem(model)
-    if plan.open_se:
+    if "se" in plan.changes:
         open_squeeze_excite(model)
     return model
 
