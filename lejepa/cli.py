@@ -207,12 +207,16 @@ def _stop_on_sigterm_as_on_sigint() -> None:
     consistent and its MLflow run KILLED, and a sweep stops through Ray Tune's own SIGINT handler;
     ``--resume`` continues both. Only the first SIGTERM is passed on: a scheduler may send it twice
     (SLURM signals both a batch script, which forwards it, and its children), and a second SIGINT
-    would make Ray Tune stop without saving; a forced stop is SIGKILL's job."""
+    would make Ray Tune stop without saving; a forced stop is SIGKILL's job. A command started as a
+    script's background job (``lejepa train … &``, ``nohup``) inherits SIGINT ignored: there the
+    SIGTERM raises KeyboardInterrupt itself, as Python's own SIGINT handler would."""
     passed: list[int] = []
 
     def as_sigint(signum, frame) -> None:
         if not passed:
             passed.append(signum)
+            if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+                raise KeyboardInterrupt
             os.kill(os.getpid(), signal.SIGINT)
 
     signal.signal(signal.SIGTERM, as_sigint)

@@ -129,6 +129,35 @@ def test_train_warns_once_in_the_collapse_region(tmp_path, tiny_overrides):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_command_started_with_sigint_ignored():
+    """A script's background job (``lejepa train … &``, ``nohup``) starts with SIGINT ignored; a
+    scheduler's SIGTERM must still stop it as Ctrl-C would, not be passed on to an ignored SIGINT."""
+    import signal
+    import sys
+
+    probe = (
+        "import os, signal, time\n"
+        "from lejepa.cli import _stop_on_sigterm_as_on_sigint\n"
+        "assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN\n"
+        "_stop_on_sigterm_as_on_sigint()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(10)\n"
+        "    print('not stopped')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped as by Ctrl-C')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.strip() == "stopped as by Ctrl-C", proc.stdout + proc.stderr
+
+
 def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
     """SIGTERM (a scheduler's preemption) during an epoch: exit 130 with one line, the MLflow run
     KILLED, the last checkpoint intact; --resume finishes with every epoch logged once."""
