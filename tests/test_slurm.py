@@ -94,7 +94,7 @@ STOPS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", list(STOPS))
 def test_a_cancelled_job_leaves_a_sweep_that_resume_finishes(slurm, tmp_path, stop):
-    job_id, uri, storage = _submit(slurm, tmp_path, "c", epochs=8)
+    job_id, uri, storage = _submit(slurm, tmp_path, "c", epochs=6)
     deadline = time.monotonic() + 300
     while not list((storage / "c" / "trials").glob("*/checkpoints/epoch_0002")):
         assert time.monotonic() < deadline and slurm.run("squeue", "-h", "-j", job_id).stdout.strip(), slurm.logs()
@@ -103,6 +103,7 @@ def test_a_cancelled_job_leaves_a_sweep_that_resume_finishes(slurm, tmp_path, st
     slurm.wait_for_job(job_id)
     output = (storage / f"c.slurm-{job_id}.out").read_text()
     assert "the sweep saves its state" in output, output[-3000:]
+    assert "lejepa: sweep driver exited" in output, output[-3000:]  # the script ended, not killed after KillWait
     resumed = run_cli(["sweep", "--resume", "c", "--storage", str(storage)], tmp_path, env=slurm.env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "sweep c: 2 trials (2 finished)" in resumed.stdout
