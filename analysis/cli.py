@@ -85,7 +85,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from analysis.health import SAFE
     from analysis.loader import load_sweep
     from analysis.report import LABELS, analyse, log_report, terminal_table, write_report
-    from lejepa.tracking import default_tracking_uri
+    from lejepa.record import default_tracking_uri
 
     args.score = args.score.removeprefix(SAFE)
     if args.score not in LABELS:

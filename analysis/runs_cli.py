@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pandas and MLflow load when the command runs, not with ever
 
 def _store(args: argparse.Namespace) -> str:
     from analysis.cli import check_store
-    from lejepa.tracking import default_tracking_uri
+    from lejepa.record import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri("runs")
     check_store(uri)

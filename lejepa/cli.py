@@ -51,13 +51,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if config_path is None and (run_dir / CONFIG_FILE).is_file():
             config_path = str(run_dir / CONFIG_FILE)
     cfg = load_config(config_path, overrides)
-    from lejepa.callbacks import ConsoleProgress
-    from lejepa.trainer import Trainer
-
     if args.no_tracking:
         cfg.tracking.enabled = False
     uri = _train_preflight(cfg, run_dir, args.tracking_uri)
+    from lejepa.callbacks import ConsoleProgress
     from lejepa.health import collapse_risk
+    from lejepa.trainer import Trainer
 
     risk = collapse_risk(cfg.loss.lam, cfg.optim.batch_size)
     if risk is not None:
@@ -78,19 +77,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_preflight(cfg, run_dir: Path | None, tracking_uri: str | None) -> str | None:
-    """Before any data is loaded or anything written: the architecture exists, the run folder can
-    be written, the tracking store answers. Returns the tracking URI (None without tracking)."""
-    from lejepa.backbones import check_arch_name
+    """Before any data is loaded or anything written: the run folder can be written, the tracking
+    store answers, the architecture exists (last: it imports timm and torch, seconds on a laptop, so
+    the other refusals come first). Returns the tracking URI (None without tracking)."""
     from lejepa.preflight import check_tracking_uri, check_writable
 
-    check_arch_name(cfg.model.arch)
     check_writable(run_dir or Path(cfg.train.out_dir), "run folder" if run_dir else "train.out_dir")
-    if not cfg.tracking.enabled:
-        return None
-    from lejepa.tracking import default_tracking_uri
+    uri = None
+    if cfg.tracking.enabled:
+        from lejepa.record import default_tracking_uri
 
-    uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
-    check_tracking_uri(uri)
+        uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
+        check_tracking_uri(uri)
+    from lejepa.backbones import check_arch_name
+
+    check_arch_name(cfg.model.arch)
     return uri
 
 

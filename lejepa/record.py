@@ -24,6 +24,8 @@ A sweep's parent run carries :data:`SWEEP_TAGS` and :data:`SWEEP_METRICS`; its f
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 # --------------------------------------------------------------------------- files
@@ -59,6 +61,14 @@ SQLITE_PREFIX = "sqlite:///"
 def sqlite_uri(path: object) -> str:
     """The tracking URI of the SQLite database at ``path`` (made absolute by the caller)."""
     return SQLITE_PREFIX + str(path)
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store ``<out_dir>/mlflow.db`` (absolute)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return sqlite_uri(Path(out_dir).expanduser().resolve() / TRACKING_DB)
 
 
 def sqlite_path(uri: str) -> str | None:

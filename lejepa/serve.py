@@ -14,8 +14,8 @@ from lejepa.errors import ConfigError, LejepaError
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from lejepa.record import sqlite_path
-    from lejepa.tracking import artifact_root, default_tracking_uri
+    from lejepa.record import default_tracking_uri, sqlite_path
+    from lejepa.tracking import artifact_root
 
     uri = args.tracking_uri or default_tracking_uri(args.out_dir)
     path = sqlite_path(uri)

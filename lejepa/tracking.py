@@ -18,7 +18,6 @@ no global active run, so nothing leaks between runs or threads.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -69,23 +68,13 @@ from lejepa.record import (
     STATUS_INTERRUPTED,
     STATUS_TAG,
     SWEEP_TAG,
-    TRACKING_DB,
     VERDICT,
     VERDICTS,
     hparam_metrics,
     run_status,
     shared_view_tag,
     sqlite_path,
-    sqlite_uri,
 )
-
-
-def default_tracking_uri(out_dir: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store ``<out_dir>/mlflow.db`` (absolute)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return sqlite_uri(Path(out_dir).expanduser().resolve() / TRACKING_DB)
 
 
 def artifact_root(tracking_uri: str) -> str | None:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lejepa.errors import ConfigError
-from lejepa.record import SWEEP_FILE, sqlite_path, sqlite_uri
-from lejepa.tracking import default_tracking_uri
+from lejepa.record import SWEEP_FILE, default_tracking_uri, sqlite_path, sqlite_uri
 from sweeps.spec import SweepSpec
 
 RESOLVED_SPEC = "resolved_spec.yaml"

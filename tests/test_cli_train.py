@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 from mlflow import MlflowClient
 
-from helpers import LEJEPA, REPO, run_cli
+from helpers import LEJEPA, REPO, free_port, run_cli
 
 
 @pytest.mark.slow
@@ -77,6 +78,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("*.db"))
+
+
+def test_an_unreachable_tracking_server_is_refused_before_torch_loads(tmp_path):
+    """The refusals that need no model (run folder, tracking store) come before torch and timm are
+    imported, which takes seconds: the error line is immediate."""
+    probe = (
+        "import sys; from lejepa.cli import main; "
+        f"rc = main(['train', '--tracking-uri', 'http://127.0.0.1:{free_port()}', 'train.out_dir={tmp_path / 'runs'}']); "
+        "print(rc, sorted(m for m in ('torch', 'timm', 'mlflow') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr
+    assert done.stderr.startswith("error: MLflow tracking server") and "does not answer" in done.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_broken_plugin_leaves_the_other_commands_working(monkeypatch, capsys):
