@@ -126,10 +126,11 @@ export RAY_AUTH_TOKEN_PATH={q(str(job.storage))}/.{job.name}.ray-token-$SLURM_JO
 (umask 077 && {q(job.python)} -c 'import secrets; print(secrets.token_urlsafe(32))' > "$RAY_AUTH_TOKEN_PATH")
 trap 'rm -f "$RAY_AUTH_TOKEN_PATH"' EXIT  # however the job ends
 export RAY_ADDRESS=  # the driver joins this job's cluster only
-# scancel sends SIGTERM to every process of the job at once, Ray's GCS included. Without these two, the
-# job outlived its state by SLURM's KillWait: `ray start` tries to drain its node for up to 30 s (a Ray
-# Serve feature) and the driver, its sweep state saved, waits up to 60 s on the dead GCS. The driver runs
-# on the head's node, and this cluster has no GCS fault tolerance: a GCS gone for 10 s is gone for good.
+# scancel sends SIGTERM to every process of the job at once, Ray's GCS included. Without this and the
+# driver's GCS reconnect timeout (set below), the job outlived its state by SLURM's KillWait: `ray start`
+# tries to drain its node for up to 30 s (a Ray Serve feature) and the driver, its sweep state saved,
+# waits up to 60 s on the dead GCS. The driver runs on the head's node, and this cluster has no GCS
+# fault tolerance: a GCS gone for 10 s is gone for good.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))

@@ -143,12 +143,10 @@ def test_train_warns_once_in_the_collapse_region(tmp_path, tiny_overrides):
     ]
 
 
-@pytest.mark.slow
 def test_sigterm_stops_a_command_started_with_sigint_ignored():
     """A script's background job (``lejepa train … &``, ``nohup``) starts with SIGINT ignored; a
     scheduler's SIGTERM must still stop it as Ctrl-C would, not be passed on to an ignored SIGINT."""
     import signal
-    import sys
 
     probe = (
         "import os, signal, time\n"
@@ -173,6 +171,7 @@ def test_sigterm_stops_a_command_started_with_sigint_ignored():
     assert proc.stdout.strip() == "stopped as by Ctrl-C", proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_stops_training_like_ctrl_c_and_resume_continues(tmp_path):
     """SIGTERM (a scheduler's preemption) during an epoch: exit 130 with one line, the MLflow run
     KILLED, the last checkpoint intact; --resume finishes with every epoch logged once."""
