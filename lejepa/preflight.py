@@ -22,7 +22,11 @@ from lejepa.errors import LejepaError
 from lejepa.record import sqlite_path
 
 TIMEOUT_S = 3.0
-"""How long a tracking server or Ray address may take to answer."""
+"""How long a tracking server or Ray address may take to accept a connection."""
+
+ANSWER_TIMEOUT_S = 30.0
+"""How long a tracking server that accepted the connection may take to answer: a server just
+started, or busy on a loaded machine, takes seconds over its first search."""
 
 URI_SCHEMES_WITHOUT_SLASHES = ("databricks",)
 """Tracking URIs MLflow accepts that have no ``://``."""
@@ -53,7 +57,8 @@ def check_writable(path: str | Path, what: str) -> None:
 
 def check_tracking_uri(uri: str) -> None:
     """Raise unless the MLflow tracking store ``uri`` is usable: a SQLite file that can be created
-    or written, or an http(s) server that answers within :data:`TIMEOUT_S`. Other schemes
+    or written, or an http(s) server that accepts a connection within :data:`TIMEOUT_S` and answers
+    within :data:`ANSWER_TIMEOUT_S`. Other schemes
     (databases, Databricks) are left to MLflow."""
     path = sqlite_path(uri)
     if path is not None:
@@ -120,7 +125,10 @@ def _check_server(uri: str) -> None:
     JSON, is refused."""
     url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=TIMEOUT_S) as answer:
+        parts = urlsplit(url)
+        if parts.hostname and not _proxied(parts.scheme, parts.hostname):  # a dead host is told in seconds
+            socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), TIMEOUT_S).close()
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=ANSWER_TIMEOUT_S) as answer:
             body, status = answer.read(65536), answer.status
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
@@ -141,6 +149,11 @@ def _check_server(uri: str) -> None:
             f"/api/2.0/mlflow/experiments/search gave {status}, not MLflow's JSON): check the "
             f"host and port, or pass another --tracking-uri"
         ) from None
+
+
+def _proxied(scheme: str, host: str) -> bool:
+    """Whether urllib reaches ``host`` through a proxy (the environment's ``*_proxy``, ``no_proxy``)."""
+    return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
 
 
 def check_ray_address(address: str | None) -> None:

@@ -587,6 +587,44 @@ def test_an_http_server_that_is_not_mlflow_is_refused_and_a_real_one_passes(tmp_
         server.shutdown()
 
 
+def test_a_server_that_answers_slowly_passes_and_one_that_never_answers_is_refused(monkeypatch):
+    """A tracking server that accepts the connection gets ANSWER_TIMEOUT_S to answer, not the
+    3 s of the connection: a just-started or busy MLflow takes seconds over its first search."""
+    import http.server
+    import threading
+
+    from lejepa import preflight
+
+    delay = {"s": preflight.TIMEOUT_S + 1.0}
+
+    class SlowMlflow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(delay["s"])
+            body = b'{"experiments": []}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowMlflow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        start = time.monotonic()
+        check_tracking_uri(url)
+        assert time.monotonic() - start >= delay["s"]
+        delay["s"] = 30.0
+        monkeypatch.setattr(preflight, "ANSWER_TIMEOUT_S", 1.0)
+        with pytest.raises(PreflightError, match=r"does not answer \(timed out\)"):
+            check_tracking_uri(url)
+    finally:
+        server.shutdown()
+
+
 def test_allocator_failures_are_named_with_their_size_and_others_are_not():
     import torch
 
