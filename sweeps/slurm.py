@@ -3,7 +3,8 @@
 The job follows Ray's documented pattern for SLURM: one task per node; the batch script (on the
 first node) starts the Ray head there with ``srun ray start --head --block``, a Ray worker on each
 other node, waits until every node has joined, runs the sweep driver against that cluster, and
-stops Ray at the end. Ray's token authentication is on: a fresh token per job, in a file only the
+stops its Ray at the end (its own ``srun`` steps; never ``ray stop``, which would stop other jobs' Ray
+on a shared node). Ray's token authentication is on: a fresh token per job, in a file only the
 user can read, beside the sweep on the shared storage (every node reads it through
 ``RAY_AUTH_TOKEN_PATH``). The same script resumes: if the sweep's folder exists when it starts, it
 runs ``lejepa sweep --resume``, so re-submitting it (or ``lejepa sweep --resume NAME --slurm``, or
@@ -151,10 +152,9 @@ for node in "${{nodes[@]:1}}"; do
 done
 {q(job.python)} -m sweeps.slurm wait "$address" {job.nodes} {JOIN_TIMEOUT_S} || exit 3
 
+# Each `ray start --block` stops its own node's processes on the SIGTERM its srun forwards. Not `ray stop`:
+# that stops every Ray on the node, another job's too.
 stop_ray() {{
-  for node in "${{nodes[@]}}"; do
-    srun --overlap --nodes=1 --ntasks=1 -w "$node" {ray} stop >/dev/null 2>&1
-  done
   kill -TERM "${{steps[@]}}" 2>/dev/null
   wait "${{steps[@]}}" 2>/dev/null
   rm -f "$RAY_AUTH_TOKEN_PATH"

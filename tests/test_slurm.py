@@ -72,9 +72,19 @@ def _assert_complete(uri: str, storage: Path, name: str, trials: int) -> None:
 
 @pytest.mark.slow
 def test_a_sweep_submitted_through_sbatch_runs_on_a_ray_cluster_in_the_job(slurm, tmp_path):
-    started = time.monotonic()
-    job_id, uri, storage = _submit(slurm, tmp_path, "s", epochs=1)
-    slurm.wait_for_job(job_id)
+    import ray
+
+    # Another Ray on the job's node (another job's, on a shared node): the job stops its own Ray only.
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        bystander = ray._private.worker._global_node
+        started = time.monotonic()
+        job_id, uri, storage = _submit(slurm, tmp_path, "s", epochs=1)
+        slurm.wait_for_job(job_id)
+        assert not bystander.dead_processes(), f"the job stopped another Ray on its node: {bystander.dead_processes()}"
+        assert _wait_until_gone(f"/tmp/ray-{job_id}"), "the job's own Ray outlived it"
+    finally:
+        ray.shutdown()
     output = (storage / f"s.slurm-{job_id}.out").read_text()
     assert "sweep s: 2 trials (2 finished)" in output, output[-3000:] + slurm.logs()
     assert re.search(r"lejepa: Ray head on \S+ at [\d.]+:\d+, 1 node\(s\)", output), output[:2000]
@@ -83,6 +93,22 @@ def test_a_sweep_submitted_through_sbatch_runs_on_a_ray_cluster_in_the_job(slurm
     assert not list(storage.glob(".s.ray-token-*"))  # the job's Ray token is removed at the end
     _assert_complete(uri, storage, "s", trials=2)
     print(f"SLURM sweep job: {time.monotonic() - started:.0f} s from submission to a complete MLflow record")
+
+
+def _wait_until_gone(fragment: str, timeout: float = 30.0) -> bool:
+    """Whether every process whose command line holds ``fragment`` is gone within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                alive += [cmdline] if fragment.encode() in cmdline.read_bytes() else []
+            except OSError:  # gone while listed
+                pass
+        if not alive:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 STOPS = {
