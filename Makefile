@@ -44,5 +44,7 @@ lint: install
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
+# Two workers, a file at a time each, the longest files first (tests/conftest.py); plain `pytest` runs
+# everything in one process.
 test: lint browser cluster
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder

@@ -10,6 +10,28 @@ import pytest
 
 from helpers import TINY, MlflowServer, Postgres, TeamServer, postgres_bin
 
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`):
+# each file runs on one worker, so its module and session fixtures start once, and a worker that is done
+# takes the next file in collection order. The longest files (from `pytest --durations=0`) are queued
+# first, so that the last files to start are short ones and both workers finish together.
+LONGEST_FIRST = (
+    "test_faults.py",
+    "test_sweep_cluster.py",
+    "test_slurm.py",
+    "test_sweep_run.py",
+    "test_catalog.py",
+    "test_cli_ui.py",
+    "test_cli_train.py",
+    "test_undelivered.py",
+    "test_sweep_estimate.py",
+    "test_analysis_e2e.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
