@@ -95,14 +95,15 @@ def test_a_sweep_submitted_through_sbatch_runs_on_a_ray_cluster_in_the_job(slurm
     print(f"SLURM sweep job: {time.monotonic() - started:.0f} s from submission to a complete MLflow record")
 
 
-def _wait_until_gone(fragment: str, timeout: float = 30.0) -> bool:
-    """Whether every process whose command line holds ``fragment`` is gone within ``timeout`` seconds."""
+def _wait_until_gone(folder: str, timeout: float = 30.0) -> bool:
+    """Whether every process with ``folder`` (or a path in it) among its arguments is gone within ``timeout`` seconds."""
+    pattern = re.compile(re.escape(folder.encode()) + rb"(/|\x00)")  # /tmp/ray-1 but not /tmp/ray-12
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         alive = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
-                alive += [cmdline] if fragment.encode() in cmdline.read_bytes() else []
+                alive += [cmdline] if pattern.search(cmdline.read_bytes()) else []
             except OSError:  # gone while listed
                 pass
         if not alive:
