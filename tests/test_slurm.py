@@ -98,15 +98,16 @@ def test_a_sweep_submitted_through_sbatch_runs_on_a_ray_cluster_in_the_job(slurm
 def _wait_until_gone(folder: str, timeout: float = 30.0) -> bool:
     """Whether every process with ``folder`` (or a path in it) among its arguments is gone within ``timeout`` seconds."""
     pattern = re.compile(re.escape(folder.encode()) + rb"(/|\x00)")  # /tmp/ray-1 but not /tmp/ray-12
+
+    def holds(cmdline: Path) -> bool:
+        try:
+            return bool(pattern.search(cmdline.read_bytes()))
+        except OSError:  # gone while listed
+            return False
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                alive += [cmdline] if pattern.search(cmdline.read_bytes()) else []
-            except OSError:  # gone while listed
-                pass
-        if not alive:
+        if not any(holds(cmdline) for cmdline in Path("/proc").glob("[0-9]*/cmdline")):
             return True
         time.sleep(0.5)
     return False
