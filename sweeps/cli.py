@@ -57,6 +57,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.spec is None and args.resume is None:
         raise ConfigError("lejepa sweep needs a SPEC file (or --resume NAME)")
+    if args.tracking_uri and args.resume is None and not args.dry_run:
+        from lejepa.preflight import check_tracking_uri
+
+        # before the spec, whose architecture and data checks import timm and torchvision (seconds):
+        # a server that is down is reported at once
+        check_tracking_uri(args.tracking_uri)
     spec = load_spec(args.spec) if args.spec is not None else None
     if args.slurm:
         return _slurm(args, spec)

@@ -229,6 +229,12 @@ CASES = [
         {"s.yaml": spec()},
         "does not answer",
     ),
+    (  # checked before the spec (whose architecture check imports timm): reported even though the spec is also wrong
+        "sweep-unreachable-tracking-server-before-the-spec",
+        ["sweep", "s.yaml", "--tracking-uri", "http://127.0.0.1:{port}"],
+        {"s.yaml": spec(space={"model.arch": ["resnet10t", "resnet10x"]})},
+        "does not answer",
+    ),
     (
         "sweep-unwritable-storage",
         ["sweep", "s.yaml", "--storage", "{unwritable}"],
