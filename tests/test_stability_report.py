@@ -112,14 +112,17 @@ def test_direct_walk_applies_the_walk_specs_family_values_as_lejepa_sweep_does()
     sweeps/stability.yaml's arch_overrides give its family (a learning rate per family)."""
     import stability_direct
 
+    from lejepa.catalog import get_arch
     from sweeps.spec import load_spec
 
     spec = load_spec(REPO / "sweeps" / "stability.yaml")
     overridden = sorted(spec.arch_params)
-    assert overridden and all(a.startswith("tiny_vit") for a in overridden)
+    assert {get_arch(a).family for a in overridden} == {"tiny_vit", "resnet", "resnext"}
     for arch in overridden:
         assert stability_direct.family_overrides(arch) == [f"{k}={v}" for k, v in spec.arch_params[arch].items()]
-    assert stability_direct.family_overrides("resnet10t") == []  # a family without a rule: the base values
+    assert stability_direct.family_overrides("tiny_vit_5m_224") == ["optim.lr=0.001"]
+    assert stability_direct.family_overrides("seresnext26d_32x4d") == ["optim.lr=0.002"]
+    assert stability_direct.family_overrides("regnetx_002") == []  # a family without a rule: the base values
 
 
 def test_direct_walk_trains_reports_and_resumes_only_what_is_missing(tmp_path):
