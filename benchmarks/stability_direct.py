@@ -237,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         "gain into the catalog's walk_* (cpu) or gpu_walk_* (gpu) columns; failed trials are left out",
     )
     args = p.parse_args(argv)
+    ruled = {key for params in _spec_arch_params().values() for key in params}
+    for item in args.set:
+        key = item.split("=", 1)[0]
+        if key in ruled:  # family_overrides come after --set, so the rule would win where it applies
+            print(
+                f"error: --set {key}: the walk spec sets it per family ({SPEC.name}: arch_overrides), "
+                f"which wins over --set for those architectures; change the rule there",
+                file=sys.stderr,
+            )
+            return 2
     trials_csv = args.out / "trials.csv"
     previous = pd.DataFrame(columns=TRIAL_COLUMNS)
     if args.resume or args.report_only:
