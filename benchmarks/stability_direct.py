@@ -40,7 +40,8 @@ for path in (HERE, ROOT):
 import stability  # noqa: E402  (benchmarks/stability.py: the report)
 
 from lejepa.catalog import query  # noqa: E402
-from lejepa.errors import LejepaError, first_line  # noqa: E402
+from lejepa.config import parse_override  # noqa: E402
+from lejepa.errors import ConfigError, LejepaError, first_line  # noqa: E402
 from lejepa.record import (  # noqa: E402
     COLLAPSE_RATIO,
     EPOCH_IMAGES_PER_SEC,
@@ -239,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ruled = {key for params in _spec_arch_params().values() for key in params}
     for item in args.set:
-        key = item.split("=", 1)[0]
+        try:
+            key, _ = parse_override(item)
+        except ConfigError as exc:
+            print(f"error: --set: {exc}", file=sys.stderr)
+            return 2
         if key in ruled:  # family_overrides come after --set, so the rule would win where it applies
             print(
                 f"error: --set {key}: the walk spec sets it per family ({SPEC.name}: arch_overrides), "

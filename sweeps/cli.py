@@ -57,15 +57,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.spec is None and args.resume is None:
         raise ConfigError("lejepa sweep needs a SPEC file (or --resume NAME)")
-    if args.tracking_uri and args.resume is None and not args.dry_run:
+    tracking_checked = bool(args.tracking_uri and args.resume is None and not args.dry_run)
+    if tracking_checked:
         from lejepa.preflight import check_tracking_uri
 
         # before the spec, whose architecture and data checks import timm and torchvision (seconds):
-        # a server that is down is reported at once
+        # a server that is down is reported at once; the sweep's own preflight then skips it
         check_tracking_uri(args.tracking_uri)
     spec = load_spec(args.spec) if args.spec is not None else None
     if args.slurm:
-        return _slurm(args, spec)
+        return _slurm(args, spec, tracking_checked=tracking_checked)
     if args.dry_run:
         if spec is None:
             raise ConfigError("--dry-run needs a SPEC file")
@@ -85,15 +86,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         outcome = resume_sweep(args.resume, storage=storage, address=args.address)
     else:
         assert spec is not None  # without --resume a SPEC is required (checked above)
-        outcome = run_sweep(spec, storage=args.storage, name=args.name, address=args.address, tracking_uri=args.tracking_uri)
+        outcome = run_sweep(
+            spec,
+            storage=args.storage,
+            name=args.name,
+            address=args.address,
+            tracking_uri=args.tracking_uri,
+            tracking_checked=tracking_checked,
+        )
     print(outcome.render())
     if outcome.interrupted:
         return 130
     return 1 if outcome.count("failed") else 0
 
 
-def _slurm(args: argparse.Namespace, spec) -> int:
-    """``--slurm``: print (``--dry-run``) or submit the sweep's SLURM job."""
+def _slurm(args: argparse.Namespace, spec, *, tracking_checked: bool = False) -> int:
+    """``--slurm``: print (``--dry-run``) or submit the sweep's SLURM job (``tracking_checked``: the
+    ``--tracking-uri`` store was checked already)."""
     from datetime import datetime
 
     from lejepa.preflight import check_tracking_uri
@@ -121,7 +130,7 @@ def _slurm(args: argparse.Namespace, spec) -> int:
         if (root / name).exists():
             raise ConfigError(f"sweep {name!r} already exists in {root}: continue it with --resume {name} --slurm")
         spec_path, uri = Path(args.spec).expanduser().resolve(), tracking_uri_for(spec, args.tracking_uri)
-        if not args.dry_run:
+        if not args.dry_run and not tracking_checked:
             check_tracking_uri(uri)
     defaults = spec.slurm if spec is not None else SlurmSpec()
     job = SlurmJob(

@@ -55,13 +55,15 @@ __all__ = [  # run_sweep and resume_sweep, and the names this module offered bef
 _create_parent = create_parent_run  # the name tests/test_sweep_run.py imports
 
 
-def preflight(storage: Path, tracking_uri: str, address: str | None) -> None:
+def preflight(storage: Path, tracking_uri: str, address: str | None, *, tracking_checked: bool = False) -> None:
     """What a sweep needs, checked before any folder, MLflow run or Ray trial is created: the storage
-    folder can be written, the tracking store answers, an explicit Ray address accepts connections."""
+    folder can be written, the tracking store answers (unless ``tracking_checked``: the caller just
+    checked it), an explicit Ray address accepts connections."""
     import ray
 
     check_writable(storage, "sweep storage (--storage)")
-    check_tracking_uri(tracking_uri)
+    if not tracking_checked:
+        check_tracking_uri(tracking_uri)
     if not ray.is_initialized():
         check_ray_address(address or os.environ.get("RAY_ADDRESS"))
 
@@ -73,8 +75,11 @@ def run_sweep(
     name: str | None = None,
     address: str | None = None,
     tracking_uri: str | None = None,
+    tracking_checked: bool = False,
 ) -> SweepOutcome:
-    """Run ``spec`` as a new sweep ``<spec name>-<timestamp>`` (or ``name``) under ``storage``."""
+    """Run ``spec`` as a new sweep ``<spec name>-<timestamp>`` (or ``name``) under ``storage``.
+    ``tracking_checked``: the caller has already checked ``tracking_uri`` (``lejepa sweep`` does, before
+    it loads the spec), so the preflight does not connect to it a second time."""
     root = storage_root(storage, spec)
     sweep_name = check_name(name, "--name") if name else f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
     path = root / sweep_name
@@ -83,7 +88,7 @@ def run_sweep(
             f"sweep {sweep_name!r} already exists in {root}: continue it with --resume {sweep_name}, or choose another --name"
         )
     uri = tracking_uri_for(spec, tracking_uri)
-    preflight(root, uri, address)
+    preflight(root, uri, address, tracking_checked=tracking_checked and tracking_uri is not None)
     check_grantable(spec, address)
     with _sweep_lock(root, sweep_name):
         if path.exists():  # created by a driver that held the lock a moment ago

@@ -528,6 +528,35 @@ def test_check_tracking_uri_local_and_remote(tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
 
 
+def test_sweep_checks_its_tracking_uri_once(tmp_path, store_template, monkeypatch, capfd):
+    """`lejepa sweep --tracking-uri` checks the store before it loads the spec; the sweep's preflight
+    does not check it again (a second connection to the server). Any other store is still checked."""
+    import lejepa.preflight
+    import sweeps.runner
+
+    checked: list[str] = []
+    real = lejepa.preflight.check_tracking_uri
+
+    def counting(uri: str) -> None:
+        checked.append(uri)
+        real(uri)
+
+    monkeypatch.setattr(lejepa.preflight, "check_tracking_uri", counting)
+    monkeypatch.setattr(sweeps.runner, "check_tracking_uri", counting)
+    shutil.copy(store_template, tmp_path / "mlflow.db")
+    # a spec the machine can never grant: refused just after the preflight, before Ray or MLflow start
+    (tmp_path / "s.yaml").write_text(spec(resources={"cpus_per_trial": 4096}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_in_process(["sweep", "s.yaml", "--tracking-uri", uri], tmp_path, monkeypatch, capfd)
+    assert proc.returncode == 2 and "needs 4096 CPUs" in proc.stderr, proc.stderr
+    assert checked == [uri]
+    checked.clear()
+    (tmp_path / "s.yaml").write_text(spec(resources={"cpus_per_trial": 4096}, tracking={"uri": uri}))
+    proc = run_in_process(["sweep", "s.yaml"], tmp_path, monkeypatch, capfd)  # the spec's store: checked by the preflight
+    assert proc.returncode == 2 and "needs 4096 CPUs" in proc.stderr, proc.stderr
+    assert checked == [uri]
+
+
 def test_check_ray_address():
     for address in (None, "", "auto", "local"):
         check_ray_address(address)

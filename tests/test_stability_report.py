@@ -125,21 +125,29 @@ def test_direct_walk_applies_the_walk_specs_family_values_as_lejepa_sweep_does()
     assert stability_direct.family_overrides("regnetx_002") == []  # a family without a rule: the base values
 
 
-def test_direct_walk_refuses_a_set_that_a_family_rule_would_override(tmp_path):
+@pytest.mark.parametrize(
+    "item, start",
+    [
+        ("optim.lr=1e-3", "error: --set optim.lr: the walk spec sets it per family"),
+        (" optim.lr =1e-3", "error: --set optim.lr: the walk spec sets it per family"),  # parsed as the trainer parses it
+        ("optim.lr", "error: --set: override 'optim.lr' is not of the form key=value"),
+    ],
+)
+def test_direct_walk_refuses_a_set_that_a_family_rule_would_override(tmp_path, item, start):
     """--set of a key the walk spec's arch_overrides set (optim.lr) would be silently replaced for
-    those families: one error line, exit 2, nothing written."""
+    those families: one error line, exit 2, nothing written; so is a --set that is not key=value."""
     import subprocess
 
     script = REPO / "benchmarks" / "stability_direct.py"
     proc = subprocess.run(
-        [sys.executable, str(script), "--set", "optim.lr=1e-3", "--limit", "1", "--out", str(tmp_path / "out")],
+        [sys.executable, str(script), "--set", item, "--limit", "1", "--out", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --set optim.lr: the walk spec sets it per family"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(start), proc.stderr
     assert not (tmp_path / "out").exists()
 
 
