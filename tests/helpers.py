@@ -114,6 +114,20 @@ class MlflowServer:
         self.proc = None
 
 
+def processes() -> dict[int, tuple[int, bytes]]:
+    """Every live process on this machine, read from /proc: pid → (parent pid, command line as its
+    NUL-separated bytes). A process that exits while it is read is left out."""
+    table: dict[int, tuple[int, bytes]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                table[int(proc.name)] = (ppid, (proc / "cmdline").read_bytes())
+            except (OSError, IndexError, ValueError):
+                continue
+    return table
+
+
 def tiny_base() -> dict:
     """TINY as a nested config tree (a sweep spec's ``base``)."""
     from lejepa.config import parse_override, set_dotted

@@ -22,7 +22,7 @@ from lejepa.checkpoint import load_checkpoint
 from sweeps.runner import SWEEP_FILE, run_sweep
 from sweeps.spec import load_spec
 
-from helpers import SweepCLI, child_runs, spec_body, trial_states, write_spec
+from helpers import SweepCLI, child_runs, processes, spec_body, trial_states, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +37,12 @@ def _spec(tmp_path: Path, epochs: int, flush_every: int = 1, **fields):
 
 def _trial_pids() -> list[int]:
     """Pids of Tune trial actors among this process's descendants (the local Ray started here)."""
-    parents: dict[int, int] = {}
-    titles: dict[int, str] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                titles[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue
+    table = processes()
     ours, frontier = set(), {os.getpid()}
     while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - ours
+        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - ours
         ours |= frontier
-    return [pid for pid in ours if titles.get(pid, "").startswith("ray::ImplicitFunc")]
+    return [pid for pid in ours if table[pid][1].startswith(b"ray::ImplicitFunc")]
 
 
 def _steps_trained(trial_dir: Path, epoch: int) -> int:

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from lejepa.record import META_FILE, TRAIN_LOSS, sqlite_uri
 
-from helpers import SLURM_PROGRAMS, SlurmCluster, child_runs, run_cli, slurm_program, spec_body, write_spec
+from helpers import SLURM_PROGRAMS, SlurmCluster, child_runs, processes, run_cli, slurm_program, spec_body, write_spec
 
 LOG_EVERY = 2  # train.log_every of the tiny config
 
@@ -98,16 +98,9 @@ def test_a_sweep_submitted_through_sbatch_runs_on_a_ray_cluster_in_the_job(slurm
 def _wait_until_gone(folder: str, timeout: float = 30.0) -> bool:
     """Whether every process with ``folder`` (or a path in it) among its arguments is gone within ``timeout`` seconds."""
     pattern = re.compile(re.escape(folder.encode()) + rb"(/|\x00)")  # /tmp/ray-1 but not /tmp/ray-12
-
-    def holds(cmdline: Path) -> bool:
-        try:
-            return bool(pattern.search(cmdline.read_bytes()))
-        except OSError:  # gone while listed
-            return False
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(holds(cmdline) for cmdline in Path("/proc").glob("[0-9]*/cmdline")):
+        if not any(pattern.search(cmdline) for _, cmdline in processes().values()):
             return True
         time.sleep(0.5)
     return False
