@@ -45,10 +45,19 @@ The adaptation is decided from the model's class (read from a meta-device build,
     batch 256), nor with a lower lr (b0 at 2e-3: 0.155) or ReLU; without their SE blocks b0
     gained (0.368 -> 0.440), and with open gates b0 and b2 gained (0.343 -> 0.402, 0.253 -> 0.317).
 
-  Other archs ignore ``small_stem``, except the class-token ViTs above.
+  Other archs ignore ``small_stem``, except the class-token ViTs above and MaxxViT below.
 * Classes that take ``img_size`` but cannot change it at run time (MaxViT, LeViT,
   EfficientFormer, CaiT, …) are built for the smallest side ≥ ``resolution`` they run at, and
-  the wrapper resizes every input to that fixed side (``fixed_input``).
+  the wrapper resizes every input to that fixed side (``fixed_input``). At 32 px MaxViT's
+  partitions (``img_size // 32``) are 1×1, so its block and grid attention each see one token;
+  built at 64 px instead (2×2 partitions, about 3× the time) neither maxvit_rmlp_nano nor
+  maxxvit_rmlp_nano gained more in 93 steps (+0.014 and −0.156, against +0.034 and −0.135 at 32 px).
+  With ``small_stem`` on, a MaxxVit-class model whose config initialises every conv and linear
+  from N(0, 0.02) (timm's ``weight_init='normal'``: MaxxViT) is initialised as MaxViT is
+  (:data:`VIT_EFF_INIT`: He fan-out normal convs, Xavier-uniform linears). With timm's
+  initialisation maxxvit_rmlp_nano lost against its random init at every lr tried (0.534 -> 0.399
+  at lr 1e-3, -0.07 to -0.21 from 3e-4 to 1e-2; -0.144 on seed 1); initialised as MaxViT it
+  gains (0.533 -> 0.587, 0.593 -> 0.636 on seed 1).
 * Every model is probed (meta device, else CPU; eval, batch 1) for the smallest side it runs at
   (``min_input``); smaller inputs are upsampled to it.
 
@@ -80,6 +89,10 @@ SE_OPEN_BIAS = 3.0
 """Bias of a squeeze-excite expand conv whose weights start at zero: every gate starts at σ(3) = 0.95."""
 SE_OPEN_NOTE = "squeeze-excite gates start open"
 GAP_VIT_NOTE = "no class token: 1 register token, average pooling, LayerScale 1e-5 (timm's reg1_gap ViTs)"
+VIT_EFF_INIT: dict[str, Any] = {"weight_init": "vit_eff"}
+"""timm kwargs that initialise a MaxxVit-class model as MaxViT is (He fan-out normal convs,
+Xavier-uniform linears) instead of from N(0, 0.02) for every conv and linear (``weight_init='normal'``)."""
+VIT_EFF_NOTE = "MaxViT's initialisation (timm's weight_init 'vit_eff', not 'normal')"
 
 MIN_PATCHES = 8
 """After the ViT patch adaptation a global view is at least this many patches wide."""
@@ -145,7 +158,8 @@ class Plan:
     changes: frozenset[str] = frozenset()
     """The small-input adaptations applied: ``"stem"`` (apply_small_stem), ``"shortcut"``
     (average-pooled shortcuts, in ``kwargs``), ``"se"`` (open_squeeze_excite), ``"gap_vit"``
-    (a class-token ViT built as a reg1_gap ViT, in ``kwargs``)."""
+    (a class-token ViT built as a reg1_gap ViT, in ``kwargs``), ``"init"`` (a MaxxViT initialised
+    as MaxViT, in ``kwargs``)."""
 
 
 def build_backbone(
@@ -231,6 +245,8 @@ def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Pla
             notes.append(GAP_VIT_NOTE)
         return Plan(kwargs, multiple=patch or 1, notes=tuple(notes), changes=changes)
     if "img_size" in params:
+        if wants_small(resolution, small_stem) and normal_init_maxxvit(arch, default):
+            return Plan(dict(VIT_EFF_INIT), fixed=True, notes=(VIT_EFF_NOTE,), changes=frozenset({"init"}))
         return Plan(fixed=True)
     notes_by_change = small_input_changes(default) if wants_small(resolution, small_stem) else {}
     kwargs = {}
@@ -276,6 +292,16 @@ def small_input_changes(model: nn.Module) -> dict[str, str]:
     if isinstance(model, timm.models.efficientnet.EfficientNet) and _sigmoid_se_expands(model):
         changes["se"] = SE_OPEN_NOTE
     return changes
+
+
+def normal_init_maxxvit(arch: str, model: nn.Module) -> bool:
+    """Whether ``model`` (a default build of ``arch``) is a timm MaxxVit-class model whose config
+    initialises every conv and linear from N(0, 0.02) (``weight_init='normal'``: MaxxViT, CoAtNeXt)."""
+    maxxvit = timm.models.maxxvit
+    if not isinstance(model, maxxvit.MaxxVit):
+        return False
+    cfg = maxxvit.model_cfgs.get(arch) or maxxvit.model_cfgs.get(arch.rsplit("_", 1)[0])  # timm's own lookup
+    return cfg is not None and cfg.weight_init == "normal"
 
 
 def _sigmoid_se_expands(model: nn.Module) -> list[nn.Conv2d]:

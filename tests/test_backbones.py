@@ -108,6 +108,35 @@ def test_efficientnet_squeeze_excite_gates_start_open_below_64_px():
     assert "squeeze-excite" not in build_backbone("efficientnet_lite0", 32, device="meta").adaptation
 
 
+def test_maxxvit_is_initialised_as_maxvit_below_64_px():
+    """An adapted MaxxViT's convs start from He fan-out normals (sd √(2 / (k² · out / groups))) and
+    its attention linears from Xavier-uniform, as MaxViT's; small_stem=False keeps timm's
+    N(0, 0.02) for both. Same parameters; MaxViT itself is unchanged."""
+    import math
+
+    torch.manual_seed(0)
+    adapted = build_backbone("maxxvit_rmlp_nano_rw_256", 32)
+    native = build_backbone("maxxvit_rmlp_nano_rw_256", 32, small_stem=False)
+    assert "MaxViT's initialisation" in adapted.adaptation and adapted.small_stem and adapted.fixed_input == 32
+    assert "MaxViT's initialisation" not in native.adaptation
+    assert sum(p.numel() for p in adapted.parameters()) == sum(p.numel() for p in native.parameters())
+
+    def conv_and_qkv(backbone: nn.Module) -> tuple[nn.Conv2d, nn.Linear]:
+        conv = next(m for n, m in backbone.named_modules() if n.endswith("stages.2.blocks.0.conv.conv_dw"))
+        qkv = next(m for n, m in backbone.named_modules() if n.endswith("stages.2.blocks.0.attn_block.attn.qkv"))
+        return conv, qkv
+
+    conv, qkv = conv_and_qkv(adapted)
+    fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.05)
+    bound = math.sqrt(6.0 / (qkv.in_features + qkv.out_features))  # Xavier-uniform: sd bound / √3
+    assert qkv.weight.abs().max().item() <= bound and qkv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    for module in conv_and_qkv(native):
+        assert module.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert "MaxViT's initialisation" not in build_backbone("maxxvit_rmlp_nano_rw_256", 224, device="meta").adaptation
+    assert "MaxViT's initialisation" not in build_backbone("maxvit_rmlp_nano_rw_256", 32, device="meta").adaptation
+
+
 def test_strided_conv_shortcuts_become_average_pooled_below_64_px():
     def shortcut(backbone: nn.Module) -> nn.Module:
         model = backbone.model
@@ -164,6 +193,7 @@ FAMILY_REPRESENTATIVES = [
     "ghostnetv2_100",
     "levit_128s",
     "maxvit_pico_rw_256",
+    "maxxvit_rmlp_nano_rw_256",
     "efficientformerv2_s0",
     "vit_tiny_patch16_224",
     "deit_tiny_patch16_224",
