@@ -17,7 +17,12 @@ The adaptation is decided from the model's class (read from a meta-device build,
   deit_tiny lost labels under LeJEPA at 32 px (random-init probe 0.39 -> 0.19 in 93 steps, and
   0.48 -> 0.21 / 0.26 in 195 steps of batch 256), while the reg1_gap ViTs gained 0.10-0.34;
   vit_tiny built this way gained (0.215 -> 0.349). Average pooling alone, or LayerScale alone,
-  did not stop the loss (benchmarks/results/stability/README.md).
+  did not stop the loss (benchmarks/results/stability/README.md). DeiT-distilled, whose head
+  reads its class and distillation tokens, keeps both and gains LayerScale at
+  :data:`LAYERSCALE_INIT` in every block. With timm's build (no LayerScale) deit_tiny_distilled
+  lost at lr 1e-2 (0.386 -> 0.304) and at 1e-3 (-> 0.332, dimensional collapse); with LayerScale
+  it gains at 1e-3 (0.307 -> 0.513) and collapses at 1e-2 (-> 0.256), so the stability walk
+  trains DeiT at 1e-3.
 * ``small_stem`` (``None`` = on below ``SMALL_STEM_BELOW`` px) turns on each CNN family's
   small-input adaptation (:func:`small_input_changes`). Every parameter is kept; the stem
   down-samples 2× less, so a CNN ends at output stride 16 (a 2×2 last map at 32 px instead of
@@ -45,7 +50,7 @@ The adaptation is decided from the model's class (read from a meta-device build,
     batch 256), nor with a lower lr (b0 at 2e-3: 0.155) or ReLU; without their SE blocks b0
     gained (0.368 -> 0.440), and with open gates b0 and b2 gained (0.343 -> 0.402, 0.253 -> 0.317).
 
-  Other archs ignore ``small_stem``, except the class-token ViTs above and MaxxViT below.
+  Other archs ignore ``small_stem``, except the ViTs above and MaxxViT below.
 * Classes that take ``img_size`` but cannot change it at run time (MaxViT, LeViT,
   EfficientFormer, CaiT, …) are built for the smallest side ≥ ``resolution`` they run at, and
   the wrapper resizes every input to that fixed side (``fixed_input``). At 32 px MaxViT's
@@ -89,6 +94,9 @@ SE_OPEN_BIAS = 3.0
 """Bias of a squeeze-excite expand conv whose weights start at zero: every gate starts at σ(3) = 0.95."""
 SE_OPEN_NOTE = "squeeze-excite gates start open"
 GAP_VIT_NOTE = "no class token: 1 register token, average pooling, LayerScale 1e-5 (timm's reg1_gap ViTs)"
+LAYERSCALE_INIT = 1e-5
+"""LayerScale's initial value where the small-input adaptation adds it to a ViT (timm's ``init_values``)."""
+LAYERSCALE_NOTE = "LayerScale 1e-5"
 VIT_EFF_INIT: dict[str, Any] = {"weight_init": "vit_eff"}
 """timm kwargs that initialise a MaxxVit-class model as MaxViT is (He fan-out normal convs,
 Xavier-uniform linears) instead of from N(0, 0.02) for every conv and linear (``weight_init='normal'``)."""
@@ -158,8 +166,8 @@ class Plan:
     changes: frozenset[str] = frozenset()
     """The small-input adaptations applied: ``"stem"`` (apply_small_stem), ``"shortcut"``
     (average-pooled shortcuts, in ``kwargs``), ``"se"`` (open_squeeze_excite), ``"gap_vit"``
-    (a class-token ViT built as a reg1_gap ViT, in ``kwargs``), ``"init"`` (a MaxxViT initialised
-    as MaxViT, in ``kwargs``)."""
+    (a class-token ViT built as a reg1_gap ViT, in ``kwargs``), ``"layerscale"`` (a DeiT-distilled
+    ViT with LayerScale, in ``kwargs``), ``"init"`` (a MaxxViT initialised as MaxViT, in ``kwargs``)."""
 
 
 def build_backbone(
@@ -239,10 +247,13 @@ def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Pla
         if wants_small(resolution, small_stem) and pools_class_token(default):
             changes = frozenset({"gap_vit"})
             kwargs.update(GAP_VIT)
-            first_block = next(iter(default.get_submodule("blocks").children()))
-            if isinstance(getattr(first_block, "ls1", None), nn.Identity):
-                kwargs["init_values"] = 1e-5
+            if not _has_layerscale(default):
+                kwargs["init_values"] = LAYERSCALE_INIT
             notes.append(GAP_VIT_NOTE)
+        elif wants_small(resolution, small_stem) and is_distilled_vit(default) and not _has_layerscale(default):
+            changes = frozenset({"layerscale"})
+            kwargs["init_values"] = LAYERSCALE_INIT
+            notes.append(LAYERSCALE_NOTE)
         return Plan(kwargs, multiple=patch or 1, notes=tuple(notes), changes=changes)
     if "img_size" in params:
         if wants_small(resolution, small_stem) and normal_init_maxxvit(arch, default):
@@ -258,6 +269,16 @@ def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Pla
 def wants_small(resolution: int, small_stem: bool | None) -> bool:
     """Whether the small-input adaptation applies: ``small_stem``, or below ``SMALL_STEM_BELOW`` px when None."""
     return resolution < SMALL_STEM_BELOW if small_stem is None else small_stem
+
+
+def is_distilled_vit(model: nn.Module) -> bool:
+    """A timm DeiT-distilled ViT (class and distillation tokens, both read by its head)."""
+    return isinstance(model, timm.models.deit.VisionTransformerDistilled)
+
+
+def _has_layerscale(vit: nn.Module) -> bool:
+    first_block = next(iter(vit.get_submodule("blocks").children()))
+    return not isinstance(getattr(first_block, "ls1", None), nn.Identity)
 
 
 def pools_class_token(model: nn.Module) -> bool:

@@ -51,7 +51,7 @@ def test_small_stem_halves_the_stem_stride_and_keeps_every_parameter(arch):
 
 def test_small_stem_ignored_where_there_is_no_stem_to_adapt():
     assert not build_backbone("vit_wee_patch16_reg1_gap_256", 32, small_stem=True, device="meta").small_stem
-    assert not build_backbone("deit_tiny_distilled_patch16_224", 32, small_stem=True, device="meta").small_stem
+    assert not build_backbone("levit_128s", 32, small_stem=True, device="meta").small_stem
     assert not build_backbone("efficientformerv2_s0", 32, small_stem=True, device="meta").small_stem
 
 
@@ -73,6 +73,24 @@ def test_a_class_token_vit_is_built_as_a_reg1_gap_vit_below_64_px(arch):
         assert tokens.shape[1] == 1 + 64
         assert torch.allclose(adapted(x), vit.fc_norm(tokens[:, 1:].mean(dim=1)), atol=1e-5)
     assert _features(adapted, 14).shape == (2, adapted.embed_dim)  # a local view still runs
+
+
+def test_a_distilled_deit_gets_layerscale_below_64_px():
+    """DeiT-distilled keeps its class and distillation tokens (its head reads both) and gains
+    LayerScale at 1e-5 in every block; timm's build (no LayerScale) with small_stem off or at 224 px."""
+    arch = "deit_tiny_distilled_patch16_224"
+    adapted = build_backbone(arch, 32)
+    native = build_backbone(arch, 32, small_stem=False)
+    assert adapted.small_stem and "LayerScale 1e-5" in adapted.adaptation
+    assert adapted.model.num_prefix_tokens == native.model.num_prefix_tokens == 2
+    assert all(float(b.ls1.gamma.abs().max()) == pytest.approx(1e-5) for b in adapted.model.blocks)
+    assert all(isinstance(b.ls1, nn.Identity) for b in native.model.blocks)
+    assert not build_backbone(arch, 224, device="meta").small_stem
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = adapted.model.forward_features(x)
+        assert torch.allclose(adapted(x), (tokens[:, 0] + tokens[:, 1]) / 2, atol=1e-5)  # the two tokens' mean
+    assert _features(adapted, 14).shape == (2, adapted.embed_dim)
 
 
 @pytest.mark.parametrize("arch", ["regnetx_002", "efficientnet_lite0", "mobilenetv3_small_050", "ghostnet_050"])
@@ -197,6 +215,7 @@ FAMILY_REPRESENTATIVES = [
     "efficientformerv2_s0",
     "vit_tiny_patch16_224",
     "deit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
     "tiny_vit_5m_224",
 ]
 
