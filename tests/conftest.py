@@ -8,24 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, MlflowServer, Postgres, TeamServer, postgres_bin
-
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`):
-# each file runs on one worker, so its module and session fixtures start once, and a worker that is done
-# takes the next file in collection order. The longest files (from `pytest --durations=0`) are queued
-# first, so that the last files to start are short ones and both workers finish together.
-LONGEST_FIRST = (
-    "test_faults.py",
-    "test_sweep_cluster.py",
-    "test_slurm.py",
-    "test_sweep_run.py",
-    "test_catalog.py",
-    "test_cli_ui.py",
-    "test_cli_train.py",
-    "test_undelivered.py",
-    "test_sweep_estimate.py",
-    "test_analysis_e2e.py",
-)
+from helpers import LONGEST_FIRST, TINY, MlflowServer, Postgres, TeamServer, postgres_bin
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

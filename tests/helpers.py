@@ -17,6 +17,24 @@ from lejepa.health import collapsed_ep
 REPO = Path(__file__).resolve().parents[1]
 LEJEPA = [sys.executable, "-m", "lejepa"]
 
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`):
+# each file runs on one worker, so its module and session fixtures start once, and a worker that is done
+# takes the next file in collection order. The longest files (from `pytest --durations=0`) are queued
+# first, so that the last files to start are short ones and both workers finish together. conftest sorts
+# by it; test_tooling checks that every name here is still a file in tests/.
+LONGEST_FIRST = (
+    "test_faults.py",
+    "test_sweep_cluster.py",
+    "test_slurm.py",
+    "test_sweep_run.py",
+    "test_catalog.py",
+    "test_cli_ui.py",
+    "test_cli_train.py",
+    "test_undelivered.py",
+    "test_sweep_estimate.py",
+    "test_analysis_e2e.py",
+)
+
 # A config small enough to train an epoch in about a second on 2 CPU cores.
 TINY = [
     "data.name=digits-shifted",

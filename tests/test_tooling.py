@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import LONGEST_FIRST, REPO
 
 VENV_BIN = REPO / ".venv" / "bin"
 
@@ -54,3 +54,10 @@ def test_pre_commit_ruff_hooks_pass_on_a_copy_of_the_tree(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "ruff check" in done.stdout and "ruff format" in done.stdout
+
+
+def test_the_longest_first_queue_names_test_files_that_exist():
+    """LONGEST_FIRST (conftest sorts by it) queues files by name: a renamed or removed file would silently lose its place."""
+    missing = [name for name in LONGEST_FIRST if not (REPO / "tests" / name).is_file()]
+    assert not missing, f"LONGEST_FIRST names files that are not in tests/: {missing}"
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
