@@ -49,8 +49,15 @@ The adaptation is decided from the model's class (read from a meta-device build,
     (0.344 -> 0.343 and 0.292 -> 0.190, seed 0, 93 steps; b2–b4 lost 0.07–0.24 in 195 steps of
     batch 256), nor with a lower lr (b0 at 2e-3: 0.155) or ReLU; without their SE blocks b0
     gained (0.368 -> 0.440), and with open gates b0 and b2 gained (0.343 -> 0.402, 0.253 -> 0.317).
+  - ConvNeXt-V2 (GRN blocks, no LayerScale): LayerScale at ConvNeXt's own
+    :data:`CONVNEXT_LAYERSCALE_INIT` in every block (timm's ``ls_init_value``), so each block
+    starts near the identity, as in ConvNeXt V1. With timm's build convnextv2_nano ended in
+    dimensional collapse (0.449 -> 0.388, seed 0, 93 steps) and convnextv2_pico stayed at its
+    random init (0.464 -> 0.476); with LayerScale both are healthy and gain (0.325 -> 0.456,
+    0.334 -> 0.481). Part of that gain is a weaker random init: the trained probes are at
+    timm's build's random init, not above it.
 
-  Other archs ignore ``small_stem``, except the ViTs above and MaxxViT below.
+  Other archs ignore ``small_stem``, except the ViTs above and MaxxViT and EfficientFormer below.
 * Classes that take ``img_size`` but cannot change it at run time (MaxViT, LeViT,
   EfficientFormer, CaiT, …) are built for the smallest side ≥ ``resolution`` they run at, and
   the wrapper resizes every input to that fixed side (``fixed_input``). At 32 px MaxViT's
@@ -63,6 +70,14 @@ The adaptation is decided from the model's class (read from a meta-device build,
   initialisation maxxvit_rmlp_nano lost against its random init at every lr tried (0.534 -> 0.399
   at lr 1e-3, -0.07 to -0.21 from 3e-4 to 1e-2; -0.144 on seed 1); initialised as MaxViT it
   gains (0.533 -> 0.587, 0.593 -> 0.636 on seed 1).
+  EfficientFormer (V1) attends over its last stage with a relative-position bias table sized for
+  7×7 tokens, so timm's build runs at 224 px only. With ``small_stem`` on, its stem's second
+  conv runs at stride 1 (output stride 16, as the CNNs above) and every attention's bias table
+  is rebuilt by timm's own ``Attention`` for the last stage's grid at the built side (2×2 at
+  32 px; the same network less 45 bias entries per head), so it runs at 32 px, not at 224 px
+  (49× the pixels). Built this way efficientformer_l1 gains at lr 3e-3 on three seeds (0.434 ->
+  0.529, 0.449 -> 0.577, 0.386 -> 0.587; 93 steps) and loses at 1e-2 (-> 0.376, -> 0.405), so the
+  stability walk trains it at 3e-3; on the GPU budget timm's 224-px build lost at 1e-2 (0.624 -> 0.440).
 * Every model is probed (meta device, else CPU; eval, batch 1) for the smallest side it runs at
   (``min_input``); smaller inputs are upsampled to it.
 
@@ -97,10 +112,14 @@ GAP_VIT_NOTE = "no class token: 1 register token, average pooling, LayerScale 1e
 LAYERSCALE_INIT = 1e-5
 """LayerScale's initial value where the small-input adaptation adds it to a ViT (timm's ``init_values``)."""
 LAYERSCALE_NOTE = "LayerScale 1e-5"
+CONVNEXT_LAYERSCALE_INIT = 1e-6
+"""ConvNeXt's LayerScale start (timm's ``ls_init_value`` default), given to ConvNeXt-V2 blocks below 64 px."""
+CONVNEXT_LAYERSCALE_NOTE = "LayerScale 1e-6 (ConvNeXt V1's)"
 VIT_EFF_INIT: dict[str, Any] = {"weight_init": "vit_eff"}
 """timm kwargs that initialise a MaxxVit-class model as MaxViT is (He fan-out normal convs,
 Xavier-uniform linears) instead of from N(0, 0.02) for every conv and linear (``weight_init='normal'``)."""
 VIT_EFF_NOTE = "MaxViT's initialisation (timm's weight_init 'vit_eff', not 'normal')"
+ATTENTION_GRID_NOTE = "stem's 2nd conv at stride 1, attention bias table for the last stage's grid"
 
 MIN_PATCHES = 8
 """After the ViT patch adaptation a global view is at least this many patches wide."""
@@ -167,7 +186,9 @@ class Plan:
     """The small-input adaptations applied: ``"stem"`` (apply_small_stem), ``"shortcut"``
     (average-pooled shortcuts, in ``kwargs``), ``"se"`` (open_squeeze_excite), ``"gap_vit"``
     (a class-token ViT built as a reg1_gap ViT, in ``kwargs``), ``"layerscale"`` (a DeiT-distilled
-    ViT with LayerScale, in ``kwargs``), ``"init"`` (a MaxxViT initialised as MaxViT, in ``kwargs``)."""
+    ViT or a ConvNeXt-V2 with LayerScale, in ``kwargs``), ``"init"`` (a MaxxViT initialised as MaxViT, in ``kwargs``),
+    ``"attention_grid"`` (an EfficientFormer's attention bias tables sized for its last stage at
+    ``kwargs["img_size"]``: :func:`fit_attention_grid`)."""
 
 
 def build_backbone(
@@ -258,11 +279,15 @@ def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Pla
     if "img_size" in params:
         if wants_small(resolution, small_stem) and normal_init_maxxvit(arch, default):
             return Plan(dict(VIT_EFF_INIT), fixed=True, notes=(VIT_EFF_NOTE,), changes=frozenset({"init"}))
+        if wants_small(resolution, small_stem) and isinstance(default, timm.models.efficientformer.EfficientFormer):
+            return Plan(fixed=True, notes=(ATTENTION_GRID_NOTE,), changes=frozenset({"stem", "attention_grid"}))
         return Plan(fixed=True)
     notes_by_change = small_input_changes(default) if wants_small(resolution, small_stem) else {}
     kwargs = {}
     if "shortcut" in notes_by_change:
         kwargs = {"downsample": "avg"} if isinstance(default, timm.models.regnet.RegNet) else {"avg_down": True}
+    if "layerscale" in notes_by_change:
+        kwargs["ls_init_value"] = CONVNEXT_LAYERSCALE_INIT
     return Plan(kwargs, notes=tuple(notes_by_change.values()), changes=frozenset(notes_by_change))
 
 
@@ -300,7 +325,8 @@ def small_patch(patch: int, resolution: int, native: int) -> int:
 
 def small_input_changes(model: nn.Module) -> dict[str, str]:
     """The small-input adaptation of ``model``'s family, ``{"stem": note, "shortcut": note,
-    "se": note}`` (any may be absent; empty for archs it does not apply to). ``model`` is a default build."""
+    "se": note, "layerscale": note}`` (any may be absent; empty for archs it does not apply to).
+    ``model`` is a default build."""
     changes = {}
     if isinstance(model, timm.models.resnet.ResNet):
         changes["stem"] = "no stem max-pool"
@@ -312,7 +338,15 @@ def small_input_changes(model: nn.Module) -> dict[str, str]:
         changes["shortcut"] = "average-pooled shortcuts (ResNet-D) instead of strided 1x1 convs"
     if isinstance(model, timm.models.efficientnet.EfficientNet) and _sigmoid_se_expands(model):
         changes["se"] = SE_OPEN_NOTE
+    if convnext_without_layerscale(model):
+        changes["layerscale"] = CONVNEXT_LAYERSCALE_NOTE
     return changes
+
+
+def convnext_without_layerscale(model: nn.Module) -> bool:
+    """A timm ConvNeXt whose blocks have no LayerScale (ConvNeXt-V2: ``ls_init_value=None``)."""
+    blocks = [m for m in model.modules() if isinstance(m, timm.models.convnext.ConvNeXtBlock)]
+    return isinstance(model, timm.models.convnext.ConvNeXt) and bool(blocks) and all(b.gamma is None for b in blocks)
 
 
 def normal_init_maxxvit(arch: str, model: nn.Module) -> bool:
@@ -433,7 +467,35 @@ def _create(arch: str, plan: Plan, device: str | torch.device = "cpu") -> nn.Mod
         apply_small_stem(model)
     if "se" in plan.changes:
         open_squeeze_excite(model)
+    if "attention_grid" in plan.changes:
+        fit_attention_grid(model, int(plan.kwargs.get("img_size", _native_side(model))))
     return model
+
+
+def fit_attention_grid(model: nn.Module, side: int) -> None:
+    """In place, rebuild each attention's relative-position bias table of an EfficientFormer (V1)
+    for the token grid its last stage has at ``side`` px: ⌈side / output stride⌉ on each axis
+    (stride-2 3×3 convs with padding 1 take n to ⌈n/2⌉). timm builds the table for 7×7 tokens
+    (224 px); the new one comes from timm's own ``Attention`` (zero biases, its index rule)."""
+    former = timm.models.efficientformer
+    stride = 2 ** sum(
+        1 for m in model.modules() if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2) and m.kernel_size != (1, 1)
+    )
+    grid = -(-side // stride)
+    for attn in [m for m in model.modules() if isinstance(m, former.Attention)]:
+        weight = attn.qkv.weight
+        fresh = former.Attention(
+            attn.qkv.in_features,
+            attn.key_dim,
+            attn.num_heads,
+            attn.attn_ratio,
+            resolution=grid,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        attn.attention_biases = fresh.attention_biases
+        attn.attention_bias_idxs = fresh.attention_bias_idxs
+        attn.attention_bias_cache = {}
 
 
 def on_device(build: Callable[[], nn.Module], device: str | torch.device) -> nn.Module:

@@ -93,6 +93,50 @@ def test_a_distilled_deit_gets_layerscale_below_64_px():
     assert _features(adapted, 14).shape == (2, adapted.embed_dim)
 
 
+def test_a_convnextv2_gets_convnext_layerscale_below_64_px():
+    """ConvNeXt-V2 blocks (GRN, no LayerScale in timm's build) gain LayerScale at ConvNeXt's 1e-6
+    below 64 px, so each block starts near the identity; timm's build with small_stem off or at
+    224 px, and a ConvNeXt V1 (LayerScale already) is not noted as changed."""
+    from timm.models.convnext import ConvNeXtBlock
+
+    def gammas(backbone):
+        return [b.gamma for b in backbone.model.modules() if isinstance(b, ConvNeXtBlock)]
+
+    adapted = build_backbone("convnextv2_atto", 32)
+    assert adapted.small_stem and "LayerScale 1e-6" in adapted.adaptation
+    assert gammas(adapted) and all(float(g.abs().max()) == pytest.approx(1e-6) for g in gammas(adapted))
+    assert all(g is None for g in gammas(build_backbone("convnextv2_atto", 32, small_stem=False, device="meta")))
+    assert all(g is None for g in gammas(build_backbone("convnextv2_atto", 224, device="meta")))
+    assert "LayerScale" not in build_backbone("convnext_atto", 32, device="meta").adaptation
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():  # near the identity: each block's residual branch adds about 1e-6 of its output
+        stage = adapted.model.stages[0]
+        inner = stage.downsample(adapted.model.stem(x))
+        assert torch.allclose(stage.blocks(inner), inner, atol=1e-4)
+
+
+def test_efficientformer_attends_over_its_last_stage_grid_at_32_px():
+    """Below 64 px EfficientFormer's stem ends at stride 2 and its attention bias table is sized
+    for the 2×2 tokens its last stage has at 32 px, so it runs at 32 px (timm's build: 224 px only)."""
+    from timm.models.efficientformer import Attention
+
+    adapted = build_backbone("efficientformer_l1", 32)
+    native = build_backbone("efficientformer_l1", 32, small_stem=False, device="meta")
+    assert adapted.small_stem and adapted.fixed_input == 32 and native.fixed_input == 224
+    [attn] = [m for m in adapted.modules() if isinstance(m, Attention)]
+    # |row difference| * 2 + |column difference| between the tokens (0,0), (0,1), (1,0), (1,1)
+    expected = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]])
+    assert torch.equal(attn.attention_bias_idxs, expected)
+    assert attn.attention_biases.shape == (attn.num_heads, 4)
+    heads = attn.num_heads
+    assert sum(p.numel() for p in native.parameters()) - sum(p.numel() for p in adapted.parameters()) == heads * (49 - 4)
+    tokens = []
+    attn.register_forward_hook(lambda module, args, out: tokens.append(args[0].shape[1]))
+    assert _features(adapted, 32).shape == (2, adapted.embed_dim) and tokens == [4]
+    assert _features(adapted, 14).shape == (2, adapted.embed_dim)  # a local view is resized to 32 px
+    assert build_backbone("efficientformer_l1", 224, small_stem=True, device="meta").fixed_input == 224
+
+
 @pytest.mark.parametrize("arch", ["regnetx_002", "efficientnet_lite0", "mobilenetv3_small_050", "ghostnet_050"])
 def test_stride2_stem_conv_runs_at_stride_1_below_64_px(arch):
     adapted = build_backbone(arch, 32, device="meta")
@@ -213,6 +257,7 @@ FAMILY_REPRESENTATIVES = [
     "maxvit_pico_rw_256",
     "maxxvit_rmlp_nano_rw_256",
     "efficientformerv2_s0",
+    "efficientformer_l1",
     "vit_tiny_patch16_224",
     "deit_tiny_patch16_224",
     "deit_tiny_distilled_patch16_224",

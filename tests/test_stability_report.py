@@ -117,13 +117,15 @@ def test_direct_walk_applies_the_walk_specs_family_values_as_lejepa_sweep_does()
 
     spec = load_spec(REPO / "sweeps" / "stability.yaml")
     overridden = sorted(spec.arch_params)
-    assert {get_arch(a).family for a in overridden} == {"tiny_vit", "maxvit", "deit", "resnet", "resnext"}
+    assert {get_arch(a).family for a in overridden} == {"tiny_vit", "maxvit", "deit", "resnet", "resnext", "efficientformer"}
     for arch in overridden:
         assert stability_direct.family_overrides(arch) == [f"{k}={v}" for k, v in spec.arch_params[arch].items()]
     assert stability_direct.family_overrides("tiny_vit_5m_224") == ["optim.lr=0.001"]
     assert stability_direct.family_overrides("maxxvit_rmlp_nano_rw_256") == ["optim.lr=0.001"]
     assert stability_direct.family_overrides("deit_tiny_distilled_patch16_224") == ["optim.lr=0.001"]
     assert stability_direct.family_overrides("seresnext26d_32x4d") == ["optim.lr=0.002"]
+    assert stability_direct.family_overrides("efficientformer_l1") == ["optim.lr=0.003"]  # a name pattern
+    assert stability_direct.family_overrides("efficientformerv2_s0") == []  # the same family, not the pattern
     assert stability_direct.family_overrides("regnetx_002") == []  # a family without a rule: the base values
 
 
