@@ -18,8 +18,8 @@ OUT=${1:?usage: gpu_session.sh OUT_DIR [WHEELS_DIR] [FASHION_MNIST_DIR] [EARLIER
 WHEELS=${2:-.gpu/wheels}
 FMNIST=$(cd "${3:-.gpu/fashion-mnist}" && pwd)
 # an earlier GPU walk's trials, resumed (at most 8 files come back): the last session's if carried in
-# .gpu/, else the committed H200 walk less the 37 architectures whose build or lr changed since
-# (benchmarks/results/stability/README.md, sections 7 to 11); its failed trials are trained again too
+# .gpu/, else the committed H200 walk less the 43 architectures whose build or lr changed since
+# (benchmarks/results/stability/README.md, sections 7 to 12); its failed trials are trained again too
 DEFAULT_EARLIER=.gpu/walk/trials.csv
 [ -f "$DEFAULT_EARLIER" ] || DEFAULT_EARLIER=benchmarks/results/stability/h200/resume.csv
 EARLIER=${4:-$DEFAULT_EARLIER}

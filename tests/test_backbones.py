@@ -137,6 +137,25 @@ def test_efficientformer_attends_over_its_last_stage_grid_at_32_px():
     assert build_backbone("efficientformer_l1", 224, small_stem=True, device="meta").fixed_input == 224
 
 
+def test_mobilenetv3_residual_blocks_start_as_their_shortcut_below_64_px():
+    """Below 64 px each residual block of a MobileNetV3 starts with its last BatchNorm's scale at 0,
+    so it maps its input to itself; timm's initialisation (scale 1) with small_stem off or at 224 px,
+    and MobileNetV4 (other blocks) is not changed."""
+    from timm.models._efficientnet_blocks import InvertedResidual
+
+    adapted = build_backbone("mobilenetv3_large_100", 32)
+    assert adapted.small_stem and "start as their shortcut" in adapted.adaptation
+    residual = [b for b in adapted.model.modules() if isinstance(b, InvertedResidual) and b.has_skip]
+    assert len(residual) == 9 and all(float(b.bn3.weight.abs().max()) == 0.0 for b in residual)
+    x = torch.randn(4, residual[0].conv_pw.in_channels, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(residual[0](x), x)
+    for native in (build_backbone("mobilenetv3_large_100", 32, small_stem=False), build_backbone("mobilenetv3_large_100", 224)):
+        blocks = [b for b in native.model.modules() if isinstance(b, InvertedResidual) and b.has_skip]
+        assert all(float(b.bn3.weight.min()) == 1.0 for b in blocks)
+    assert "shortcut" not in build_backbone("mobilenetv4_conv_small", 32, device="meta").adaptation
+
+
 @pytest.mark.parametrize("arch", ["regnetx_002", "efficientnet_lite0", "mobilenetv3_small_050", "ghostnet_050"])
 def test_stride2_stem_conv_runs_at_stride_1_below_64_px(arch):
     adapted = build_backbone(arch, 32, device="meta")
