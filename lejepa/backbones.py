@@ -332,8 +332,8 @@ def small_patch(patch: int, resolution: int, native: int) -> int:
 
 def small_input_changes(model: nn.Module) -> dict[str, str]:
     """The small-input adaptation of ``model``'s family, ``{"stem": note, "shortcut": note,
-    "se": note, "layerscale": note}`` (any may be absent; empty for archs it does not apply to).
-    ``model`` is a default build."""
+    "se": note, "layerscale": note, "zero_init": note}`` (any may be absent; empty for archs it does
+    not apply to). ``model`` is a default build."""
     changes = {}
     if isinstance(model, timm.models.resnet.ResNet):
         changes["stem"] = "no stem max-pool"
