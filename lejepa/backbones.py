@@ -375,8 +375,10 @@ def zero_init_residuals(model: nn.Module) -> None:
 
 def convnext_without_layerscale(model: nn.Module) -> bool:
     """A timm ConvNeXt whose blocks have no LayerScale (ConvNeXt-V2: ``ls_init_value=None``)."""
+    if not isinstance(model, timm.models.convnext.ConvNeXt):
+        return False
     blocks = [m for m in model.modules() if isinstance(m, timm.models.convnext.ConvNeXtBlock)]
-    return isinstance(model, timm.models.convnext.ConvNeXt) and bool(blocks) and all(b.gamma is None for b in blocks)
+    return bool(blocks) and all(b.gamma is None for b in blocks)
 
 
 def normal_init_maxxvit(arch: str, model: nn.Module) -> bool:
