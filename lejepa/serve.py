@@ -55,9 +55,19 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return _serve(cmd, args.host, args.port, announce)
 
 
+def server_env() -> dict[str, str]:
+    """The environment an MLflow server is started with: this one, with MLflow's job execution off
+    unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` is set. Those jobs (GenAI scorers, trace rollups)
+    serve no LeJEPA run, and each server would start two more processes for them (a job runner and
+    a huey consumer, each importing MLflow) and leave a folder in /dev/shm behind."""
+    import os
+
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+
+
 def _serve(cmd: list[str], host: str, port: int, announce) -> int:
     """Run the MLflow server ``cmd``; print ``announce(base URL)`` once it answers; stop it on Ctrl-C."""
-    server = subprocess.Popen(cmd)
+    server = subprocess.Popen(cmd, env=server_env())
     try:
         base = _wait_for_server(server, host, port)
         print(announce(base), file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from lejepa.health import collapsed_ep
+from lejepa.serve import server_env
 
 REPO = Path(__file__).resolve().parents[1]
 LEJEPA = [sys.executable, "-m", "lejepa"]
@@ -103,6 +104,7 @@ class MlflowServer:
                 "1",
             ],
             cwd=self.folder,
+            env=server_env(),  # as `lejepa server` starts it: without MLflow's job runner processes
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -144,6 +146,17 @@ def processes() -> dict[int, tuple[int, bytes]]:
             except (OSError, IndexError, ValueError):
                 continue
     return table
+
+
+def descendants(root: int) -> dict[int, bytes]:
+    """Every live process below ``root`` (children, their children, ...): pid → command line (NUL-separated)."""
+    table = processes()
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
+        found |= frontier
+    return {pid: table[pid][1] for pid in found}
 
 
 def tiny_base() -> dict:

@@ -38,7 +38,7 @@ from sweeps.mlflow_runs import create_parent_run
 from sweeps.outcome import SweepOutcome, TrialSummary
 from sweeps.overview import FIGURES, log_overview
 
-from helpers import free_port, run_cli, start_until_line, sweep_spec
+from helpers import descendants, free_port, run_cli, start_until_line, sweep_spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FIGURE = next(iter(FIGURES))  # overview/lam_vs_accuracy.png
@@ -80,6 +80,9 @@ def test_ui_serves_the_store_on_loopback_and_prints_the_runs_view_once_it_answer
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         local_addresses = [line.split()[3] for line in listening.splitlines() if line.strip()]
         assert local_addresses and all(a.startswith("127.0.0.1:") for a in local_addresses), listening
+        # MLflow's job execution (a job runner and a huey consumer per server) is off: no LeJEPA run uses it
+        below = b"\n".join(descendants(proc.pid).values())
+        assert b"mlflow server" in below.replace(b"\x00", b" ") and b"huey" not in below and b"_job_runner" not in below
     finally:
         _stop(proc)
 

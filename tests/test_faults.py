@@ -22,7 +22,7 @@ from lejepa.checkpoint import load_checkpoint
 from sweeps.runner import SWEEP_FILE, run_sweep
 from sweeps.spec import load_spec
 
-from helpers import SweepCLI, child_runs, processes, spec_body, trial_states, write_spec
+from helpers import SweepCLI, child_runs, descendants, spec_body, trial_states, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,7 @@ def _spec(tmp_path: Path, epochs: int, flush_every: int = 1, **fields):
 
 def _trial_pids() -> list[int]:
     """Pids of Tune trial actors among this process's descendants (the local Ray started here)."""
-    table = processes()
-    ours, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - ours
-        ours |= frontier
-    return [pid for pid in ours if table[pid][1].startswith(b"ray::ImplicitFunc")]
+    return [pid for pid, cmdline in descendants(os.getpid()).items() if cmdline.startswith(b"ray::ImplicitFunc")]
 
 
 def _steps_trained(trial_dir: Path, epoch: int) -> int:
