@@ -38,7 +38,8 @@ cat "$OUT/gpu_check.md" 2>/dev/null || tail -n 60 "$OUT/gpu_check.log"
 # issue 14's walk at the GPU budget (195 steps of batch 256), in the time that is left: no trial
 # starts in the last 120 s, the trials in flight then finish, a trial cut off is trained next time.
 # Seeds 1 and 2 also for the two whose single-seed GPU gain sat under the spread while their family
-# learns (convnext_nano_ols +0.012, ghostnetv2_130 +0.016; README section 13): noise or a cause
+# learns (convnext_nano_ols +0.012, ghostnetv2_130 +0.016; benchmarks/results/stability/README.md,
+# section 13): noise or a cause
 SEED_ARCHS="ghostnet_050 levit_128s mobilenetv2_050 regnetx_002 convnext_nano_ols ghostnetv2_130"
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 RESUME=""

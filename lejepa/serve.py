@@ -58,8 +58,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 def server_env() -> dict[str, str]:
     """The environment an MLflow server is started with: this one, with MLflow's job execution off
     unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` is set. Those jobs (GenAI scorers, trace rollups)
-    serve no LeJEPA run, and each server would start two more processes for them (a job runner and
-    a huey consumer, each importing MLflow) and leave a folder in /dev/shm behind."""
+    serve no LeJEPA run, and each server would start more processes for them (a job runner and huey
+    consumers, each importing MLflow) and leave a folder in /dev/shm behind."""
     import os
 
     return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}

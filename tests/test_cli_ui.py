@@ -80,7 +80,7 @@ def test_ui_serves_the_store_on_loopback_and_prints_the_runs_view_once_it_answer
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         local_addresses = [line.split()[3] for line in listening.splitlines() if line.strip()]
         assert local_addresses and all(a.startswith("127.0.0.1:") for a in local_addresses), listening
-        # MLflow's job execution (a job runner and a huey consumer per server) is off: no LeJEPA run uses it
+        # MLflow's job execution (a job runner and huey consumers per server) is off: no LeJEPA run uses it
         below = b"\n".join(descendants(proc.pid).values())
         assert b"mlflow server" in below.replace(b"\x00", b" ") and b"huey" not in below and b"_job_runner" not in below
     finally:
