@@ -6,6 +6,7 @@ authentication)."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,8 +61,6 @@ def server_env() -> dict[str, str]:
     unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` is set. Those jobs (GenAI scorers, trace rollups)
     serve no LeJEPA run, and each server would start more processes for them (a job runner and huey
     consumers, each importing MLflow) and leave a folder in /dev/shm behind."""
-    import os
-
     return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
 
 
