@@ -40,7 +40,7 @@ cat "$OUT/gpu_check.md" 2>/dev/null || tail -n 60 "$OUT/gpu_check.log"
 # Seeds 1 and 2 also for the two whose single-seed GPU gain sat under the spread while their family
 # learns (convnext_nano_ols +0.012, ghostnetv2_130 +0.016; benchmarks/results/stability/README.md,
 # section 13): noise or a cause
-SEED_ARCHS="$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import stability_direct as s; print(*s.SEED_ARCHS)') convnext_nano_ols ghostnetv2_130"
+SEED_ARCHS="$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import stability_direct as s; print(*s.seed_archs())') convnext_nano_ols ghostnetv2_130"
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 RESUME=""
 if [ -f "$EARLIER" ]; then cp "$EARLIER" "$OUT/walk/trials.csv"; RESUME=--resume; fi

@@ -59,9 +59,17 @@ from lejepa.record import (  # noqa: E402
 
 BASE = ROOT / "sweeps" / "stability_base.yaml"
 SPEC = ROOT / "sweeps" / "stability.yaml"
-SEED_ARCHS = ("ghostnet_050", "levit_128s", "mobilenetv2_050", "regnetx_002")
-"""The seeds sweep's architectures (sweeps/stability_seeds.yaml)."""
+SEEDS_SPEC = ROOT / "sweeps" / "stability_seeds.yaml"
 TRIAL_COLUMNS = ["arch", "seed", *stability.MEASURES, *stability.COSTS, "lr", "error"]
+
+
+@functools.cache
+def seed_archs() -> tuple[str, ...]:
+    """The seeds sweep's architectures (``model.arch`` of sweeps/stability_seeds.yaml), sorted."""
+    from sweeps.spec import load_spec
+
+    (arch,) = [p for p in load_spec(SEEDS_SPEC).space if p.key == "model.arch"]
+    return tuple(sorted(arch.values))
 
 
 @functools.cache
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-params", default="20M")
     p.add_argument("--limit", type=int, help="walk only the first N architectures (round-robin order)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of each --seed-archs architecture")
-    p.add_argument("--seed-archs", nargs="*", default=list(SEED_ARCHS))
+    p.add_argument("--seed-archs", nargs="*", help="default: the seeds sweep's architectures")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "stability_direct")
     p.add_argument("--title", default="LeJEPA stability walk (direct)")
     p.add_argument(
@@ -262,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         previous = pd.read_csv(trials_csv)
     try:
+        if args.seed_archs is None:
+            args.seed_archs = list(seed_archs())
         tasks = plan(args.max_params, tuple(args.seed_archs), args.seeds, args.limit)
         seed_tasks = [t for t in tasks if t[1] > 0]
         tasks = (

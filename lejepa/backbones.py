@@ -102,7 +102,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lejepa.errors import ArchitectureError, closest
+from lejepa.catalog import check_arch_name
+from lejepa.errors import ArchitectureError
 
 SMALL_STEM_BELOW = 64
 """``small_stem=None`` turns the small-input adaptation on below this resolution."""
@@ -240,19 +241,6 @@ def build_backbone(
         small_stem=bool(plan.changes),
         adaptation=", ".join(notes),
     )
-
-
-def check_arch_name(arch: str) -> None:
-    """Raise a one-line :class:`ArchitectureError` with the closest catalog and timm names
-    if timm has no architecture ``arch``."""
-    if timm.is_model(arch):
-        return
-    from lejepa.catalog import load_catalog
-
-    catalog = [a.name for a in load_catalog()]
-    hints = closest(arch, catalog) + [n for n in closest(arch, timm.list_models()) if n not in catalog]
-    hint = f"; closest: {', '.join(hints[:5])}" if hints else ""
-    raise ArchitectureError(f"unknown architecture {arch!r}{hint} (see `lejepa archs`)")
 
 
 def make_plan(arch: str, resolution: int, small_stem: bool | None = None) -> Plan:

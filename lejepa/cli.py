@@ -89,7 +89,7 @@ def _train_preflight(cfg, run_dir: Path | None, tracking_uri: str | None) -> str
 
         uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
         check_tracking_uri(uri)
-    from lejepa.backbones import check_arch_name
+    from lejepa.catalog import check_arch_name
 
     check_arch_name(cfg.model.arch)
     return uri

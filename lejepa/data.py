@@ -9,7 +9,8 @@ class-per-folder tree) stay on disk and are decoded per item (PIL, as torchvisio
 ImageFolder does; ``torchvision.io`` decoding is deprecated since torchvision 0.29).
 Augmentation is not done here: :mod:`lejepa.views` makes the views from these batches.
 Every missing or malformed dataset is a one-line :class:`~lejepa.errors.DataError` that
-says how to obtain it.
+says how to obtain it. torchvision and scikit-learn are imported where a dataset is built, so
+:func:`check_data` (a sweep's pre-flight) costs no import of them (about 4 CPU-seconds).
 """
 
 from __future__ import annotations
@@ -19,22 +20,21 @@ import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as NF
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
-from torchvision import datasets as tvd
 
 from lejepa.config import DataConfig
 from lejepa.errors import DataError, did_you_mean, first_line
 from lejepa.idx import read_idx
+
+if TYPE_CHECKING:
+    from torchvision import datasets as tvd
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,7 +112,7 @@ def check_data(cfg: DataConfig) -> None:
     says. Raises the one-line :class:`DataError` its builder would."""
     _builder(cfg.name)
     if cfg.name in ("cifar10", "cifar100"):
-        _require_files(cfg, *_cifar_files(_CIFAR10 if cfg.name == "cifar10" else _CIFAR100, cfg.name))
+        _require_files(cfg, *_cifar_files(_dataset_class(cfg.name), cfg.name))
     elif cfg.name == "stl10":
         _require_files(cfg, *_stl10_files())
     elif cfg.name in _FOLDER_HELP:
@@ -144,6 +144,8 @@ def _limit(dataset: TensorImageDataset | tvd.ImageFolder, size: int | None, seed
 
 def _digit_arrays() -> tuple[Tensor, Tensor]:
     """The 1,797 scikit-learn digits as float [N, 1, 8, 8] in [0, 1] and int64 labels."""
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
     return images, torch.from_numpy(digits.target).long()
@@ -152,6 +154,8 @@ def _digit_arrays() -> tuple[Tensor, Tensor]:
 def _split_indices(labels: Tensor, cfg: DataConfig) -> tuple[Tensor, Tensor]:
     """Stratified train / test indices (``cfg.test_fraction``, ``cfg.seed``); both splits must
     hold every class at least once."""
+    from sklearn.model_selection import train_test_split
+
     classes = int(labels.unique().numel())
     n_test = int(np.ceil(cfg.test_fraction * len(labels)))
     if n_test < classes or len(labels) - n_test < classes:
@@ -244,15 +248,20 @@ def _existence_checked(cls: type, lists: Sequence[str]) -> type:
     return type(cls.__name__, (cls,), attrs)
 
 
-_CIFAR10 = _existence_checked(tvd.CIFAR10, ("train_list", "test_list"))
-_CIFAR100 = _existence_checked(tvd.CIFAR100, ("train_list", "test_list"))
-# Labelled splits only (train 5k, test 8k), as the probes need labels; the 100k unlabeled
-# images (unlabeled_X.bin, split "unlabeled") could be added to the training set for SSL.
-_STL10: type[tvd.STL10] = type(
-    "STL10",
-    (tvd.STL10,),
-    {"train_list": [["train_X.bin", None], ["train_y.bin", None]], "test_list": [["test_X.bin", None], ["test_y.bin", None]]},
-)
+@functools.cache
+def _dataset_class(name: str) -> type[Any]:
+    """torchvision's class of ``name`` (cifar10, cifar100, stl10) with existence-only file checks."""
+    from torchvision import datasets as tvd
+
+    if name == "stl10":
+        # Labelled splits only (train 5k, test 8k), as the probes need labels; the 100k unlabeled
+        # images (unlabeled_X.bin, split "unlabeled") could be added to the training set for SSL.
+        splits = {
+            "train_list": [["train_X.bin", None], ["train_y.bin", None]],
+            "test_list": [["test_X.bin", None], ["test_y.bin", None]],
+        }
+        return type("STL10", (tvd.STL10,), splits)
+    return _existence_checked(tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100, ("train_list", "test_list"))
 
 
 def _root(cfg: DataConfig, title: str) -> Path:
@@ -345,7 +354,9 @@ def _cifar(cfg: DataConfig, cls: type[tvd.CIFAR10], num_classes: int) -> Dataset
     root, missing = _require_files(cfg, title, files, how)
     try:
         if missing:
-            tvd.utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
         train = _read_cifar(root / base, [name for name, _ in cls.train_list])
         test = _read_cifar(root / base, [name for name, _ in cls.test_list])
     except Exception as exc:  # download errors, refused or malformed pickles, reshape: all one line
@@ -355,10 +366,11 @@ def _cifar(cfg: DataConfig, cls: type[tvd.CIFAR10], num_classes: int) -> Dataset
 
 
 def _stl10_files() -> tuple[str, list[str], str]:
-    base = _STL10.base_folder
+    stl10 = _dataset_class("stl10")
+    base = stl10.base_folder
     return (
         "STL-10",
-        [f"{base}/{name}" for name, _ in _STL10.train_list + _STL10.test_list],
+        [f"{base}/{name}" for name, _ in stl10.train_list + stl10.test_list],
         f"pass data.download=true or put {base} there (https://cs.stanford.edu/~acoates/stl10/, stl10_binary.tar.gz)",
     )
 
@@ -367,7 +379,11 @@ def _stl10(cfg: DataConfig) -> DatasetSplits:
     title, files, how = _stl10_files()
     root = _root(cfg, title)
     train, test = _torchvision_split(
-        title, cfg, lambda t: _STL10(str(root), split="train" if t else "test", download=cfg.download), files, how
+        title,
+        cfg,
+        lambda t: _dataset_class("stl10")(str(root), split="train" if t else "test", download=cfg.download),
+        files,
+        how,
     )
     parts = [
         TensorImageDataset(torch.from_numpy(np.ascontiguousarray(d.data)), torch.from_numpy(d.labels.astype(np.int64)))
@@ -427,6 +443,8 @@ def _load_image(path: str, size: int) -> Tensor:
         raise DataError(f"image {path} is too large to decode ({first_line(exc)}): resize or remove it") from None
     except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError; so is a truncated file
         raise DataError(f"cannot decode image {path}: {first_line(exc)}") from None
+    import torchvision.transforms.v2.functional as TF
+
     tensor = TF.resize(TF.pil_to_tensor(rgb), [size], antialias=True)
     return TF.center_crop(tensor, [size, size])
 
@@ -448,8 +466,10 @@ def _image_folder(cfg: DataConfig) -> DatasetSplits:
     title, how, root, test_dir = _folder_splits(cfg)
     size = max(cfg.resolution, round(cfg.resolution / FOLDER_CROP))
     loader = functools.partial(_load_image, size=size)
+    from torchvision.datasets import ImageFolder
+
     try:
-        train, test = (tvd.ImageFolder(str(d), loader=loader) for d in (root / "train", test_dir))
+        train, test = (ImageFolder(str(d), loader=loader) for d in (root / "train", test_dir))
     except FileNotFoundError as exc:
         raise DataError(f"{title} under {root}: {first_line(exc)} (expected {how})") from None
     if train.classes != test.classes:
@@ -640,8 +660,8 @@ def _idx_dataset(cfg: DataConfig, shifted: bool = False) -> DatasetSplits:
 BUILDERS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
     "digits": _digits,
     "digits-shifted": _digits_shifted,
-    "cifar10": lambda cfg: _cifar(cfg, _CIFAR10, 10),
-    "cifar100": lambda cfg: _cifar(cfg, _CIFAR100, 100),
+    "cifar10": lambda cfg: _cifar(cfg, _dataset_class("cifar10"), 10),
+    "cifar100": lambda cfg: _cifar(cfg, _dataset_class("cifar100"), 100),
     "stl10": _stl10,
     **{name: _image_folder for name in _FOLDER_HELP},
     **{name: _idx_dataset for name in _IDX_HELP},

@@ -42,6 +42,8 @@ RUN_FILE = "mlflow_run.json"
 SPOOL_FILE = "mlflow_undelivered.json"
 """What a run could not deliver to MLflow (metrics, tags, artifacts, final status), kept until it can
 (:mod:`lejepa.spool`; ``lejepa sync`` or the run's next start delivers it)."""
+RUN_LOCK = ".lock"
+"""The run folder's lock file (held by the process training it; ``lejepa sync`` takes it too)."""
 SWEEP_FILE = "sweep.json"
 """In a sweep's folder: its parent run id, tracking URI and experiment (what ``--resume`` reattaches)."""
 CHECKPOINT_ARTIFACT = "checkpoint"

@@ -11,15 +11,15 @@ from lejepa.errors import ConfigError, LejepaError, first_line
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from lejepa import spool
-    from lejepa.locks import ProcessLock
-    from lejepa.preflight import PreflightError, check_tracking_uri
-    from lejepa.trainer import RUN_LOCK
-
     paths = [Path(p).expanduser().resolve() for p in args.paths]
     for path in paths:
         if not path.is_dir():
             raise ConfigError(f"{path}: no such folder (give run folders, or a folder holding them)")
+    from lejepa import spool
+    from lejepa.locks import ProcessLock
+    from lejepa.preflight import PreflightError, check_tracking_uri
+    from lejepa.record import RUN_LOCK
+
     found = list(dict.fromkeys(spool.find(paths)))
     if not found:
         print(f"lejepa: nothing to deliver under {', '.join(map(str, paths))}")

@@ -64,6 +64,7 @@ from lejepa.record import (
     ONLINE_PROBE_ACC,
     ONLINE_TEST_ACC,
     ONLINE_TRAIN_ACC,
+    RUN_LOCK,
     TRAIN_INVARIANCE,
     TRAIN_LOSS,
     TRAIN_LR,
@@ -93,10 +94,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-RUN_LOCK = ".lock"
-"""The run folder's lock file (held by the process training it)."""
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

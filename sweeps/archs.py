@@ -23,7 +23,7 @@ def sweep_archs(base: dict[str, Any], space: list[Param]) -> list[str]:
 def check_archs(base: dict[str, Any], space: list[Param], fail) -> None:
     """Every architecture the sweep trains exists (``lejepa train``'s pre-flight, run on what the
     spec expands to), so a typo is one line here, not a failure inside every trial."""
-    from lejepa.backbones import check_arch_name
+    from lejepa.catalog import check_arch_name
 
     where = "space.model.arch" if any(p.key == "model.arch" for p in space) else "base.model.arch"
     for arch in sweep_archs(base, space):

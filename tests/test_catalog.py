@@ -16,7 +16,9 @@ import pytest
 
 from lejepa.catalog import (
     SMALL_RESOLUTION,
+    TIMM_NAMES,
     ArchInfo,
+    check_arch_name,
     families,
     format_table,
     get_arch,
@@ -199,6 +201,56 @@ def test_unknown_name_gives_closest():
     with pytest.raises(ArchitectureError) as err:
         get_arch("convnext_ato")
     assert "'convnext_atto'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_timm_names_snapshot_is_the_installed_timms_registry():
+    """lejepa/catalog/timm_models.txt lists timm.list_models() of the installed timm (rewrite it with
+    ``python -m lejepa.catalog.build --timm-names`` after a timm upgrade); the catalog is in it."""
+    import timm
+
+    header, *names = TIMM_NAMES.read_text().splitlines()
+    assert header == f"# timm {timm.__version__}"
+    assert names == timm.list_models()
+    assert {a.name for a in CATALOG} <= set(names)
+
+
+def test_check_arch_name_uses_the_snapshot_only_when_the_installed_timm_wrote_it(tmp_path, monkeypatch):
+    import timm
+
+    import lejepa.catalog as catalog
+
+    snapshot = tmp_path / "timm_models.txt"
+    monkeypatch.setattr(catalog, "TIMM_NAMES", snapshot)
+    for version, listed_name_passes in ((timm.__version__, True), ("0.0.1", False)):
+        snapshot.write_text(f"# timm {version}\nresnet18\nnot_in_timm\n")
+        catalog._snapshot_names.cache_clear()
+        check_arch_name("resnet18")
+        check_arch_name("convnext_atto")  # not in the snapshot: timm answers
+        if listed_name_passes:
+            check_arch_name("not_in_timm")  # answered from the snapshot, timm not asked
+        else:
+            with pytest.raises(ArchitectureError, match="unknown architecture 'not_in_timm'"):
+                check_arch_name("not_in_timm")
+        with pytest.raises(ArchitectureError, match="unknown architecture 'resnet_18'; closest: resnet18"):
+            check_arch_name("resnet_18")
+    catalog._snapshot_names.cache_clear()
+
+
+def test_a_sweep_spec_is_checked_without_importing_timm_torchvision_or_sklearn(tmp_path):
+    """Loading a spec checks its architectures and data (the sweep pre-flight) without the imports
+    that cost 3-4 CPU-seconds per process; the trials import them."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nbase: {data: {name: digits}}\nspace: {model.arch: [resnet10t, test_resnet]}\n")
+    code = (
+        "import sys; from sweeps.spec import load_spec; load_spec(sys.argv[1]); "
+        "print(sorted(m for m in ('timm', 'torchvision', 'sklearn') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(spec)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
 
 
 def test_format_table():

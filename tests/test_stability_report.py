@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from helpers import REPO
 
@@ -127,6 +128,8 @@ def test_direct_walk_applies_the_walk_specs_family_values_as_lejepa_sweep_does()
     assert stability_direct.family_overrides("efficientformer_l1") == ["optim.lr=0.003"]  # a name pattern
     assert stability_direct.family_overrides("efficientformerv2_s0") == []  # the same family, not the pattern
     assert stability_direct.family_overrides("regnetx_002") == []  # a family without a rule: the base values
+    seeds = yaml.safe_load((REPO / "sweeps" / "stability_seeds.yaml").read_text())
+    assert stability_direct.seed_archs() == tuple(sorted(seeds["space"]["model.arch"]["catalog"]["names"]))
 
 
 @pytest.mark.parametrize(

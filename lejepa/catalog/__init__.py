@@ -8,7 +8,8 @@ GPU-scale. Each row is an :class:`ArchInfo`, measured on the backbone as
 
 ``query`` selects entries by family, parameter budget and name pattern (``lejepa archs`` and
 sweep specs' ``{catalog: {...}}`` use it); unknown names and empty selections raise one-line
-:class:`~lejepa.errors.ArchitectureError`.
+:class:`~lejepa.errors.ArchitectureError`. :func:`check_arch_name` tells whether timm has an
+architecture, from a snapshot of timm's registry when it matches the installed timm.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import fnmatch
 import re
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
 from lejepa import tables
-from lejepa.errors import ArchitectureError, ConfigError, did_you_mean
+from lejepa.errors import ArchitectureError, ConfigError, closest, did_you_mean
 
 CATALOG_CSV = Path(__file__).with_name("architectures.csv")
+TIMM_NAMES = Path(__file__).with_name("timm_models.txt")
+"""``timm.list_models()`` of the timm version named on its first line (``# timm <version>``), one
+name per line, written by ``python -m lejepa.catalog.build`` (``--timm-names`` alone: seconds)."""
 SMALL_RESOLUTION = 32
 """The small default resolution every catalog entry is measured and walked at."""
 
@@ -108,6 +113,34 @@ def _cached() -> tuple[ArchInfo, ...]:
 def load_catalog() -> list[ArchInfo]:
     """Every catalog entry, in catalog order (family, then parameters)."""
     return list(_cached())
+
+
+@lru_cache(maxsize=1)
+def _snapshot_names() -> frozenset[str]:
+    """The names of :data:`TIMM_NAMES` if the installed timm wrote it, else none."""
+    try:
+        header, *names = TIMM_NAMES.read_text().splitlines()
+        installed = metadata.version("timm")
+    except (OSError, ValueError, metadata.PackageNotFoundError):
+        return frozenset()
+    return frozenset(names) if header == f"# timm {installed}" else frozenset()
+
+
+def check_arch_name(arch: str) -> None:
+    """Raise a one-line :class:`ArchitectureError` with the closest catalog and timm names if timm
+    has no architecture ``arch``. A name in :data:`TIMM_NAMES` is answered without importing timm
+    (which imports torchvision and ``torch._dynamo``: 3-4 CPU-seconds per process, which a sweep's
+    pre-flight and a bad spec's one-line error would otherwise pay)."""
+    if arch in _snapshot_names():
+        return
+    import timm
+
+    if timm.is_model(arch):
+        return
+    catalog = [a.name for a in _cached()]
+    hints = closest(arch, catalog) + [n for n in closest(arch, timm.list_models()) if n not in catalog]
+    hint = f"; closest: {', '.join(hints[:5])}" if hints else ""
+    raise ArchitectureError(f"unknown architecture {arch!r}{hint} (see `lejepa archs`)")
 
 
 def families() -> list[str]:

@@ -16,6 +16,9 @@ ones on the meta device (shapes only); a failure is recorded (``runs_small=false
 error), never dropped. The same step is what ``tests/test_catalog.py`` and
 ``benchmarks/architectures.py`` run.
 
+Registry snapshot (:func:`write_timm_names`): every name of timm's registry, so that
+:func:`lejepa.catalog.check_arch_name` answers without importing timm.
+
 The stability walk's outcome columns (``walk_*`` from ``benchmarks/stability.py
 --update-catalog``, ``gpu_walk_*`` from ``benchmarks/stability_direct.py --update-catalog``) are
 carried over by a rebuild.
@@ -34,7 +37,7 @@ import timm
 import torch
 
 from lejepa.backbones import build_backbone
-from lejepa.catalog import CATALOG_CSV, COLUMNS, SMALL_RESOLUTION, ArchInfo, format_params, load_catalog
+from lejepa.catalog import CATALOG_CSV, COLUMNS, SMALL_RESOLUTION, TIMM_NAMES, ArchInfo, format_params, load_catalog
 from lejepa.config import LossConfig, ModelConfig
 from lejepa.errors import ArchitectureError, first_line
 from lejepa.model import LeJEPAModel
@@ -253,11 +256,23 @@ def write_csv(entries: list[ArchInfo], path=CATALOG_CSV) -> None:
         writer.writerows(e.to_row() for e in entries)
 
 
+def write_timm_names(path=TIMM_NAMES) -> int:
+    """Write the installed timm's ``list_models()`` to ``path`` under a ``# timm <version>`` line; the count."""
+    names = timm.list_models()
+    path.write_text("\n".join([f"# timm {timm.__version__}", *names]) + "\n")
+    return len(names)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(CATALOG_CSV), help="CSV to write (default: the packaged catalog)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--timm-names", action="store_true", help=f"only rewrite {TIMM_NAMES.name} (timm's registry)")
     args = parser.parse_args(argv)
+    count = write_timm_names()
+    print(f"{count} timm names (timm {timm.__version__}) -> {TIMM_NAMES}")
+    if args.timm_names:
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
