@@ -78,8 +78,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train_preflight(cfg, run_dir: Path | None, tracking_uri: str | None) -> str | None:
     """Before any data is loaded or anything written: the run folder can be written, the tracking
-    store answers, the architecture exists (last: it imports timm and torch, seconds on a laptop, so
-    the other refusals come first). Returns the tracking URI (None without tracking)."""
+    store answers, the architecture exists (timm's registry snapshot), the dataset's files are there
+    (last: it imports torch, 2 CPU-seconds; the trainer then imports timm, torchvision and
+    scikit-learn, 5 more, so that a bad config is refused before them). Returns the tracking URI
+    (None without tracking)."""
     from lejepa.preflight import check_tracking_uri, check_writable
 
     check_writable(run_dir or Path(cfg.train.out_dir), "run folder" if run_dir else "train.out_dir")
@@ -92,6 +94,9 @@ def _train_preflight(cfg, run_dir: Path | None, tracking_uri: str | None) -> str
     from lejepa.catalog import check_arch_name
 
     check_arch_name(cfg.model.arch)
+    from lejepa.data import check_data
+
+    check_data(cfg.data)
     return uri
 
 

@@ -94,6 +94,24 @@ def test_an_unreachable_tracking_server_is_refused_before_torch_loads(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "override, fragment",
+    [("model.arch=resnet10t", "MNIST needs data.root"), ("model.arch=test_resnet", "MNIST needs data.root")],
+)
+def test_a_missing_dataset_is_refused_before_timm_torchvision_and_sklearn_load(tmp_path, override, fragment):
+    """The architecture is checked against timm's registry snapshot and the dataset's files before
+    the trainer's imports (timm, torchvision, scikit-learn: about 5 CPU-seconds)."""
+    probe = (
+        "import sys; from lejepa.cli import main; "
+        f"rc = main(['train', '--no-tracking', '{override}', 'data.name=mnist', 'train.out_dir={tmp_path / 'runs'}']); "
+        "print(rc, sorted(m for m in ('timm', 'torchvision', 'sklearn') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr
+    assert done.stderr.startswith("error: ") and fragment in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_broken_plugin_leaves_the_other_commands_working(monkeypatch, capsys):
     from importlib.metadata import EntryPoint
 
