@@ -80,15 +80,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, fragment):
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("*.db"))
 
 
+def _train_in_a_fresh_process(args: list[str], modules: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """``lejepa train ARGS`` in a new Python; its stdout is the exit code and which of ``modules`` it imported."""
+    probe = f"import sys; from lejepa.cli import main; rc = main({['train', *args]!r}); "
+    probe += f"print(rc, sorted(m for m in {modules!r} if m in sys.modules))"
+    return subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def test_an_unreachable_tracking_server_is_refused_before_torch_loads(tmp_path):
     """The refusals that need no model (run folder, tracking store) come before torch and timm are
     imported, which takes seconds: the error line is immediate."""
-    probe = (
-        "import sys; from lejepa.cli import main; "
-        f"rc = main(['train', '--tracking-uri', 'http://127.0.0.1:{free_port()}', 'train.out_dir={tmp_path / 'runs'}']); "
-        "print(rc, sorted(m for m in ('torch', 'timm', 'mlflow') if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    args = ["--tracking-uri", f"http://127.0.0.1:{free_port()}", f"train.out_dir={tmp_path / 'runs'}"]
+    done = _train_in_a_fresh_process(args, ("torch", "timm", "mlflow"))
     assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr
     assert done.stderr.startswith("error: MLflow tracking server") and "does not answer" in done.stderr
     assert not (tmp_path / "runs").exists()
@@ -101,12 +104,8 @@ def test_an_unreachable_tracking_server_is_refused_before_torch_loads(tmp_path):
 def test_a_missing_dataset_is_refused_before_timm_torchvision_and_sklearn_load(tmp_path, override, fragment):
     """The architecture is checked against timm's registry snapshot and the dataset's files before
     the trainer's imports (timm, torchvision, scikit-learn: about 5 CPU-seconds)."""
-    probe = (
-        "import sys; from lejepa.cli import main; "
-        f"rc = main(['train', '--no-tracking', '{override}', 'data.name=mnist', 'train.out_dir={tmp_path / 'runs'}']); "
-        "print(rc, sorted(m for m in ('timm', 'torchvision', 'sklearn') if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    args = ["--no-tracking", override, "data.name=mnist", f"train.out_dir={tmp_path / 'runs'}"]
+    done = _train_in_a_fresh_process(args, ("timm", "torchvision", "sklearn"))
     assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr
     assert done.stderr.startswith("error: ") and fragment in done.stderr
     assert not (tmp_path / "runs").exists()
