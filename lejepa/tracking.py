@@ -11,8 +11,9 @@ server that is down or slow never stalls training; its metrics stay queued and a
 are kept on disk during an outage. The end of a run waits a bounded time; what MLflow has not
 taken by then is kept in the run folder until ``lejepa sync`` or the next start delivers it.
 
-Everything goes through :class:`mlflow.MlflowClient` with an explicit, absolute tracking URI:
-no global active run, so nothing leaks between runs or threads.
+Everything goes through :class:`mlflow.MlflowClient` with an explicit, absolute tracking URI (the
+sender's batches to an HTTP server: one REST request each, :func:`log_batch_once`): no global
+active run, so nothing leaks between runs or threads.
 """
 
 from __future__ import annotations
@@ -134,15 +135,35 @@ def arch_family(arch: str) -> str:
 
 
 FINAL_WAIT_S = TrackingConfig().final_wait_s
-"""How long the end of training waits for queued metrics by default (``tracking.final_wait_s``). One
-``log_batch`` sent while the server is down can itself take about two minutes to fail (MLflow's own
-HTTP retries: 7 with backoff factor 2), during which the sender cannot see that the server is back;
-60 s lost metrics of a 30 s outage on a busy machine. What is left after the wait is not lost: it
-is kept in the run folder (:mod:`lejepa.spool`)."""
+"""How long the end of training waits for queued metrics by default (``tracking.final_wait_s``).
+What is left after the wait is not lost: it is kept in the run folder (:mod:`lejepa.spool`)."""
+
+LOG_BATCH_ENDPOINT = "/api/2.0/mlflow/runs/log-batch"
+
+
+def log_batch_once(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """``client.log_batch(run_id, metrics=metrics)``; to an HTTP(S) tracking server as one request,
+    without MLflow's own retries. Those (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``: 7, backoff factor 2)
+    sleep 2, 4, 8, 16, 32 … s inside the call, blind to the server's return: after a 30 s outage the
+    metrics arrived 30 s late. :class:`MetricSender` retries instead, every 1 s doubling to 10 s."""
+    uri = str(client.tracking_uri)
+    if urllib.parse.urlparse(uri).scheme not in ("http", "https"):
+        client.log_batch(run_id, metrics=metrics)
+        return
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.proto_json_utils import message_to_json
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    body = json.loads(message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in metrics])))
+    creds = get_default_host_creds(uri)
+    response = http_request(creds, LOG_BATCH_ENDPOINT, "POST", max_retries=0, backoff_factor=0, json=body)
+    verify_rest_response(response, LOG_BATCH_ENDPOINT)
 
 
 STALL_S = 30.0
-"""A ``log_batch`` in flight this long (the server is down and MLflow retries) counts as an outage."""
+"""A ``log_batch`` in flight this long (a server that takes the connection and does not answer, until
+``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s) counts as an outage."""
 KEEP_EVERY_S = 10.0
 """During an outage the queue is written to the run folder's spool at most this often."""
 
@@ -151,11 +172,11 @@ class MetricSender:
     """Delivers metrics to one MLflow run from a background thread, in order, never blocking training.
 
     :meth:`add` queues metrics; :meth:`wake` asks for a send now (else every ``interval`` s). A
-    failed ``log_batch`` (server down, store locked) keeps the metrics queued and is retried with
-    backoff (1 s doubling to 10 s); one warning is printed per outage. During an outage ``keep`` is
+    failed :func:`log_batch_once` (server down, store locked) keeps the metrics queued and is retried
+    with backoff (1 s doubling to 10 s); one warning is printed per outage. During an outage ``keep`` is
     called with everything still queued after each failed send (and with ``[]`` once the outage is
     over), so the queue survives the process on disk (:mod:`lejepa.spool`); a send stuck for
-    ``stall_s`` s (the server is down and MLflow retries inside ``log_batch``) counts as an outage
+    ``stall_s`` s (a server that does not answer) counts as an outage
     too, and a watcher thread keeps the queue every ``keep_every_s`` s meanwhile, never the thread
     that adds. :meth:`drain` waits, up to a deadline, until the queue is empty.
     """
@@ -231,7 +252,7 @@ class MetricSender:
                 continue
             try:
                 self.sending_since = time.monotonic()
-                self.client.log_batch(self.run_id, metrics=batch)
+                log_batch_once(self.client, self.run_id, batch)
             except Exception as exc:  # tracking must never kill training
                 self.sending_since = None
                 if not warned:

@@ -7,13 +7,15 @@ import socket
 import threading
 import time
 
+import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 from lejepa import record
 from lejepa.callbacks import RunInfo
 from lejepa.config import build_config
-from lejepa.tracking import MetricSender, MLflowCallback
+from lejepa.tracking import MetricSender, MLflowCallback, log_batch_once
 
 
 def _info(run_dir, start_epoch: int = 0, start_step: int = 0) -> RunInfo:
@@ -100,6 +102,27 @@ def test_a_send_stuck_on_a_silent_server_is_kept_on_disk_by_the_watcher_not_by_t
         assert len(sender.close(timeout=0)) >= keepers[-1][1]  # nothing delivered, nothing dropped
     finally:
         silent.close()
+
+
+def test_a_send_to_a_server_that_is_down_fails_at_once_and_is_delivered_soon_after_it_is_back(mlflow_server):
+    """log_batch_once makes one request, without MLflow's own retries (which sleep 2, 4, 8 … s inside
+    the call, about two minutes in all): the sender's backoff (at most 10 s) finds the server back."""
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    now = int(time.time() * 1000)
+    mlflow_server.stop()
+    started = time.monotonic()
+    with pytest.raises(MlflowException):
+        log_batch_once(client, run_id, [Metric("m", 0.0, now, 0)])
+    assert time.monotonic() - started < 5
+    sender = MetricSender(client, run_id, interval=0.1)
+    sender.add([Metric("m", float(i), now, i) for i in range(5)], wake=True)
+    assert not sender.drain(timeout=3)
+    mlflow_server.start()
+    back = time.monotonic()
+    assert sender.close(timeout=30) == []
+    assert time.monotonic() - back < 12  # the next try within the 10 s backoff cap
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "m")] == [(i, float(i)) for i in range(5)]
 
 
 def test_logged_steps_are_the_highest_step_per_key_whatever_the_logging_order(tmp_path):
