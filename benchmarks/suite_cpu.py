@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     procs = parse_dump_acct(dump)
     name_processes(procs, sampler.seen)
     text = table(procs, args.top)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    text += f"\n\nNot in the table: this script's sampler, {own.ru_utime + own.ru_stime:.0f} CPU s."
     print(f"\nCPU time of `{' '.join(command)}` (exit {status}), by kind of process:\n\n{text}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
