@@ -20,21 +20,23 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
 TICKS_PER_S = 100  # acct v3 records times in AHZ = 100 ticks per second
 
 RAY_DAEMONS = ("gcs_server", "raylet", "dashboard", "log_monitor", "ray/autoscaler", "monitor.py", "runtime_env")
-MLFLOW_SERVERS = ("mlflow", "gunicorn", "uvicorn", "huey")
+MLFLOW_SERVERS = ("mlflow", "gunicorn", "uvicorn", "huey_consumer", "huey_consumer.py")
 BY_COMMAND_NAME = {"postgres": "PostgreSQL", "slurm": "SLURM", "munged": "SLURM", "chrom": "Chromium"}
+CLI_IN_PYTHON_C = re.compile(r"lejepa\.cli import main.*?main\(\[\s*'(\w+)'")  # python -c "…; main(['sweep', …])"
 
 
 @dataclass
@@ -71,31 +73,50 @@ def name_processes(procs: list[Proc], seen: dict[int, list[tuple[float, str]]]) 
         p.kind = kind_of(p.comm, p.args)
 
 
+def program(words: list[str]) -> str:
+    """What a command line runs: the module after ``-m``, ``-c``, or the script a Python interpreter
+    is given; else the executable's name."""
+    if not words:
+        return ""
+    if not Path(words[0]).name.startswith("python"):
+        return Path(words[0]).name
+    rest = words[1:]
+    if "-m" in rest[:-1]:
+        return rest[rest.index("-m") + 1]
+    if "-c" in rest:
+        return "-c"
+    return Path(next((w for w in rest if not w.startswith("-")), "")).name
+
+
 def kind_of(comm: str, args: str) -> str:
-    """The kind of a process, from its command line (``args``) or, without one, its name."""
-    a = args.lower()
-    if "default_worker.py" in a or "setup_worker.py" in a:
+    """The kind of a process, from its name (``comm``) and its command line (``args``)."""
+    for prefix, kind in BY_COMMAND_NAME.items():
+        if comm.startswith(prefix):
+            return kind
+    a, words = args.lower(), args.split()
+    prog = program(words)
+    if prog in ("default_worker.py", "setup_worker.py"):
         return "Ray worker processes (trials; idle prestarted ones)"
     if any(k in a for k in RAY_DAEMONS):
         return "Ray daemons (GCS, raylet, dashboard agent, monitors)"
     if "execnet" in a or "import sys;exec(eval(sys.stdin.readline()))" in a:
         return "pytest-xdist workers (tests run in-process)"
-    words = args.split()
-    for i, w in enumerate(words):
-        if (w == "lejepa" and i > 0 and words[i - 1] == "-m") or w.endswith("/bin/lejepa"):
-            sub = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("-") else ""
-            return f"lejepa {sub}".strip()
-    if any(k in a for k in MLFLOW_SERVERS):
+    if prog == "lejepa":
+        after = words[next(i for i, w in enumerate(words) if Path(w).name == "lejepa") + 1 :]
+        return f"lejepa {after[0]}" if after and not after[0].startswith("-") else "lejepa"
+    cli = CLI_IN_PYTHON_C.search(args) if prog == "-c" else None
+    if cli:
+        return f"lejepa {cli.group(1)}"
+    if prog in MLFLOW_SERVERS:
         return "MLflow servers"
     for tool in ("pytest", "pip", "mypy", "ruff"):
-        if any(Path(w).name == tool or f"/{tool}/" in w for w in words[:3]):
+        if prog == tool or any(f"/{tool}/" in w for w in words[:2]):
             return tool
     for prefix, kind in BY_COMMAND_NAME.items():
-        if comm.startswith(prefix) or f"/{prefix}" in a:
+        if f"/{prefix}" in a:
             return kind
-    if "python" in a and len(words) > 1:
-        script = "-c" if "-c" in words[1:3] else next((w for w in words[1:] if not w.startswith("-")), "")
-        return f"other Python ({Path(script).name})" if script else "other Python"
+    if prog and Path(words[0]).name.startswith("python"):
+        return f"other Python ({prog})"
     return f"other ({comm})"
 
 
@@ -105,15 +126,14 @@ def table(procs: list[Proc], top: int = 25) -> str:
     kinds: dict[str, list[Proc]] = {}
     for p in procs:
         kinds.setdefault(p.kind, []).append(p)
-    rows = sorted(kinds.items(), key=lambda kv: -sum(p.cpu_s for p in kv[1]))
+    rows = sorted(((sum(p.cpu_s for p in ps), kind, len(ps)) for kind, ps in kinds.items()), reverse=True)
     out = ["| kind | processes | CPU s | CPU s each | share |", "|---|---:|---:|---:|---:|"]
-    for kind, ps in rows[:top]:
-        cpu = sum(p.cpu_s for p in ps)
-        out.append(f"| {kind} | {len(ps)} | {cpu:.0f} | {cpu / len(ps):.1f} | {cpu / total:.0%} |")
+    for cpu, kind, n in rows[:top]:
+        out.append(f"| {kind} | {n} | {cpu:.0f} | {cpu / n:.1f} | {cpu / total:.0%} |")
     rest = rows[top:]
     if rest:
-        cpu = sum(p.cpu_s for _, ps in rest for p in ps)
-        out.append(f"| {len(rest)} other kinds | {sum(len(ps) for _, ps in rest)} | {cpu:.0f} | | {cpu / total:.0%} |")
+        cpu = sum(r[0] for r in rest)
+        out.append(f"| {len(rest)} other kinds | {sum(r[2] for r in rest)} | {cpu:.0f} | | {cpu / total:.0%} |")
     out.append(f"| **all** | {len(procs)} | {total:.0f} | | 100% |")
     return "\n".join(out)
 
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kinds.md").write_text(text + "\n")
         with open(args.out / "processes.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(asdict(procs[0]) if procs else ["pid"]))
+            writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Proc)])
             writer.writeheader()
             writer.writerows(asdict(p) for p in sorted(procs, key=lambda p: p.start))
     return status

@@ -62,6 +62,13 @@ def test_kinds_of_the_processes_a_test_run_starts():
     for args, kind in cases.items():
         assert suite_cpu.kind_of("x", args) == kind, args
     assert suite_cpu.kind_of("postgres", "") == "PostgreSQL" and suite_cpu.kind_of("slurmd", "") == "SLURM"
+    # named by what they run, not by a word in their arguments
+    assert suite_cpu.kind_of("postgres", "postgres: lejepa mlflow_4488aa4f 127.0.0.1(49212) idle") == "PostgreSQL"
+    cli = "/v/bin/python -c import sys; from lejepa.cli import main; rc = main(['train', '--tracking-uri', 'http://h:5/mlflow'])"
+    assert suite_cpu.kind_of("python", cli) == "lejepa train"
+    uvicorn = "/v/bin/python -m uvicorn --log-config /v/site-packages/mlflow/server/uvicorn.json mlflow.server:app"
+    assert suite_cpu.kind_of("python", uvicorn) == "MLflow servers"
+    assert suite_cpu.kind_of("python", "/v/bin/python -m lejepa train --tracking-uri sqlite:////t/mlflow.db") == "lejepa train"
     assert suite_cpu.kind_of("sort", "") == "other (sort)"
 
 
